@@ -1,0 +1,471 @@
+"""Tests of vq_compare (and sweeps): why the numbers can be trusted.
+
+Run with ``python -m pytest`` (this also runs the doctests of vq_compare.py).
+Every check compares two independent computations, an invariant, or a case worked
+out by hand; tolerances are stated next to each assert.
+"""
+import doctest
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import vq_compare as vq
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(D=12, rank=4, m=3, K=8, n_train=600, n_eval=300, steps=15, batch=64,
+            n_pop=20000, n_init=2, log_every=5, outdir=None, quiet=True)
+
+
+def random_point(rng, B, D, m, K, orthonormal=True):
+    X = rng.normal(size=(B, D))
+    W = rng.normal(size=(m, D))
+    W = vq.stiefel_project(W) if orthonormal else 0.4 * W
+    E = rng.normal(size=(K, m))
+    return W, E, X
+
+
+# ---------------------------------------------------------------- doctests
+
+def test_doctests_of_vq_compare():
+    result = doctest.testmod(vq, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 8
+    assert result.failed == 0
+
+
+# ---------------------------------------------------------------- data
+
+def test_data_is_the_original_recipe_bit_for_bit():
+    D, rank, n_train, n_eval, seed = 16, 3, 50, 20, 7
+    rng = np.random.default_rng(seed)                     # NOTES.md, written out again
+    U, _ = np.linalg.qr(rng.normal(size=(D, rank)))
+    lam = np.geomspace(4.0, 0.25, rank)
+    Sigma = (U * lam) @ U.T
+    Xt = rng.multivariate_normal(np.zeros(D), Sigma, size=n_train)
+    Xe = rng.multivariate_normal(np.zeros(D), Sigma, size=n_eval)
+    got = vq.make_lowrank_data(D, rank, n_train, n_eval, seed)
+    for a, b in zip(got, (Xt, Xe, Sigma)):
+        assert np.array_equal(a, b)
+    U2, lam2 = vq.lowrank_factor(D, rank, seed)
+    assert np.array_equal((U2 * lam2) @ U2.T, Sigma)
+
+
+# ---------------------------------------------------------------- geometry
+
+def test_stiefel_project_is_the_nearest_orthonormal_matrix():
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(4, 9))
+    P = vq.stiefel_project(W)
+    assert np.allclose(P @ P.T, np.eye(4), atol=1e-12)
+    for _ in range(50):                                   # no other orthonormal-row matrix is closer
+        Q = vq.stiefel_project(P + 0.1 * rng.normal(size=P.shape))
+        assert np.linalg.norm(W - P) <= np.linalg.norm(W - Q) + 1e-12
+
+
+def test_riemannian_step_keeps_rows_orthonormal_and_descends_tangentially():
+    rng = np.random.default_rng(1)
+    W = vq.stiefel_project(rng.normal(size=(3, 10)))
+    for _ in range(300):
+        W = vq.riemannian_step(W, rng.normal(size=W.shape), 0.3)
+        assert np.abs(W @ W.T - np.eye(3)).max() < 1e-10
+    G = rng.normal(size=W.shape)                          # the projected gradient is tangent
+    sym = G @ W.T
+    G_R = G - 0.5 * (sym + sym.T) @ W
+    T = G_R @ W.T
+    assert np.abs(T + T.T).max() < 1e-12
+
+
+# ---------------------------------------------------------------- gradients
+
+SHAPES = [(40, 6, 2, 4), (64, 10, 3, 7), (200, 16, 4, 12), (33, 5, 5, 3)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("estimator", ["ste", "rotation"])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.25), (0.3, 2.0), (0.0, 0.0)])
+@pytest.mark.parametrize("orthonormal", [True, False])
+def test_manual_gradients_match_finite_differences(shape, estimator, alpha, beta, orthonormal):
+    rng = np.random.default_rng(hash((shape, estimator, alpha, beta, orthonormal)) % 2**32)
+    W, E, X = random_point(rng, *shape, orthonormal=orthonormal)
+    man = vq.manual_grads(W, E, X, alpha, beta, estimator)
+    for fast in (True, False):
+        fd = vq.fd_grads(W, E, X, alpha, beta, estimator, h=1e-5, fast=fast)
+        assert vq.rel_err(fd.gW, man.gW) <= 1e-6
+        if alpha > 0:
+            assert vq.rel_err(fd.gE, man.gE) <= 1e-6
+        else:
+            assert np.abs(fd.gE).max() < 1e-8 and np.abs(man.gE).max() == 0
+        assert abs(fd.loss - man.loss) <= 1e-12 * abs(man.loss)
+
+
+def test_gradient_check_fails_on_a_wrong_gradient():
+    """The comparison can fail: the original framework's codebook gradient (per-cluster
+    mean instead of batch mean, NOTES.md defect 1) is caught."""
+    rng = np.random.default_rng(3)
+    W, E, X = random_point(rng, 100, 8, 3, 5)
+    fd = vq.fd_grads(W, E, X, 1.0, 0.25)
+    Z = X @ W.T
+    labels = vq.assign(Z, E)
+    counts, sums = vq.cluster_sums(Z, labels, 5)
+    wrong_gE = 2 * (E - sums / np.maximum(counts, 1)[:, None])
+    assert vq.rel_err(fd.gE, wrong_gE) > 0.5
+
+
+def test_surrogate_forward_value_is_the_true_loss():
+    rng = np.random.default_rng(4)
+    for estimator in ("ste", "rotation"):
+        W, E, X = random_point(rng, 80, 9, 3, 6)
+        fr = vq.freeze(W, E, X, estimator)
+        true = vq.loss_terms(W, E, X, 0.7, 0.3).total
+        assert vq.surrogate_loss(W, E, X, fr, 0.7, 0.3) == pytest.approx(true, rel=1e-13)
+
+
+def test_sufficient_statistics_evaluate_the_same_surrogate():
+    rng = np.random.default_rng(5)
+    W, E, X = random_point(rng, 70, 8, 3, 5)
+    fr = vq.freeze(W, E, X, "ste")
+    st = vq._ste_stats(X, fr, 5)
+    for _ in range(5):                                    # away from the freeze point too
+        W2 = W + 0.3 * rng.normal(size=W.shape)
+        E2 = E + 0.3 * rng.normal(size=E.shape)
+        a = vq.surrogate_loss(W2, E2, X, fr, 1.3, 0.4)
+        b = vq._ste_surrogate_from_stats(W2, E2, st, 1.3, 0.4)
+        assert b == pytest.approx(a, rel=1e-12)
+
+
+def test_rotation_maps_z_onto_q_with_an_orthogonal_matrix():
+    rng = np.random.default_rng(6)
+    W, E, X = random_point(rng, 50, 7, 4, 6)
+    fr = vq.freeze(W, E, X, "rotation")
+    assert fr.n_fallback == 0
+    M = vq.rotation_matrices(fr)                          # lam R per sample
+    R = M / fr.lam[:, None, None]
+    z_hat = fr.Z0 / np.linalg.norm(fr.Z0, axis=1, keepdims=True)
+    q_hat = fr.Q0 / np.linalg.norm(fr.Q0, axis=1, keepdims=True)
+    assert np.allclose(np.einsum("bij,bj->bi", R, z_hat), q_hat, atol=1e-12)
+    assert np.allclose(R @ np.swapaxes(R, 1, 2), np.eye(4), atol=1e-12)
+    assert np.allclose(np.einsum("bij,bj->bi", M, fr.Z0), fr.Q0, atol=1e-12)
+
+
+def test_inverted_rotation_scale_is_caught():
+    """The original framework's later scale ||z||/||q|| does not reproduce q: the
+    forward check above fails for it, and so does the loss identity."""
+    rng = np.random.default_rng(7)
+    W, E, X = random_point(rng, 50, 7, 4, 6)
+    fr = vq.freeze(W, E, X, "rotation")
+    inverted = fr._replace(lam=1.0 / fr.lam)
+    M = vq.rotation_matrices(inverted)
+    assert not np.allclose(np.einsum("bij,bj->bi", M, fr.Z0), fr.Q0, atol=1e-6)
+    true = vq.loss_terms(W, E, X, 1.0, 0.25).total
+    assert abs(vq.surrogate_loss(W, E, X, inverted, 1.0, 0.25) - true) > 1e-6
+
+
+def test_rotation_falls_back_to_ste_on_degenerate_samples():
+    W = np.eye(2, 3)
+    E = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]])
+    X = np.array([[0.0, 0.0, 1.0],     # z = 0
+                  [-0.2, 0.0, 0.0],    # nearest code [-1, 0]... or 0: z = (-0.2, 0) -> q = 0
+                  [0.8, 0.1, 0.5],     # regular
+                  [-0.9, 0.0, 0.3]])   # q_hat = z_hat: regular (no rotation needed)
+    fr = vq.freeze(W, E, X, "rotation")
+    assert fr.n_fallback == 2
+    assert vq.surrogate_loss(W, E, X, fr, 1.0, 0.5) == pytest.approx(
+        vq.loss_terms(W, E, X, 1.0, 0.5).total, rel=1e-13)
+    man = vq.manual_grads(W, E, X, 1.0, 0.5, "rotation")
+    fd = vq.fd_grads(W, E, X, 1.0, 0.5, "rotation")
+    assert vq.rel_err(fd.gW, man.gW) < 1e-6 and vq.rel_err(fd.gE, man.gE) < 1e-6
+
+
+# ---------------------------------------------------------------- reconstruction identity
+
+def test_reconstruction_error_splits_into_residual_and_distortion():
+    rng = np.random.default_rng(8)
+    W, E, X = random_point(rng, 500, 12, 4, 9)
+    Z = X @ W.T
+    Q = E[vq.assign(Z, E)]
+    per_sample = np.sum((X - Q @ W) ** 2, axis=1)
+    residual = np.sum((X - Z @ W) ** 2, axis=1)
+    distortion = np.sum((Z - Q) ** 2, axis=1)
+    assert np.allclose(per_sample, residual + distortion, rtol=1e-12, atol=1e-12)
+    m = vq.metrics(W, E, X)
+    assert m["recon_mse"] == pytest.approx(residual.mean() + m["in_sub_dist"], rel=1e-12)
+
+
+# ---------------------------------------------------------------- k-means
+
+def test_lloyd_by_hand_exact_centres_and_inertia():
+    Z = np.array([[0.0, 0.0], [0.0, 1.0], [10.0, 0.0], [10.0, 1.0], [10.0, 2.0]])
+    r = vq.lloyd_run(Z, np.array([[0.0, 3.0], [7.0, 0.0]]), max_iter=10)
+    # first assignment: (0,0),(0,1) -> 0 and the rest -> 1; means (0, .5), (10, 1)
+    assert np.array_equal(r.E, np.array([[0.0, 0.5], [10.0, 1.0]]))
+    assert np.array_equal(r.labels, [0, 0, 1, 1, 1])
+    assert r.inertia == 0.25 + 0.25 + 1.0 + 0.0 + 1.0
+
+
+def test_kmeans_by_hand():
+    Z = np.array([[0.0, 0.0], [0.0, 1.0], [10.0, 0.0], [10.0, 1.0]])
+    r = vq.kmeans_run(Z, 2, seed=3, n_init=3)
+    assert np.array_equal(r.E[np.argsort(r.E[:, 0])], [[0.0, 0.5], [10.0, 0.5]])
+    assert r.inertia == 1.0
+
+
+def test_empty_cluster_is_reseeded_with_the_farthest_point():
+    Z = np.array([[0.0], [1.0], [2.0], [10.0]])
+    E, labels = vq.lloyd(Z, np.array([[1.0], [100.0]]), max_iter=10)
+    # all points first go to centre 0; code 1 is empty and takes x = 10, the farthest
+    assert np.array_equal(E, [[1.0], [10.0]])
+    assert np.array_equal(labels, [0, 0, 0, 1])
+
+
+def test_lloyd_is_never_worse_than_its_start_and_equals_plain_lloyd():
+    rng = np.random.default_rng(9)
+    for trial in range(6):
+        n, m, K = [(500, 2, 5), (2000, 4, 32), (3000, 8, 64)][trial % 3]
+        Z = rng.normal(size=(n, m)) * rng.uniform(0.5, 2, size=m)
+        E0 = rng.normal(size=(K, m)) * 2
+        start = vq.nearest(Z, E0)[1].sum()
+        r = vq.lloyd_run(Z, E0, max_iter=300)
+        p = vq.lloyd_plain(Z, E0, max_iter=300)
+        assert r.inertia <= start
+        assert np.array_equal(r.labels, p.labels) and np.allclose(r.E, p.E, rtol=0, atol=1e-12)
+        assert r.inertia == pytest.approx(p.inertia, rel=1e-12)
+
+
+def test_kmeans_bad_K_is_a_clear_error():
+    with pytest.raises(ValueError, match="n_samples=3 should be >= K=5"):
+        vq.kmeans(np.zeros((3, 2)), 5)
+
+
+def test_assignment_in_chunks_equals_brute_force(monkeypatch):
+    rng = np.random.default_rng(10)
+    Z, E = rng.normal(size=(3001, 3)), rng.normal(size=(17, 3))
+    monkeypatch.setattr(vq, "_CHUNK_ELEMS", 17 * 100)    # force many chunks
+    labels, dist, dist2 = vq.nearest(Z, E, second=True)
+    D2 = ((Z[:, None, :] - E[None]) ** 2).sum(-1)
+    assert np.array_equal(labels, D2.argmin(1))
+    assert np.allclose(dist, D2.min(1), atol=1e-12)
+    assert np.allclose(dist2, np.sort(D2, axis=1)[:, 1], atol=1e-12)
+
+
+# ---------------------------------------------------------------- methods
+
+def test_fd_ste_follows_manual_ste():
+    out = vq.run_comparison(**{**TINY, "steps": 40, "methods": ["fd_ste", "manual_ste"]})
+    a, b = out["results"]["fd_ste"], out["results"]["manual_ste"]
+    for k in vq._METRIC_KEYS:
+        assert a[k] == pytest.approx(b[k], rel=1e-6)
+    assert np.abs(a["W"] - b["W"]).max() < 1e-7
+    assert out["fd_vs_manual"]["max_rel_metric_diff"] < 1e-6
+
+
+def test_W_keeps_orthonormal_rows_after_every_step(monkeypatch):
+    worst = []
+    step = vq.riemannian_step
+
+    def checked(W, G, lr):
+        W_new = step(W, G, lr)
+        worst.append(np.abs(W_new @ W_new.T - np.eye(W.shape[0])).max())
+        return W_new
+    monkeypatch.setattr(vq, "riemannian_step", checked)
+    vq.run_comparison(**{**TINY, "methods": ["manual_ste", "rotation", "ema_ste"]})
+    assert len(worst) == 3 * TINY["steps"]
+    assert max(worst) < 1e-10
+
+
+def test_procrustes_lloyd_never_increases_the_training_error():
+    X, _, _ = vq.make_lowrank_data(20, 5, 2000, 10, seed=3)
+    W0 = vq.pca_encoder(X, 3)
+    E0 = vq.kmeans(X @ W0.T, 16, seed=1, n_init=1, max_iter=5)[0]   # a poor start
+    W, E, hist = vq.procrustes_lloyd(X, W0, E0, max_rounds=200, tol=0)
+    assert len(hist) > 5
+    assert np.all(np.diff(hist) <= 1e-12 * hist[0])
+    assert hist[-1] < hist[0]
+    assert np.abs(W @ W.T - np.eye(3)).max() < 1e-12
+    m = vq.metrics(W, E, X)                                # the logged error is the real one
+    assert m["recon_mse"] == pytest.approx(hist[-1], rel=1e-10)
+
+
+def test_ema_codebook_converges_to_cluster_means():
+    rng = np.random.default_rng(11)
+    centres = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
+    Z = np.concatenate([c + 0.3 * rng.normal(size=(40, 2)) for c in centres])
+    labels = np.repeat([0, 1, 2], 40)
+    means = np.array([Z[labels == j].mean(0) for j in range(3)])
+    E = centres + 1.0                                       # start away from the means
+    state = vq.EmaState.zeros(3, 2)
+    for _ in range(300):
+        E, _ = vq.ema_codebook_update(E, state, Z, vq.assign(Z, E), decay=0.9, eps=0.0)
+    assert np.allclose(E, means, atol=1e-12)
+    state = vq.EmaState.zeros(3, 2)                         # with smoothing: within O(eps)
+    E2 = centres.copy()
+    for _ in range(300):
+        E2, _ = vq.ema_codebook_update(E2, state, Z, vq.assign(Z, E2), decay=0.9, eps=1e-5)
+    assert np.allclose(E2, means, rtol=1e-5, atol=1e-5)
+
+
+def test_ema_dead_code_is_reseeded_from_the_batch():
+    rng = np.random.default_rng(12)
+    Z = rng.normal(size=(50, 2))
+    E = np.array([[0.0, 0.0], [100.0, 100.0]])              # code 1 is never used
+    state = vq.EmaState.zeros(2, 2)
+    E_new, n = vq.ema_codebook_update(E, state, Z, vq.assign(Z, E), 0.9, 1e-5,
+                                      dead_threshold=1.0, rng=np.random.default_rng(0))
+    assert n == 1
+    assert any(np.array_equal(E_new[1], z) for z in Z)       # a latent of this batch
+    E_same, n0 = vq.ema_codebook_update(E, vq.EmaState.zeros(2, 2), Z, vq.assign(Z, E), 0.9)
+    assert n0 == 0 and np.array_equal(E_same[1], E[1])       # off by default: kept
+
+
+# ---------------------------------------------------------------- floors and population
+
+def test_shannon_bound_closed_forms():
+    assert vq.shannon_bound([3.0], 8) == pytest.approx(3.0 / 64, rel=1e-12)
+    # two active components: theta = sqrt(l1 l2) / K, D = 2 theta
+    assert vq.shannon_bound([4.0, 1.0], 8) == pytest.approx(2 * 2.0 / 8, rel=1e-12)
+    # one inactive: l2 = 0.01 below theta = l1 / K^2 = 0.0625
+    assert vq.shannon_bound([4.0, 0.01], 8) == pytest.approx(0.0625 + 0.01, rel=1e-12)
+    lam = np.geomspace(4, 0.25, 6)
+    vals = [vq.shannon_bound(lam, K) for K in (1, 2, 8, 32, 128)]
+    assert vals[0] == pytest.approx(lam.sum()) and all(np.diff(vals) < 0)
+
+
+def test_population_errors_match_a_direct_computation():
+    rng = np.random.default_rng(13)
+    D, rank, m, K = 10, 4, 3, 6
+    U, lam = vq.lowrank_factor(D, rank, seed=2)
+    W = vq.stiefel_project(rng.normal(size=(m, D)))
+    E = rng.normal(size=(K, m))
+    C = rng.normal(size=(K, rank))
+    pop = vq.population_errors({"vq": (W, E), "uncon": C}, U, lam, 5000,
+                               np.random.default_rng(5), chunk=777)
+    S = np.random.default_rng(5).standard_normal((5000, rank)) * np.sqrt(lam)
+    X = S @ U.T
+    err_vq = np.sum((X - E[vq.assign(X @ W.T, E)] @ W) ** 2, axis=1)
+    err_c = np.min(((X[:, None, :] - (C @ U.T)[None]) ** 2).sum(-1), axis=1)
+    assert pop.mean == pytest.approx([err_vq.mean(), err_c.mean()], rel=1e-12)
+    assert pop.se[0] == pytest.approx(err_vq.std(ddof=1) / math.sqrt(5000), rel=1e-9)
+    assert pop.diff_se("vq", "uncon") == pytest.approx((err_vq - err_c).std(ddof=1) / math.sqrt(5000), rel=1e-9)
+
+
+def test_default_population_sample_is_precise_enough():
+    cfg = vq.Config()
+    out = vq.run_comparison(**{**TINY, "D": cfg.D, "rank": cfg.rank, "m": cfg.m, "K": cfg.K,
+                               "n_pop": cfg.n_pop, "methods": ["pca_lloyd"]})
+    r = out["results"]["pca_lloyd"]
+    assert r["pop_recon_se"] < 1e-3 * r["pop_recon_mse"]
+
+
+def test_every_method_sits_above_both_floors():
+    out = vq.run_comparison(**TINY)
+    b = out["bounds"]
+    for name, r in out["results"].items():
+        assert r["status"] == "ok", name
+        assert r["pop_recon_mse"] > b["shannon_bound"] and r["pop_recon_mse"] > b["pca_floor"]
+    assert b["unconstrained_kmeans"] > b["shannon_bound"]
+    assert 0 <= out["results"]["pca_lloyd"]["subspace_angle_deg"] < 90
+
+
+# ---------------------------------------------------------------- runs, outputs, CLI
+
+def _strip_times(obj):
+    if isinstance(obj, dict):
+        return {k: _strip_times(v) for k, v in obj.items() if "seconds" not in k}
+    return obj
+
+
+def test_same_settings_give_the_same_summary(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    vq.run_comparison(**{**TINY, "outdir": str(a)})
+    vq.run_comparison(**{**TINY, "outdir": str(b)})
+    ja = json.loads((a / "summary.json").read_text())
+    jb = json.loads((b / "summary.json").read_text())
+    assert ja["config"].pop("outdir") != jb["config"].pop("outdir")
+    assert _strip_times(ja) == _strip_times(jb)
+    assert sorted(os.listdir(a)) == sorted(["summary.json", "comparison.png", "training_curves.png"]
+                                           + [f"{m}_logs.json" for m in vq.ALL_METHODS[1:]])
+    assert set(ja["results"]) == set(vq.ALL_METHODS)
+    for r in ja["results"].values():
+        assert {"recon_mse", "in_sub_dist", "usage_entropy", "dead_frac", "perplexity",
+                "seconds", "pop_recon_mse", "pop_recon_se", "subspace_angle_deg"} <= set(r)
+    logs = json.loads((a / "procrustes_lloyd_logs.json").read_text())
+    assert np.all(np.diff(logs["train_recon_mse"]) <= 1e-12)
+
+
+def test_another_method_does_not_change_a_methods_numbers():
+    one = vq.run_comparison(**{**TINY, "methods": ["manual_ste"]})
+    two = vq.run_comparison(**{**TINY, "methods": ["rotation", "manual_ste"]})
+    assert one["results"]["manual_ste"]["recon_mse"] == two["results"]["manual_ste"]["recon_mse"]
+
+
+def test_diverging_method_is_reported_and_others_finish(tmp_path):
+    out = vq.run_comparison(**{**TINY, "lrE": 1e150, "outdir": str(tmp_path),
+                               "methods": ["pca_lloyd", "manual_ste", "procrustes_lloyd"]})
+    r = out["results"]["manual_ste"]
+    assert r["status"] == "diverged" and 1 <= r["diverged_at_step"] <= TINY["steps"]
+    assert out["results"]["procrustes_lloyd"]["status"] == "ok"
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["results"]["manual_ste"]["status"] == "diverged"
+    assert saved["results"]["procrustes_lloyd"]["pop_recon_mse"] > 0
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(HERE, "vq_compare.py"), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+BAD = [(["--m", "70"], "--m 70"), (["--rank", "65"], "--rank 65"), (["--K", "0"], "--K 0"),
+       (["--K", "30000"], "--K 30000"), (["--n_train", "0"], "--n_train 0"),
+       (["--steps", "-1"], "--steps -1"), (["--batch", "0"], "--batch 0"),
+       (["--lrW", "0"], "--lrW 0.0"), (["--lrE", "nan"], "--lrE nan"), (["--lrE", "inf"], "--lrE inf"),
+       (["--alpha", "-1"], "--alpha -1.0"), (["--beta", "-0.5"], "--beta -0.5"),
+       (["--lmin", "0"], "--lmin 0.0"), (["--lmin", "5"], "--lmin 5.0"),
+       (["--seed", "-3"], "--seed -3"), (["--methods", "autograd"], "--methods autograd"),
+       (["--K", "abc"], "--K"), (["--D", "0"], "--D 0"), (["--dtype", "float16"], "--dtype float16"),
+       (["--ema_decay", "1"], "--ema_decay 1.0")]
+
+
+@pytest.mark.parametrize("args,named", BAD)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, named):
+    out = tmp_path / "out"
+    p = run_cli(*args, "--outdir", str(out), cwd=tmp_path)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "Traceback" not in p.stderr
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_outdir_that_cannot_be_created(tmp_path):
+    (tmp_path / "file").write_text("x")
+    p = run_cli("--outdir", str(tmp_path / "file" / "sub"), cwd=tmp_path)
+    assert p.returncode == 2 and "--outdir" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_cli_runs_and_writes_its_outputs(tmp_path):
+    p = run_cli("--D", "12", "--rank", "4", "--m", "3", "--K", "8", "--n_train", "600",
+                "--n_eval", "300", "--steps", "10", "--batch", "64", "--n_pop", "10000",
+                "--n_init", "2", "--outdir", "res", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "SUMMARY" in p.stdout and "Procrustes-Lloyd" in p.stdout
+    files = os.listdir(tmp_path / "res")
+    assert "summary.json" in files and not any(f.startswith(".tmp") for f in files)
+    with open(tmp_path / "res" / "comparison.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_help_explains_every_flag():
+    p = run_cli("--help", cwd=HERE)
+    assert p.returncode == 0
+    for f in vq.dataclasses.fields(vq.Config):
+        assert f"--{f.name}" in p.stdout
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = ("import sys, os; sys.path.insert(0, %r); import vq_compare; "
+            "assert 'matplotlib' not in sys.modules; print(os.listdir('.'))") % HERE
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
