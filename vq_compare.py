@@ -207,7 +207,7 @@ def _threads():
 
 
 def _nearest_range(Z, Ea, lo, hi, labels, dist, dist2):
-    """Fill labels/dist(/dist2) for rows lo:hi, one cache-sized block at a time."""
+    """Fill labels (and dist, dist2 unless None) for rows lo:hi, a cache-sized block at a time."""
     m, K = Z.shape[1], Ea.shape[1]
     step = _rows_per_chunk(K)
     Za = np.empty((min(step, hi - lo), m + 1), dtype=Ea.dtype)
@@ -218,30 +218,32 @@ def _nearest_range(Z, Ea, lo, hi, labels, dist, dist2):
         Za[:c, :m] = Z[s:s + c]
         d = np.matmul(Za[:c], Ea, out=buf[:c])             # (c, K) = ||e||^2 - 2 z.e
         lab = d.argmin(axis=1)
+        labels[s:s + c] = lab
+        if dist is None:
+            continue
         rows = np.arange(c)
         z_sq = np.einsum("cm,cm->c", Za[:c, :m], Za[:c, :m])
-        labels[s:s + c] = lab
         dist[s:s + c] = d[rows, lab] + z_sq
         if dist2 is not None:
             d[rows, lab] = np.inf
             dist2[s:s + c] = (d.min(axis=1) if K > 1 else np.inf) + z_sq
 
 
-def nearest(Z, E, second=False):
+def nearest(Z, E, second=False, with_dist=True):
     """Nearest code of every row of ``Z`` (n, m) in ``E`` (K, m), in bounded memory.
 
     Returns ``labels`` (n,) and ``dist`` (n,), the squared distance to that code, and
-    with ``second=True`` also the squared distance to the second-nearest code. Works
-    through cache-sized blocks of rows (no n x K matrix), on several threads when the
-    problem is large; the argmin drops ``||z||^2``, which every code shares.
+    with ``second=True`` also the squared distance to the second-nearest code
+    (``with_dist=False``: the labels alone). Works through cache-sized blocks of rows
+    (no n x K matrix); the argmin drops ``||z||^2``, which every code shares.
     """
     global _pool
     n, K = Z.shape[0], E.shape[0]
     dtype = np.result_type(Z, E)
     Ea = np.vstack([-2.0 * E.T, np.einsum("km,km->k", E, E)[None]]).astype(dtype)   # (m+1, K)
     labels = np.empty(n, dtype=np.intp)
-    dist = np.empty(n, dtype=dtype)
-    dist2 = np.empty_like(dist) if second else None
+    dist = np.empty(n, dtype=dtype) if (with_dist or second) else None
+    dist2 = np.empty(n, dtype=dtype) if second else None
     workers = _threads() if n * K >= _PARALLEL_ELEMS else 1
     if workers > 1:
         if _pool is None:
@@ -254,6 +256,8 @@ def nearest(Z, E, second=False):
             j.result()
     else:
         _nearest_range(Z, Ea, 0, n, labels, dist, dist2)
+    if dist is None:
+        return labels
     np.maximum(dist, 0, out=dist)                          # rounding can dip below zero
     if second:
         np.maximum(dist2, 0, out=dist2)
@@ -278,7 +282,7 @@ def assign(Z, E):
     >>> assign(np.array([[0.0], [0.9], [2.2]]), np.array([[0.0], [2.0]]))
     array([0, 0, 1])
     """
-    return nearest(Z, E)[0]
+    return nearest(Z, E, with_dist=False)
 
 
 def cluster_sums(Z, labels, K):
@@ -347,7 +351,7 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
             use_bounds = frac < 0.3                        # pruning no longer pays: full passes
         else:
             want = frac < 0.05 and K > 1                   # few changes: bounds will pay off
-            out = nearest(Z, E, second=want)
+            out = nearest(Z, E, second=True) if want else (nearest(Z, E, with_dist=False),)
             new = out[0]
             frac = 1.0 if labels is None else float(np.mean(new != labels))
             changed = labels is None or frac > 0
@@ -391,7 +395,8 @@ def _bounded_assign(Z, E, labels, upper, lower, shift):
     cand = np.flatnonzero(upper > bound)
     frac = cand.size / max(len(labels), 1)
     if cand.size:                                          # tighten the upper bound, then look again
-        upper[cand] = np.sqrt(np.sum((Z[cand] - E[labels[cand]]) ** 2, axis=1)) * (1 + _SAFE)
+        diff = Z[cand] - E[labels[cand]]
+        upper[cand] = np.sqrt(np.einsum("cm,cm->c", diff, diff)) * (1 + _SAFE)
         cand = cand[upper[cand] > bound[cand]]
     if cand.size == 0:
         return False, frac
@@ -451,6 +456,7 @@ def kmeans_plusplus(Z, K, rng):
     n = Z.shape[0]
     trials = 2 + int(np.log(K))
     z_sq = np.einsum("nm,nm->n", Z, Z)
+    ZT = np.ascontiguousarray(Z.T)                         # (m, n)
     centres = np.empty((K, Z.shape[1]), dtype=Z.dtype)
     first = rng.integers(n)
     centres[0] = Z[first]
@@ -463,12 +469,15 @@ def kmeans_plusplus(Z, K, rng):
         else:                                              # fewer distinct points than K
             cand = rng.integers(n, size=trials)
         Zc = Z[cand]                                       # (t, m)
-        d = z_sq[:, None] - 2 * Z @ Zc.T + z_sq[cand]      # (n, t)
-        np.minimum(d, closest[:, None], out=d)
+        d = Zc @ ZT                                        # (t, n): rows contiguous
+        d *= -2
+        d += z_sq
+        d += z_sq[cand][:, None]
         np.maximum(d, 0, out=d)
-        best = int(np.argmin(d.sum(axis=0)))
+        np.minimum(d, closest, out=d)                      # potential if candidate is added
+        best = int(np.argmin(d.sum(axis=1)))
         centres[c] = Zc[best]
-        closest = d[:, best].copy()
+        closest = d[best]
     return centres
 
 
