@@ -4,6 +4,7 @@ Run with ``python -m pytest`` (this also runs the doctests of vq_compare.py).
 Every check compares two independent computations, an invariant, or a case worked
 out by hand; tolerances are stated next to each assert.
 """
+import csv
 import doctest
 import json
 import math
@@ -469,3 +470,101 @@ def test_import_has_no_side_effects(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- sweeps
+
+import sweeps  # noqa: E402
+
+SWEEP_ARGS = ["--D", "10", "--rank", "3", "--m", "2", "--K", "4", "--n_train", "400",
+              "--n_eval", "200", "--steps", "8", "--batch", "32", "--n_pop", "5000", "--n_init", "2",
+              "--log_every", "4", "--seeds", "2", "--K_values", "4", "6", "--beta_values", "0", "0.5",
+              "--steps_max", "8", "--steps_every", "4", "--methods", "manual_ste", "rotation",
+              "--quiet"]
+
+
+def run_sweeps(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "sweeps.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_doctests_of_sweeps():
+    result = doctest.testmod(sweeps)
+    assert result.attempted >= 3 and result.failed == 0
+
+
+def test_confidence_interval_of_a_known_sample():
+    # mean 3, sd sqrt(2.5), t(0.975, 4) = 2.776445: half-width 2.776445 * sqrt(2.5) / sqrt(5)
+    m, sd, lo, hi = sweeps.mean_ci([1, 2, 3, 4, 5])
+    assert m == 3 and sd == pytest.approx(math.sqrt(2.5), rel=1e-12)
+    assert hi - m == pytest.approx(2.7764451052 * math.sqrt(0.5), rel=1e-9)
+    assert m - lo == pytest.approx(hi - m, rel=1e-12)
+    assert sweeps.t_quantile(2) == pytest.approx(4.30265273, rel=1e-8)
+    assert sweeps.t_quantile(9) == pytest.approx(2.26215716, rel=1e-8)
+    assert math.isnan(sweeps.mean_ci([1.0])[2])
+
+
+def test_tiny_sweep_end_to_end_and_jobs_do_not_change_results(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    pa = run_sweeps("--sweep", "all", "--outdir", str(a), *SWEEP_ARGS)
+    pb = run_sweeps("--sweep", "all", "--outdir", str(b), "--jobs", "2", *SWEEP_ARGS)
+    assert pa.returncode == 0 and pb.returncode == 0, pa.stderr + pb.stderr
+    ra, rb = (a / "results.jsonl").read_text(), (b / "results.jsonl").read_text()
+    assert ra == rb
+    lines = [json.loads(x) for x in ra.splitlines()]
+    # K: 2 cells x 2 seeds x 3 methods, beta the same, steps 1 x 2 x 3, verify 1 x 2
+    assert len(lines) == 12 + 12 + 6 + 2
+    assert {ln["method"] for ln in lines} == {"pca_lloyd", "manual_ste", "rotation", "fd_vs_manual"}
+    with open(a / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    k_rows = [r for r in rows if r["sweep"] == "K"]
+    assert len(k_rows) == 2 * 3 and all(r["n_seeds"] == "2" for r in k_rows)
+    r = next(r for r in k_rows if r["method"] == "manual_ste" and r["value"] == "4")
+    vals = [ln["pop_recon_mse"] for ln in lines if ln["sweep"] == "K" and ln["value"] == 4
+            and ln["method"] == "manual_ste"]
+    assert float(r["mean"]) == pytest.approx(np.mean(vals), rel=1e-12)
+    assert float(r["ci_lo"]) < float(r["mean"]) < float(r["ci_hi"])
+    ver = next(ln for ln in lines if ln["method"] == "fd_vs_manual")
+    assert max(ver["gW_rel_err"]) < 1e-6 and max(ver["recon_rel_diff"]) < 1e-6
+    for sweep in ("K", "beta", "steps", "verify"):
+        assert (a / f"sweep_{sweep}.png").stat().st_size > 1000
+
+
+def test_resume_after_interruption_gives_the_same_lines(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ["--sweep", "K", *SWEEP_ARGS]
+    assert run_sweeps("--outdir", str(full), *args).returncode == 0
+    text = (full / "results.jsonl").read_text()
+    cut.mkdir()
+    (cut / "sweep_config.json").write_text((full / "sweep_config.json").read_text())
+    lines = text.splitlines(keepends=True)
+    (cut / "results.jsonl").write_text("".join(lines[:4]) + lines[4][:25])   # killed mid-line
+    p = run_sweeps("--outdir", str(cut), "--resume", *args)
+    assert p.returncode == 0, p.stderr
+    assert (cut / "results.jsonl").read_text() == text
+
+
+SWEEP_BAD = [(["--K_values"], "--K_values"), (["--K_values", "x"], "--K_values"),
+             (["--beta_values", "0", "abc"], "--beta_values"), (["--K_values", "99999"], "--K 99999"),
+             (["--sweep", "gamma"], "--sweep"), (["--methods", "nope"], "--methods nope"),
+             (["--seeds", "0"], "--seeds 0")]
+
+
+@pytest.mark.parametrize("args,named", SWEEP_BAD)
+def test_sweep_bad_input_exits_2_and_writes_nothing(tmp_path, args, named):
+    p = run_sweeps("--outdir", str(tmp_path / "o"), *args)
+    assert p.returncode == 2
+    assert len(p.stderr.strip().splitlines()) == 1 and named in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "o"
+    assert run_sweeps("--sweep", "beta", "--outdir", str(out), *SWEEP_ARGS).returncode == 0
+    before = sorted(os.listdir(out))
+    stamp = (out / "results.jsonl").read_text()
+    p = run_sweeps("--sweep", "beta", "--outdir", str(out), "--resume", *SWEEP_ARGS, "--lrW", "0.01")
+    assert p.returncode == 2 and "lrW" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(out)) == before and (out / "results.jsonl").read_text() == stamp
+    p = run_sweeps("--sweep", "beta", "--outdir", str(out), *SWEEP_ARGS)     # no --resume
+    assert p.returncode == 2 and "--resume" in p.stderr

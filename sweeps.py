@@ -1,0 +1,596 @@
+"""sweeps: seeded sweeps of vq_compare over K, beta and training length, with confidence
+intervals, in parallel and resumable.
+
+    python sweeps.py --sweep K --seeds 5 --jobs 2 --outdir sweeps_out
+    python sweeps.py --quick                 # a small grid, a smoke run in seconds
+    python sweeps.py --preset original       # the original framework's comprehensive set
+
+Every (cell, seed) is one vq_compare run: each seed draws new data and new batches. One
+line per finished (cell, seed, method) goes to ``DIR/results.jsonl`` as soon as it is
+known, so an interrupted sweep loses nothing and ``--resume`` finishes it; the file ends
+sorted, identical whatever ``--jobs`` and however often the sweep was resumed.
+``DIR/summary.csv`` aggregates per cell and method: mean, standard deviation, 95%
+confidence interval (Student t over seeds) and the paired difference to ``pca_lloyd``.
+Any other vq_compare flag sets the fixed value of the parameters not swept.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+import vq_compare as vq
+
+SWEEPS = ("K", "beta", "steps", "verify")
+RESULTS, CONFIG, SUMMARY = "results.jsonl", "sweep_config.json", "summary.csv"
+SCORE_KEYS = ("recon_mse", "in_sub_dist", "usage_entropy", "dead_frac", "perplexity",
+              "subspace_angle_deg", "pop_recon_mse", "pop_recon_se")
+
+QUICK = dict(K_values=[8, 16], beta_values=[0.0, 0.5], steps_max=60, steps_every=20, seeds=2,
+             D=32, rank=5, m=3, K=16, n_train=3000, n_eval=1000, steps=60, batch=256,
+             n_pop=50_000, n_init=2, methods=["pca_lloyd", "manual_ste", "rotation"])
+# The original framework's comprehensive run: K sweep and beta sweep at 300 steps, a
+# 500-step convergence run and an STE verification, one seed (42).
+ORIGINAL = dict(sweep="all", K_values=[8, 16, 32, 64], beta_values=[0.0, 0.1, 0.25, 0.5, 1.0],
+                steps=300, steps_max=500, steps_every=25, seeds=1, seed=42,
+                methods=["pca_lloyd", "fd_ste", "manual_ste", "rotation"])
+
+
+class SweepError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------
+
+def t_cdf_two_sided(t, df):
+    """P(|T| <= t) for Student's t with integer ``df`` (Abramowitz & Stegun 26.7.3-4).
+
+    >>> round(t_cdf_two_sided(2.776445105, 4), 9)
+    0.95
+    """
+    theta = math.atan(abs(t) / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2 == 1:
+        term, total = 1.0, 1.0
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        return (2 / math.pi) * (theta + (s * math.cos(theta) * total if df > 1 else 0.0))
+    term, total = 1.0, 1.0
+    for k in range(1, df // 2):
+        term *= c2 * (2 * k - 1) / (2 * k)
+        total += term
+    return s * total
+
+
+def t_quantile(df, level=0.95):
+    """Two-sided Student t critical value: P(|T| <= q) = level.
+
+    >>> round(t_quantile(4), 6), round(t_quantile(1), 4), round(t_quantile(30), 6)
+    (2.776445, 12.7062, 2.042272)
+    """
+    lo, hi = 0.0, 1.0
+    while t_cdf_two_sided(hi, df) < level:
+        hi *= 2
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_cdf_two_sided(mid, df) < level else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def mean_ci(values, level=0.95):
+    """Mean, sample standard deviation and the t confidence interval of the mean.
+
+    With one value the interval is undefined (NaN).
+
+    >>> m, sd, lo, hi = mean_ci([1, 2, 3, 4, 5])
+    >>> m, round(sd, 6), round(lo, 6), round(hi, 6)
+    (3.0, 1.581139, 1.036757, 4.963243)
+    """
+    x = np.asarray(values, dtype=float)
+    n = len(x)
+    mean = float(x.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan
+    sd = float(x.std(ddof=1))
+    half = t_quantile(n - 1, level) * sd / math.sqrt(n)
+    return mean, sd, mean - half, mean + half
+
+
+# ----------------------------------------------------------------------------
+# Work units: one (sweep, cell, seed) each
+# ----------------------------------------------------------------------------
+
+_problems = {}   # per-process cache: cells that share data and start point share the problem
+
+
+def _problem(cfg):
+    key = tuple((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(vq.Config)
+                if f.name in ("D", "rank", "m", "K", "n_train", "n_eval", "seed", "lmax", "lmin",
+                              "n_init", "kmeans_iter", "dtype"))
+    if key not in _problems:
+        if len(_problems) >= 4:
+            _problems.pop(next(iter(_problems)))
+        _problems[key] = vq.make_problem(cfg)
+    prob = _problems[key]
+    prob.cfg = cfg
+    return prob
+
+
+def run_task(task):
+    """Run one (sweep, value, seed) and return its result lines (dicts)."""
+    settings = dict(task["settings"], seed=task["seed"], outdir=None, quiet=True)
+    sweep, value = task["sweep"], task["value"]
+    if sweep in ("K", "beta"):
+        settings[sweep] = value
+    if sweep == "steps":
+        settings.update(steps=value, log_every=task["steps_every"])
+    cfg = vq.make_config(**settings)
+    problem = _problem(cfg)
+    base = {"sweep": sweep, "value": value, "seed": task["seed"]}
+    if sweep == "verify":
+        return [{**base, "method": "fd_vs_manual", **verify_trajectories(problem)}]
+    out = vq.compare(problem)
+    b = out["bounds"]
+    lines = []
+    for name, r in out["results"].items():
+        line = {**base, "method": name, "status": r["status"],
+                **{k: r.get(k) for k in SCORE_KEYS},
+                "pca_floor": b["pca_floor"], "shannon_bound": b["shannon_bound"],
+                "unconstrained_kmeans": b["unconstrained_kmeans"]}
+        if sweep == "steps" and r.get("logs") and "batch_loss" in r["logs"]:
+            line["curve"] = [[e["step"], e["recon_mse"]] for e in r["logs"]["eval"]]
+        lines.append(vq._json_ready(line))
+    return lines
+
+
+def verify_trajectories(problem):
+    """fd_ste and manual_ste side by side, step by step, from the same start on the
+    same batches: the gradient error at every step (finite differences at the manual
+    run's point) and how far the two runs have drifted apart."""
+    c = problem.cfg
+    rng = vq.derived_rng(c.seed, "batches")
+    Wm, Em = problem.W0.copy(), problem.E0.copy()
+    Wf, Ef = Wm.copy(), Em.copy()
+    gW_err, gE_err, W_diff, recon_diff, steps = [], [], [], [], []
+    for t in range(1, c.steps + 1):
+        Xb = problem.X_train[rng.integers(0, problem.X_train.shape[0], size=c.batch)]
+        man = vq.manual_grads(Wm, Em, Xb, c.alpha, c.beta, "ste")
+        fd_here = vq.fd_grads(Wm, Em, Xb, c.alpha, c.beta, "ste", c.fd_h)
+        fd = vq.fd_grads(Wf, Ef, Xb, c.alpha, c.beta, "ste", c.fd_h)
+        gW_err.append(vq.rel_err(fd_here.gW, man.gW))
+        gE_err.append(vq.rel_err(fd_here.gE, man.gE))
+        Wm, Em = vq.riemannian_step(Wm, man.gW, c.lrW), Em - c.lrE * man.gE
+        Wf, Ef = vq.riemannian_step(Wf, fd.gW, c.lrW), Ef - c.lrE * fd.gE
+        W_diff.append(float(np.max(np.abs(Wf - Wm))))
+        if t % c.log_every == 0 or t == c.steps:
+            a = vq.metrics(Wf, Ef, problem.X_eval)["recon_mse"]
+            b = vq.metrics(Wm, Em, problem.X_eval)["recon_mse"]
+            steps.append(t)
+            recon_diff.append(abs(a - b) / b)
+    return {"gW_rel_err": gW_err, "gE_rel_err": gE_err, "max_abs_W_diff": W_diff,
+            "eval_steps": steps, "recon_rel_diff": recon_diff}
+
+
+# ----------------------------------------------------------------------------
+# Planning, resuming, running
+# ----------------------------------------------------------------------------
+
+def plan(args):
+    """The ordered list of tasks of a sweep."""
+    sweeps = SWEEPS if args.sweep == "all" else (args.sweep,)
+    seeds = [args.seed + i for i in range(args.seeds)]
+    values = {"K": args.K_values, "beta": args.beta_values, "steps": [args.steps_max],
+              "verify": [args.steps]}
+    tasks = []
+    for sweep in sweeps:
+        for value in values[sweep]:
+            for seed in seeds:
+                tasks.append({"sweep": sweep, "value": value, "seed": seed,
+                              "settings": args.settings, "steps_every": args.steps_every})
+    return tasks
+
+
+def _task_key(line):
+    return (line["sweep"], json.dumps(line["value"]), line["seed"])
+
+
+def _order(line, methods):
+    return (SWEEPS.index(line["sweep"]), float(line["value"]), line["seed"],
+            methods.index(line["method"]) if line["method"] in methods else len(methods))
+
+
+def _read_lines(path):
+    """Complete lines already written (a line cut short by an interruption is dropped)."""
+    lines = []
+    if os.path.exists(path):
+        with open(path) as fh:
+            for raw in fh:
+                try:
+                    lines.append(json.loads(raw))
+                except json.JSONDecodeError:
+                    break
+    return lines
+
+
+def fingerprint(args):
+    """Everything that determines the results of a sweep."""
+    return {"sweep": args.sweep, "seeds": args.seeds, "seed": args.seed,
+            "K_values": args.K_values, "beta_values": args.beta_values,
+            "steps_max": args.steps_max, "steps_every": args.steps_every,
+            "settings": args.settings}
+
+
+def run_sweep(args, log=print):
+    """Run (or resume) a sweep; returns the sorted result lines."""
+    os.makedirs(args.outdir, exist_ok=True)
+    cfg_path, res_path = os.path.join(args.outdir, CONFIG), os.path.join(args.outdir, RESULTS)
+    vq.write_json(cfg_path, fingerprint(args))
+    done_lines = _read_lines(res_path)
+    methods = args.settings["methods"]
+    expected = {"verify": 1}
+    done = {}
+    for line in done_lines:
+        done.setdefault(_task_key(line), []).append(line)
+    complete = {k for k, v in done.items() if len(v) == expected.get(k[0], len(methods))}
+    keep = [line for line in done_lines if _task_key(line) in complete]
+    _write_lines(res_path, sorted(keep, key=lambda ln: _order(ln, methods)))  # drop partial tasks
+    tasks = [t for t in plan(args) if _task_key(t) not in complete]
+    total_cells = {(t["sweep"], json.dumps(t["value"])) for t in plan(args)}
+    remaining = {}
+    for t in tasks:
+        remaining[(t["sweep"], json.dumps(t["value"]))] = remaining.get((t["sweep"], json.dumps(t["value"])), 0) + 1
+    if len(tasks) < len(plan(args)):
+        log(f"resuming: {len(plan(args)) - len(tasks)} of {len(plan(args))} runs already in {res_path}")
+    t0 = time.perf_counter()
+    n_done = 0
+    with open(res_path, "a") as fh:
+        for task, lines in _execute(tasks, args.jobs):
+            for line in lines:
+                fh.write(json.dumps(line, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            n_done += 1
+            cell = (task["sweep"], json.dumps(task["value"]))
+            remaining[cell] -= 1
+            if remaining[cell] == 0:
+                elapsed = time.perf_counter() - t0
+                left = elapsed / n_done * (len(tasks) - n_done)
+                finished = len(total_cells) - sum(1 for v in remaining.values() if v > 0)
+                log(f"[{finished}/{len(total_cells)} cells] {task['sweep']}={task['value']} done "
+                    f"({args.seeds} seeds): {elapsed:.1f} s elapsed, ~{left:.1f} s left")
+    lines = sorted(_read_lines(res_path), key=lambda ln: _order(ln, methods))
+    _write_lines(res_path, lines)
+    return lines
+
+
+def _write_lines(path, lines):
+    data = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode()
+    vq.write_atomic(path, lambda fh: fh.write(data))
+
+
+def _execute(tasks, jobs):
+    """Yield (task, lines) as tasks finish; in parallel processes when jobs > 1."""
+    if jobs <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield task, run_task(task)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    # Fresh interpreters with one BLAS thread each: forked children would inherit the
+    # parent's BLAS thread pool and fight over the cores.
+    saved = {k: os.environ.get(k) for k in _BLAS_ENV}
+    os.environ.update({k: "1" for k in _BLAS_ENV})
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_task, t): t for t in tasks}
+            for fut in as_completed(futures):
+                yield futures[fut], fut.result()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+# ----------------------------------------------------------------------------
+# Aggregation, table, plots
+# ----------------------------------------------------------------------------
+
+CSV_FIELDS = ["sweep", "param", "value", "method", "n_seeds", "metric", "mean", "sd", "ci_lo", "ci_hi",
+              "diff_to_pca_lloyd", "diff_ci_lo", "diff_ci_hi", "eval_recon_mse", "pca_floor",
+              "shannon_bound", "unconstrained_kmeans", "diverged"]
+
+
+def aggregate(lines):
+    """Rows of summary.csv: one per (sweep, cell, method)."""
+    rows = []
+    by_cell = {}
+    for ln in lines:
+        by_cell.setdefault((ln["sweep"], ln["value"]), []).append(ln)
+    for (sweep, value), cell in by_cell.items():
+        if sweep == "verify":
+            rows.append({"sweep": sweep, "param": "steps", "value": value, "method": "fd_vs_manual",
+                         "n_seeds": len(cell), "metric": "max gradient rel. error",
+                         "mean": max(max(c["gW_rel_err"] + c["gE_rel_err"]) for c in cell),
+                         "eval_recon_mse": max(max(c["recon_rel_diff"]) for c in cell)})
+            continue
+        if sweep == "steps":
+            rows.extend(_aggregate_curves(value, cell))
+            continue
+        methods = list(dict.fromkeys(c["method"] for c in cell))
+        for method in methods:
+            ok = [c for c in cell if c["method"] == method and c["status"] == "ok"]
+            key = "pop_recon_mse" if ok and ok[0].get("pop_recon_mse") is not None else "recon_mse"
+            row = {"sweep": sweep, "param": sweep, "value": value, "method": method,
+                   "n_seeds": len(ok), "metric": key,
+                   "diverged": sum(1 for c in cell if c["method"] == method and c["status"] != "ok")}
+            if ok:
+                row["mean"], row["sd"], row["ci_lo"], row["ci_hi"] = mean_ci([c[key] for c in ok])
+                row["eval_recon_mse"] = float(np.mean([c["recon_mse"] for c in ok]))
+                for f in ("pca_floor", "shannon_bound", "unconstrained_kmeans"):
+                    vals = [c[f] for c in ok if c.get(f) is not None]
+                    row[f] = float(np.mean(vals)) if vals else None
+                base = {c["seed"]: c[key] for c in cell if c["method"] == "pca_lloyd" and c["status"] == "ok"}
+                diffs = [c[key] - base[c["seed"]] for c in ok if c["seed"] in base]
+                if method != "pca_lloyd" and diffs:
+                    d, _, lo, hi = mean_ci(diffs)
+                    row["diff_to_pca_lloyd"], row["diff_ci_lo"], row["diff_ci_hi"] = d, lo, hi
+            rows.append(row)
+    return rows
+
+
+def _aggregate_curves(value, cell):
+    rows = []
+    for method in dict.fromkeys(c["method"] for c in cell):
+        curves = [dict(map(tuple, c["curve"])) for c in cell if c["method"] == method and c.get("curve")]
+        if not curves:
+            continue
+        base = {c["seed"]: c["recon_mse"] for c in cell if c["method"] == "pca_lloyd"}
+        seeds = [c["seed"] for c in cell if c["method"] == method and c.get("curve")]
+        for step in sorted(set.intersection(*[set(c) for c in curves])):
+            vals = [c[step] for c in curves]
+            row = {"sweep": "steps", "param": "step", "value": step, "method": method,
+                   "n_seeds": len(vals), "metric": "recon_mse (eval)"}
+            row["mean"], row["sd"], row["ci_lo"], row["ci_hi"] = mean_ci(vals)
+            diffs = [v - base[s] for v, s in zip(vals, seeds) if s in base]
+            if diffs:
+                row["diff_to_pca_lloyd"], _, row["diff_ci_lo"], row["diff_ci_hi"] = mean_ci(diffs)
+            rows.append(row)
+    return rows
+
+
+def write_csv(path, rows):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and math.isnan(r[k]))
+                        else r[k]) for k in CSV_FIELDS})
+    data = buf.getvalue().encode()
+    vq.write_atomic(path, lambda fh: fh.write(data))
+
+
+def format_table(rows):
+    out = []
+    for sweep in SWEEPS:
+        rs = [r for r in rows if r["sweep"] == sweep]
+        if not rs:
+            continue
+        if sweep == "steps":                               # the last checkpoint only
+            last = max(r["value"] for r in rs)
+            rs = [r for r in rs if r["value"] == last]
+        out.append(f"\n{sweep} sweep  ({rs[0]['metric']}; mean [95% CI] over seeds; "
+                   "diff = paired difference to pca_lloyd)")
+        if sweep == "verify":
+            for r in rs:
+                out.append(f"  steps={r['value']}: largest gradient rel. error {r['mean']:.1e}, "
+                           f"largest eval recon rel. difference fd vs manual {r['eval_recon_mse']:.1e}")
+            continue
+        out.append(f"  {rs[0]['param']:>6} {'method':<18}{'mean':>10}{'95% CI':>22}{'diff':>11}{'95% CI':>24}")
+        for r in rs:
+            if r.get("mean") is None:
+                out.append(f"  {r['value']:>6} {r['method']:<18}{'diverged':>10}")
+                continue
+            ci = f"[{r['ci_lo']:.4f}, {r['ci_hi']:.4f}]" if not math.isnan(r.get("ci_lo", math.nan)) else "n/a (1 seed)"
+            diff = f"{r['diff_to_pca_lloyd']:+.5f}" if r.get("diff_to_pca_lloyd") is not None else ""
+            dci = (f"[{r['diff_ci_lo']:+.5f}, {r['diff_ci_hi']:+.5f}]"
+                   if r.get("diff_ci_lo") is not None and not math.isnan(r["diff_ci_lo"]) else "")
+            out.append(f"  {r['value']:>6} {r['method']:<18}{r['mean']:>10.5f}{ci:>22}{diff:>11}{dci:>24}")
+    return "\n".join(out)
+
+
+def plot_sweep(rows, sweep):
+    """Mean with 95% CI per method; floors where known; right: paired difference (%)."""
+    rs = [r for r in rows if r["sweep"] == sweep and r.get("mean") is not None]
+    fig, axes = vq._figure(12, 4.2, 1, 2)
+    ax0, ax1 = axes[0]
+    if sweep == "verify":
+        ax0.bar([str(r["value"]) for r in rs], [r["mean"] for r in rs])
+        ax0.set_yscale("log")
+        ax0.set_title("largest gradient rel. error (fd vs manual)")
+        ax1.bar([str(r["value"]) for r in rs], [max(r["eval_recon_mse"], 1e-17) for r in rs])
+        ax1.set_yscale("log")
+        ax1.set_title("largest eval recon rel. difference along the run")
+        return fig
+    methods = list(dict.fromkeys(r["method"] for r in rs))
+    for method in methods:
+        mr = sorted((r for r in rs if r["method"] == method), key=lambda r: r["value"])
+        x = np.array([r["value"] for r in mr], dtype=float)
+        y = np.array([r["mean"] for r in mr])
+        lo = np.array([r.get("ci_lo", np.nan) for r in mr], dtype=float)
+        hi = np.array([r.get("ci_hi", np.nan) for r in mr], dtype=float)
+        color = vq._COLORS.get(method)
+        style = dict(marker="o", ms=4, color=color, label=vq.LABELS.get(method, method))
+        if method == "fd_ste":
+            style.update(marker="x", ls="none", ms=7)
+        ax0.plot(x, y, **style)
+        if np.isfinite(lo).any():
+            ax0.fill_between(x, lo, hi, color=color, alpha=0.15)
+        if method != "pca_lloyd":
+            d = np.array([r.get("diff_to_pca_lloyd", np.nan) for r in mr], dtype=float)
+            ref = np.array([r["mean"] - (r.get("diff_to_pca_lloyd") or 0) for r in mr])
+            ax1.plot(x, 100 * d / ref, **style)
+            dlo = np.array([r.get("diff_ci_lo", np.nan) for r in mr], dtype=float)
+            dhi = np.array([r.get("diff_ci_hi", np.nan) for r in mr], dtype=float)
+            if np.isfinite(dlo).any():
+                ax1.fill_between(x, 100 * dlo / ref, 100 * dhi / ref, color=color, alpha=0.15)
+    for key, label, ls in (("shannon_bound", "Shannon bound", "--"),
+                           ("unconstrained_kmeans", "unconstrained k-means", "-.")):
+        pts = sorted({(r["value"], r[key]) for r in rs if r.get(key) is not None})
+        if pts:
+            ax0.plot(*zip(*pts), color="k", ls=ls, lw=1, label=label)
+    ax1.axhline(0, color="k", lw=0.8)
+    xlabel = {"K": "codebook size K", "beta": "commitment weight beta", "steps": "step"}[sweep]
+    for ax in (ax0, ax1):
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if sweep == "K":
+            ax.set_xscale("log", base=2)
+    ax0.set_ylabel(rs[0]["metric"] if rs else "")
+    ax0.set_title("mean over seeds with 95% CI (bands)", fontsize=10)
+    ax1.set_title("% difference to PCA + Lloyd (paired, 95% CI)", fontsize=10)
+    ax0.legend(fontsize=8)
+    fig.subplots_adjust(wspace=0.25)
+    return fig
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+def _grid(kind):
+    def parse(text):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}")
+    return parse
+
+
+def build_parser():
+    p = vq._Parser(prog="sweeps.py", description=__doc__.split("\n")[0],
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sweep", choices=SWEEPS + ("all",), default="all", help="what to sweep")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per cell (seed, seed+1, ...)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel processes")
+    p.add_argument("--outdir", default="sweeps_out", help="output folder")
+    p.add_argument("--resume", action="store_true", help="skip runs already in OUTDIR/results.jsonl")
+    p.add_argument("--quick", action="store_true", help="a small grid: a smoke run in seconds")
+    p.add_argument("--preset", choices=("original",), help="the original framework's comprehensive set")
+    p.add_argument("--K_values", type=_grid(int), nargs="+", default=[8, 16, 32, 64], help="K grid")
+    p.add_argument("--beta_values", type=_grid(float), nargs="+", default=[0.0, 0.1, 0.25, 0.5, 1.0],
+                   help="beta grid")
+    p.add_argument("--steps_max", type=int, default=500, help="steps sweep: training length")
+    p.add_argument("--steps_every", type=int, default=25, help="steps sweep: metrics every this many steps")
+    p.add_argument("--methods", nargs="+", default=["pca_lloyd", "fd_ste", "manual_ste", "rotation",
+                                                    "ema_ste", "procrustes_lloyd"], metavar="NAME",
+                   help="methods (pca_lloyd is always run: it is the paired reference)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    skip = {"outdir", "methods", "quiet", "per_method_plots"}
+    for f in dataclasses.fields(vq.Config):
+        if f.name in skip:
+            continue
+        if f.type in ("bool", bool):
+            p.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(f"--{f.name}", type=typ, default=None,
+                           help=f.metadata["help"] + f" (default {f.default})")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse and validate; raises SweepError (or vq.ConfigError) for bad input."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    explicit = {a.dest for a in p._actions if any(o in (argv if argv is not None else sys.argv[1:])
+                                                    for o in a.option_strings)}
+    presets = ([QUICK] if args.quick else []) + ([ORIGINAL] if args.preset == "original" else [])
+    for preset in presets:
+        for k, v in preset.items():
+            if k not in explicit:
+                setattr(args, k, v)
+    methods = [m for item in args.methods for m in item.split(",") if m]
+    for name in methods:
+        if name not in vq.METHODS:
+            raise SweepError(f"--methods {name}: unknown method (known: {', '.join(vq.METHODS)})")
+    if "pca_lloyd" not in methods:
+        methods.insert(0, "pca_lloyd")
+    methods = [m for m in vq.ALL_METHODS if m in methods]
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(vq.Config)
+                if getattr(args, f.name, None) is not None and f.name not in ("outdir", "quiet", "methods")}
+    settings = {k: v for k, v in settings.items() if v is not False}
+    settings["methods"] = methods
+    args.settings = settings
+    if args.seeds < 1:
+        raise SweepError(f"--seeds {args.seeds}: must be >= 1")
+    if args.jobs < 1:
+        raise SweepError(f"--jobs {args.jobs}: must be >= 1")
+    if args.steps_max < 1 or args.steps_every < 1:
+        raise SweepError(f"--steps_max {args.steps_max} --steps_every {args.steps_every}: must be >= 1")
+    base = vq.Config()
+    args.seed = settings.get("seed", base.seed)
+    args.steps = settings.get("steps", base.steps)
+    for k in args.K_values:                               # every cell's settings, checked up front
+        vq.make_config(**{**settings, "K": k, "outdir": None})
+    for b in args.beta_values:
+        vq.make_config(**{**settings, "beta": b, "outdir": None})
+    vq.make_config(**{**settings, "seed": args.seed + args.seeds - 1, "outdir": None})
+    vq._check_outdir(args.outdir)
+    res_path = os.path.join(args.outdir, RESULTS)
+    if args.resume:
+        cfg_path = os.path.join(args.outdir, CONFIG)
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as fh:
+                old = json.load(fh)
+            new = json.loads(json.dumps(vq._json_ready(fingerprint(args))))
+            if old != new:
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                if "settings" in diff:
+                    so, sn = old.get("settings", {}), new["settings"]
+                    diff = [f"{k}: {so.get(k)!r} -> {sn.get(k)!r}" for k in sorted(set(so) | set(sn))
+                            if so.get(k) != sn.get(k)] + [d for d in diff if d != "settings"]
+                raise SweepError(f"--resume {args.outdir}: written with other settings ({'; '.join(map(str, diff))})")
+    elif os.path.exists(res_path) and os.path.getsize(res_path) > 0:
+        raise SweepError(f"--outdir {args.outdir}: holds a sweep already; pass --resume or choose another folder")
+    return args
+
+
+def main(argv=None):
+    import matplotlib
+    matplotlib.use("Agg")
+    try:
+        args = parse_args(argv)
+    except (SweepError, vq.ConfigError) as e:
+        sys.stderr.write(f"sweeps.py: error: {e}\n")
+        return 2
+    t0 = time.perf_counter()
+    lines = run_sweep(args, log=(lambda *a: None) if args.quiet else print)
+    rows = aggregate(lines)
+    write_csv(os.path.join(args.outdir, SUMMARY), rows)
+    for sweep in dict.fromkeys(r["sweep"] for r in rows):
+        vq.save_figure(plot_sweep(rows, sweep), os.path.join(args.outdir, f"sweep_{sweep}.png"))
+    if not args.quiet:
+        print(format_table(rows))
+        print(f"\n{len(lines)} result lines in {args.outdir}/{RESULTS}; table in {SUMMARY}; "
+              f"plots sweep_*.png; {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
