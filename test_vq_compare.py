@@ -40,8 +40,10 @@ def test_doctests_of_vq_compare():
 
 # ---------------------------------------------------------------- data
 
-def test_data_is_the_original_recipe_bit_for_bit():
-    D, rank, n_train, n_eval, seed = 16, 3, 50, 20, 7
+@pytest.mark.parametrize("block,n_train", [(8192, 50), (16, 50), (64, 1001), (32, 333)])
+def test_data_is_the_original_recipe_bit_for_bit(monkeypatch, block, n_train):
+    monkeypatch.setattr(vq, "_DRAW_ROWS", block)         # drawn block by block, same numbers
+    D, rank, n_eval, seed = 16, 3, 20, 7
     rng = np.random.default_rng(seed)                     # NOTES.md, written out again
     U, _ = np.linalg.qr(rng.normal(size=(D, rank)))
     lam = np.geomspace(4.0, 0.25, rank)

@@ -78,11 +78,12 @@ class Config:
     ema_eps: float = _f(1e-5, "ema_ste: Laplace smoothing of the cluster sizes")
     dead_threshold: float = _f(0.0, "ema_ste: re-seed a code whose average count per batch falls below this (0 disables)")
     n_pop: int = _f(500_000, "fresh samples of the true distribution for the population error (0 disables)")
-    n_init: int = _f(8, "k-means restarts (the lowest inertia is kept)")
+    n_init: int = _f(0, "k-means restarts, the lowest inertia kept (0: auto, 8 on small problems, "
+                       "fewer as n_train x K grows)")
     kmeans_iter: int = _f(300, "Lloyd iterations per k-means restart at most")
     pl_rounds: int = _f(500, "procrustes_lloyd: rounds at most")
     pl_tol: float = _f(1e-10, "procrustes_lloyd: stop when the relative improvement falls below this")
-    log_every: int = _f(10, "evaluate eval-set metrics every this many steps")
+    log_every: int = _f(0, "evaluate eval-set metrics every this many steps (0: auto, about 20 points)")
     dtype: str = _f("float64", "float64 (exact checks) or float32 (speed)")
     fd_h: float = _f(1e-5, "finite-difference step")
     fd_max_evals: float = _f(2e6, "skip fd_ste when steps x 2 x (parameters) loss evaluations exceed this")
@@ -144,9 +145,35 @@ def make_lowrank_data(D, rank, n_train, n_eval, seed, lmax=4.0, lmin=0.25):
     rng = np.random.default_rng(seed)
     U, lam = _lowrank_factor(rng, D, rank, lmax, lmin)
     Sigma = (U * lam) @ U.T                                # (D, D)
-    X_train = rng.multivariate_normal(np.zeros(D), Sigma, size=n_train)
-    X_eval = rng.multivariate_normal(np.zeros(D), Sigma, size=n_eval)
+    factor = _mvn_factor(Sigma)
+    X_train = _mvn_draw(rng, factor, n_train)
+    X_eval = _mvn_draw(rng, factor, n_eval)
     return X_train, X_eval, Sigma
+
+
+_DRAW_ROWS = 8192   # rows per block of _mvn_draw: a multiple of the BLAS row panel (16)
+
+
+def _mvn_factor(Sigma):
+    u, s, _ = np.linalg.svd(Sigma)                         # what multivariate_normal(method='svd') uses
+    return u * np.sqrt(s)                                  # (D, D)
+
+
+def _mvn_draw(rng, factor, n):
+    """``rng.multivariate_normal(zeros(D), Sigma, size=n)``, bit for bit, in blocks of rows.
+
+    NumPy draws all n x D standard normals, then multiplies: two n x D arrays at once.
+    Drawing and multiplying block by block consumes the same stream and gives the same
+    numbers (a test holds it to that) with one n x D array plus a block. Blocks are a
+    multiple of 16 rows so the matrix product runs the same kernels on every row.
+    """
+    D = factor.shape[0]
+    out = np.empty((n, D))
+    mean = np.zeros(D)
+    for a in range(0, n, _DRAW_ROWS):
+        c = min(_DRAW_ROWS, n - a)
+        out[a:a + c] = mean + rng.standard_normal((c, D)) @ factor.T
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -634,13 +661,17 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste"):
 
     Forward, then backward through the named intermediates in reverse::
 
-        Z = X W^T, Q = E[k], q~ (forward value Q), X_t = q~ W, resid = X - X_t
-        dX_t = -2/B resid
+        Z = X W^T, Q = E[k], q~ (forward value Q), X_t = q~ W
+        recon = mean ||X - X_t||^2,  dX_t = -2/B (X - X_t)
         gW  = q~^T dX_t                      (decoder path)
         dq~ = dX_t W^T
         dZ  = dq~ (STE)  or  lam R^T dq~ (rotation);  + 2 beta/B (Z - Q)
         gW += dZ^T X                         (encoder path)
         gE_j = 2 alpha/B sum_{i in j} (e_j - z_i)   (batch mean, not cluster mean)
+
+    The (B, D) matrices X_t and dX_t are never formed: with ``G = W W^T`` (m, m),
+    ``dX_t W^T = -2/B (Z - Q G)`` and ``Q^T dX_t = -2/B (Q^T X - Q^T Q W)``, so the step
+    costs two (B, D) x (D, m)-sized products.
 
     Parameters
     ----------
@@ -649,16 +680,17 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste"):
 
     Returns
     -------
-    Grads(loss, gW (m, D), gE (K, m)), a named tuple.
+    Grads(loss, gW (m, D), gE (K, m)), a named tuple, in the dtype of the inputs.
     """
     fr = freeze(W, E, X, estimator)
     B = X.shape[0]
     Z, Q = fr.Z0, fr.Q0                                    # (B, m), forward q~ = Q
-    resid = X - Q @ W                                      # (B, D)
+    G = W @ W.T                                            # (m, m)
+    QG = Q @ G                                             # (B, m)
     dZQ = Z - Q                                            # (B, m)
-    loss = (np.sum(resid * resid) + (alpha + beta) * np.sum(dZQ * dZQ)) / B
-    dX_t = (-2.0 / B) * resid                              # (B, D)
-    dQt = dX_t @ W.T                                       # (B, m) gradient reaching q~
+    recon = float(np.vdot(X, X)) - 2 * float(np.vdot(Z, Q)) + float(np.vdot(QG, Q))
+    loss = (recon + (alpha + beta) * float(np.vdot(dZQ, dZQ))) / B
+    dQt = (-2.0 / B) * (Z - QG)                            # (B, m) gradient reaching q~
     if estimator == "ste":
         dZ = dQt                                           # straight through
     else:                                                  # lam R^T g, R^T g = g - 2r(r.g) + 2 z_hat(q_hat.g)
@@ -666,7 +698,8 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste"):
         qg = np.sum(fr.q_hat * dQt, axis=1, keepdims=True)
         dZ = fr.lam[:, None] * (dQt - 2 * fr.r * rg + 2 * fr.z_hat * qg)
     dZ = dZ + (2.0 * beta / B) * dZQ
-    gW = Q.T @ dX_t + dZ.T @ X                             # (m, D) decoder + encoder
+    # decoder + encoder paths: Q^T dX_t + dZ^T X = (dZ - 2/B Q)^T X + 2/B Q^T Q W
+    gW = (dZ - (2.0 / B) * Q).T @ X + ((2.0 / B) * (Q.T @ Q)) @ W      # (m, D)
     counts, sums = cluster_sums(Z, fr.labels, E.shape[0])
     gE = ((2.0 * alpha / B) * (counts[:, None] * E - sums)).astype(E.dtype, copy=False)
     return Grads(float(loss), gW, gE)
@@ -723,7 +756,8 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, fast=Tr
 
     The stand-in for autograd: assignments (and the STE offset or the rotation) are
     frozen at (W, E), then each entry is perturbed by +-h and the loss re-evaluated.
-    It never calls the hand-derived gradient code. For STE the loss is evaluated through
+    It never calls the hand-derived gradient code, and always works in float64 (the
+    gradients come back in the dtype of W and E). For STE the loss is evaluated through
     the batch's sufficient statistics (``fast=True``), otherwise directly, with the
     perturbations evaluated in vectorised blocks.
 
@@ -737,6 +771,8 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, fast=Tr
     -------
     Grads(loss, gW (m, D), gE (K, m))
     """
+    out_dtype = np.result_type(W, E)
+    W, E, X = (np.asarray(a, dtype=np.float64) for a in (W, E, X))   # differences need float64
     fr = freeze(W, E, X, estimator)
     K = E.shape[0]
     if fast and estimator == "ste":
@@ -766,7 +802,7 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, fast=Tr
 
     gW = central(W, w_idx, other_is_W=False)
     gE = central(E, e_idx, other_is_W=True)
-    return Grads(loss, gW, gE)
+    return Grads(loss, gW.astype(out_dtype, copy=False), gE.astype(out_dtype, copy=False))
 
 
 def rel_err(a, b):
@@ -1133,7 +1169,7 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10):
     Returns W (m, D), E (K, m) and the training error before round 1 and after each round.
     """
     n = X.shape[0]
-    x_sq = float(np.sum(X * X))
+    x_sq = float(np.einsum("nd,nd->", X, X))              # no (n, D) temporary
     Z = X @ W.T                                            # (n, m)
     labels, dist = nearest(Z, E)
 
@@ -1203,11 +1239,10 @@ def validate(cfg):
     def need(ok, flag, reason):
         if not ok:
             raise ConfigError(flag, getattr(cfg, flag), reason)
-    for flag in ("D", "rank", "m", "K", "n_train", "n_eval", "batch", "log_every", "n_init",
-                 "kmeans_iter"):
+    for flag in ("D", "rank", "m", "K", "n_train", "n_eval", "batch", "kmeans_iter"):
         v = getattr(cfg, flag)
         need(isinstance(v, (int, np.integer)) and v >= 1, flag, "must be a whole number >= 1")
-    for flag in ("steps", "seed", "n_pop", "pl_rounds"):
+    for flag in ("steps", "seed", "n_pop", "pl_rounds", "n_init", "log_every"):
         v = getattr(cfg, flag)
         need(isinstance(v, (int, np.integer)) and v >= 0, flag, "must be a whole number >= 0")
     need(cfg.rank <= cfg.D, "rank", f"must be <= D={cfg.D}")
@@ -1240,8 +1275,8 @@ def make_problem(cfg):
     X_train, X_eval = X_train.astype(dtype, copy=False), X_eval.astype(dtype, copy=False)
     t0 = time.perf_counter()
     W0 = pca_encoder(X_train, cfg.m)
-    E0 = kmeans(X_train @ W0.T, cfg.K, derived_rng(cfg.seed, "kmeans"), cfg.n_init,
-                cfg.kmeans_iter)[0]
+    E0 = kmeans(X_train @ W0.T, cfg.K, derived_rng(cfg.seed, "kmeans"),
+                cfg.n_init or auto_restarts(cfg.n_train, cfg.K), cfg.kmeans_iter)[0]
     return Problem(cfg, X_train, X_eval, U, lam, W0, E0, time.perf_counter() - t0)
 
 
@@ -1269,9 +1304,9 @@ def _fd_skip_reason(cfg):
 def _gradient_checks(problem):
     """manual_grads against fd_grads at the start point on the first training batch."""
     c = problem.cfg
-    W, E = problem.W0.astype(np.float64), problem.E0.astype(np.float64)
+    W, E = problem.W0.astype(np.float64), problem.E0.astype(np.float64)   # small copies
     Xb = problem.X_train[derived_rng(c.seed, "batches").integers(0, c.n_train, size=c.batch)]
-    Xb = Xb.astype(np.float64)
+    Xb = Xb.astype(np.float64, copy=False)
     n_params = W.size + E.size
     n_coords = None if n_params <= 2048 else 256
     out = {"point": "pca_lloyd start, first training batch", "h": c.fd_h,
@@ -1311,7 +1346,21 @@ def make_config(**settings):
     cfg = Config(**settings)
     cfg.methods = (cfg.methods,) if isinstance(cfg.methods, str) else tuple(cfg.methods)
     validate(cfg)
+    if cfg.n_init == 0:
+        cfg.n_init = auto_restarts(cfg.n_train, cfg.K)
+    if cfg.log_every == 0:
+        cfg.log_every = max(1, cfg.steps // 20)
     return cfg
+
+
+def auto_restarts(n, K, budget=1 << 22):
+    """k-means restarts for ``--n_init 0``: 8 while one Lloyd pass (n x K distances)
+    stays below ``budget``, then fewer in proportion, at least 1.
+
+    >>> auto_restarts(20000, 32), auto_restarts(100000, 512)
+    (8, 1)
+    """
+    return int(min(8, max(1, round(8 * budget / (n * K)))))
 
 
 def compare(problem):
@@ -1354,11 +1403,12 @@ def unconstrained_reference(problem):
     if problem.reference is None:
         cfg = problem.cfg
         t0 = time.perf_counter()
-        S_train = problem.X_train.astype(np.float64) @ problem.U           # (n, rank)
-        C = kmeans(S_train, cfg.K, derived_rng(cfg.seed, "unconstrained"), cfg.n_init, cfg.kmeans_iter)[0]
-        X_eval = problem.X_eval.astype(np.float64)
+        S_train = problem.X_train.astype(np.float64, copy=False) @ problem.U   # (n, rank)
+        C = kmeans(S_train, cfg.K, derived_rng(cfg.seed, "unconstrained"),
+                   cfg.n_init or auto_restarts(cfg.n_train, cfg.K), cfg.kmeans_iter)[0]
+        X_eval = problem.X_eval.astype(np.float64, copy=False)
         S_eval = X_eval @ problem.U
-        out_of_span = np.sum(X_eval ** 2, axis=1) - np.sum(S_eval ** 2, axis=1)
+        out_of_span = np.einsum("nd,nd->n", X_eval, X_eval) - np.einsum("nr,nr->n", S_eval, S_eval)
         eval_err = float(np.mean(nearest(S_eval, C)[1] + out_of_span))
         problem.reference = (C, eval_err, time.perf_counter() - t0)
     return problem.reference
@@ -1437,7 +1487,8 @@ def format_report(summary):
         label = LABELS.get(name, name)
         if r["status"] != "ok":
             what = r["status"] + (f" at step {r['diverged_at_step']}" if r["diverged_at_step"] else "")
-            lines.append(f"{label:<28}{what}: {r['note']}"[:200])
+            note = r["note"].removeprefix("skipped: ")
+            lines.append(f"{label:<28}{what}: {note}"[:200])
             continue
         row = (f"{label:<28}{r['recon_mse']:>10.5f}{r['in_sub_dist']:>9.4f}{r['usage_entropy']:>7.3f}"
                f"{r['dead_frac']:>6.2f}{r['perplexity']:>7.2f}")

@@ -1,0 +1,204 @@
+"""Benchmarks of vq_compare: prints figures, asserts nothing (these machines are shared).
+
+    python benchmarks/bench.py            # everything (a few minutes)
+    python benchmarks/bench.py --only kmeans step scaling memory default realistic
+
+Each timing is min / median / max over repeats measured in this one run, so ratios
+between rows compare like with like. scikit-learn and PyTorch are compared against only
+when installed; otherwise that row says it was skipped.
+"""
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import vq_compare as vq  # noqa: E402
+
+ROOT = os.path.dirname(HERE)
+
+
+def timed(fn, repeats):
+    times = []
+    out = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return np.array(times), out
+
+
+def fmt(times, unit=1.0, suffix="s"):
+    return (f"min {times.min() * unit:8.3f} {suffix}  median {np.median(times) * unit:8.3f} {suffix}"
+            f"  max {times.max() * unit:8.3f} {suffix}")
+
+
+def bench_kmeans(repeats):
+    print("\n## lloyd vs scikit-learn: 200,000 x 8 float64 points, K=256, 20 iterations, same centres")
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(200_000, 8))
+    E0 = Z[rng.choice(len(Z), 256, replace=False)]
+    t_ours, r = timed(lambda: vq.lloyd_run(Z, E0, max_iter=20, tol=0.0), repeats)
+    print(f"vq_compare.lloyd   {fmt(t_ours)}  inertia {r.inertia:.10e}")
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        print("scikit-learn       skipped: not installed")
+        return
+    t_sk, km = timed(lambda: KMeans(256, init=E0, n_init=1, max_iter=20, tol=0,
+                                    algorithm="lloyd").fit(Z), repeats)
+    print(f"sklearn KMeans     {fmt(t_sk)}  inertia {km.inertia_:.10e}")
+    print(f"ratio ours / sklearn (medians) {np.median(t_ours) / np.median(t_sk):.2f}; "
+          f"inertia relative difference {abs(r.inertia - km.inertia_) / km.inertia_:.1e}")
+
+
+def _peak_rss_mib(code):
+    """Peak resident memory of a fresh Python process running ``code``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(after, before) / 1024, p.stdout.strip()
+
+
+def bench_memory(repeats):
+    print("\n## memory: lloyd on 1,000,000 x 8 points, K=1024 (whole process, peak RSS)")
+    code = ("import time, numpy as np, vq_compare as vq\n"
+            "rng = np.random.default_rng(0)\n"
+            "Z = rng.normal(size=(1_000_000, 8))\n"
+            "E0 = Z[rng.choice(len(Z), 1024, replace=False)]\n"
+            "t = time.perf_counter(); r = vq.lloyd_run(Z, E0, max_iter=10)\n"
+            "print(f'{time.perf_counter() - t:.2f} s, {r.n_iter} iterations')\n")
+    peak, out = _peak_rss_mib(code)
+    print(f"peak RSS {peak:.0f} MiB ({out}); the data alone are {1_000_000 * 8 * 8 / 2**20:.0f} MiB")
+
+
+def _torch_step(D, m, K, B, steps):
+    import torch
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(100_000 if D <= 512 else 20_000, D, generator=g)
+    W = torch.linalg.qr(torch.randn(D, m, generator=g))[0].T.contiguous().requires_grad_(True)
+    E = torch.randn(K, m, generator=g).requires_grad_(True)
+    alpha, beta, lrW, lrE = 1.0, 0.25, 0.08, 0.2
+
+    def step():
+        idx = torch.randint(0, X.shape[0], (B,), generator=g)
+        Xb = X[idx]
+        Z = Xb @ W.T
+        d = (Z.detach() ** 2).sum(1, keepdim=True) - 2 * Z.detach() @ E.detach().T + (E.detach() ** 2).sum(1)
+        Q = E[d.argmin(1)]
+        Qt = Z + (Q - Z).detach()                          # straight through
+        loss = ((Xb - Qt @ W) ** 2).sum(1).mean() + alpha * ((Z.detach() - Q) ** 2).sum(1).mean() \
+            + beta * ((Z - Q.detach()) ** 2).sum(1).mean()
+        gW, gE = torch.autograd.grad(loss, (W, E))
+        with torch.no_grad():
+            sym = gW @ W.T
+            G_R = gW - 0.5 * (sym + sym.T) @ W
+            U, _, Vt = torch.linalg.svd(W - lrW * G_R, full_matrices=False)
+            W.copy_(U @ Vt)
+            E.sub_(lrE * gE)
+    for _ in range(5):
+        step()
+    return timed(step, steps)[0]
+
+
+def _our_step(D, m, K, B, steps, dtype):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100_000 if D <= 512 else 20_000, D)).astype(dtype)
+    W = vq.stiefel_project(rng.normal(size=(m, D))).astype(dtype)
+    E = rng.normal(size=(K, m)).astype(dtype)
+    state = [W, E]
+
+    def step():
+        Xb = X[rng.integers(0, X.shape[0], size=B)]
+        loss, gW, gE = vq.manual_grads(state[0], state[1], Xb, 1.0, 0.25)
+        state[0] = vq.riemannian_step(state[0], gW, 0.08)
+        state[1] = state[1] - 0.2 * gE
+    for _ in range(5):
+        step()
+    return timed(step, steps)[0]
+
+
+def bench_step(repeats):
+    print("\n## one STE gradient step (batch gather, gradients, Riemannian update), D=512 m=16 K=512 B=1024")
+    t32 = _our_step(512, 16, 512, 1024, 30 * repeats, np.float32)
+    t64 = _our_step(512, 16, 512, 1024, 30 * repeats, np.float64)
+    print(f"vq_compare float32  {fmt(t32, 1e3, 'ms')}")
+    print(f"vq_compare float64  {fmt(t64, 1e3, 'ms')}")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("PyTorch autograd    skipped: not installed")
+        return
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    tt = _torch_step(512, 16, 512, 1024, 30 * repeats)
+    print(f"PyTorch autograd float32 ({torch.__version__}, {torch.get_num_threads()} threads) {fmt(tt, 1e3, 'ms')}")
+    print(f"ratio vq_compare float32 / PyTorch (medians) {np.median(t32) / np.median(tt):.2f}")
+
+
+def bench_scaling(repeats):
+    print("\n## time per gradient step as D, K and B grow (m=16 unless D is small), median ms")
+    print(f"{'D':>6}{'m':>4}{'K':>6}{'B':>6}{'float64':>10}{'float32':>10}")
+    for D, m, K, B in [(64, 4, 32, 1024), (256, 16, 128, 1024), (512, 16, 512, 1024),
+                       (512, 16, 512, 4096), (1024, 16, 1024, 1024), (1024, 32, 2048, 4096)]:
+        t64 = _our_step(D, m, K, B, 10 * repeats, np.float64)
+        t32 = _our_step(D, m, K, B, 10 * repeats, np.float32)
+        print(f"{D:>6}{m:>4}{K:>6}{B:>6}{np.median(t64) * 1e3:>10.2f}{np.median(t32) * 1e3:>10.2f}")
+
+
+def _run_cli(args):
+    with tempfile.TemporaryDirectory() as out:
+        code = ("import sys, vq_compare as vq; import matplotlib; matplotlib.use('Agg'); "
+                f"sys.exit(vq.main({args + ['--outdir', out, '--quiet']!r}))")
+        t0 = time.perf_counter()
+        peak, _ = _peak_rss_mib(code)
+        return time.perf_counter() - t0, peak
+
+
+def bench_end_to_end(name, args, repeats):
+    print(f"\n## end to end, {name}: python vq_compare.py {' '.join(args)}")
+    times, peaks = [], []
+    for _ in range(repeats):
+        t, peak = _run_cli(args)
+        times.append(t)
+        peaks.append(peak)
+    print(f"wall {fmt(np.array(times))}   peak RSS {max(peaks):.0f} MiB")
+
+
+REALISTIC = ["--D", "512", "--rank", "24", "--m", "16", "--K", "512", "--n_train", "100000",
+             "--n_eval", "20000", "--steps", "500"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", nargs="+", default=["kmeans", "memory", "step", "scaling", "default", "realistic"])
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    print(f"numpy {np.__version__}, {os.cpu_count()} cores, python {sys.version.split()[0]}")
+    if "kmeans" in a.only:
+        bench_kmeans(a.repeats)
+    if "memory" in a.only:
+        bench_memory(a.repeats)
+    if "step" in a.only:
+        bench_step(a.repeats)
+    if "scaling" in a.only:
+        bench_scaling(a.repeats)
+    if "default" in a.only:
+        bench_end_to_end("default run", [], a.repeats)
+        bench_end_to_end("the original's three methods",
+                         ["--methods", "pca_lloyd", "fd_ste", "manual_ste"], a.repeats)
+    if "realistic" in a.only:
+        bench_end_to_end("realistic configuration", REALISTIC, 1)
+
+
+if __name__ == "__main__":
+    main()
