@@ -501,17 +501,7 @@ def build_parser():
                                                     "ema_ste", "procrustes_lloyd"], metavar="NAME",
                    help="methods (pca_lloyd is always run: it is the paired reference)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    skip = {"outdir", "methods", "quiet", "per_method_plots"}
-    for f in dataclasses.fields(vq.Config):
-        if f.name in skip:
-            continue
-        if f.type in ("bool", bool):
-            p.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(f"--{f.name}", type=typ, default=None,
-                           help=f.metadata["help"] + f" (default {f.default})")
-    return p
+    return vq.add_config_flags(p, skip={"outdir", "methods", "quiet", "per_method_plots"}, defaults=False)
 
 
 def parse_args(argv=None):

@@ -9,7 +9,6 @@ when installed; otherwise that row says it was skipped.
 """
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -59,13 +58,16 @@ def bench_kmeans(repeats):
 
 
 def _peak_rss_mib(code):
-    """Peak resident memory of a fresh Python process running ``code``."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    """Peak resident memory (MiB) of a fresh Python process running ``code``, as that
+    process reports it itself, and what else it printed."""
+    wrapped = ("import resource\ntry:\n" + "".join(f"    {ln}\n" for ln in code.splitlines())
+               + "finally:\n    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    p = subprocess.run([sys.executable, "-c", wrapped], cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(p.stderr)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(after, before) / 1024, p.stdout.strip()
+    lines = p.stdout.strip().splitlines()
+    peak = int(lines[-1].split()[1]) / 1024                # ru_maxrss is in KiB on Linux
+    return peak, "\n".join(lines[:-1])
 
 
 def bench_memory(repeats):
@@ -157,8 +159,8 @@ def bench_scaling(repeats):
 
 def _run_cli(args):
     with tempfile.TemporaryDirectory() as out:
-        code = ("import sys, vq_compare as vq; import matplotlib; matplotlib.use('Agg'); "
-                f"sys.exit(vq.main({args + ['--outdir', out, '--quiet']!r}))")
+        code = ("import vq_compare as vq\n"
+                f"assert vq.main({args + ['--outdir', out, '--quiet']!r}) == 0")
         t0 = time.perf_counter()
         peak, _ = _peak_rss_mib(code)
         return time.perf_counter() - t0, peak
