@@ -465,7 +465,7 @@ def plot_sweep(rows, sweep):
     ax0.set_title("mean over seeds with 95% CI (bands)", fontsize=10)
     ax1.set_title("% difference to PCA + Lloyd (paired, 95% CI)", fontsize=10)
     ax0.legend(fontsize=8)
-    fig.subplots_adjust(wspace=0.25)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.2)
     return fig
 
 

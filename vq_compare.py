@@ -1576,7 +1576,7 @@ def write_outputs(summary, outdir):
 
 
 def save_figure(fig, path):
-    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=90, bbox_inches="tight"))
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=90))
 
 
 def _figure(w, h, nrows=1, ncols=1):
@@ -1638,7 +1638,7 @@ def plot_comparison(summary):
     c = summary["config"]
     fig.suptitle(f"D={c['D']} rank={c['rank']} m={c['m']} K={c['K']} steps={c['steps']} seed={c['seed']}",
                  fontsize=10)
-    fig.subplots_adjust(wspace=0.05)
+    fig.subplots_adjust(left=0.2, right=0.98, bottom=0.14, top=0.9, wspace=0.05)
     return fig
 
 
@@ -1667,7 +1667,7 @@ def plot_training_curves(summary, only=None):
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("Training curves (same start, same batches; fd_ste markers sit on manual_ste)", fontsize=10)
-    fig.subplots_adjust(hspace=0.35, wspace=0.25)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.9, hspace=0.35, wspace=0.2)
     return fig
 
 
