@@ -60,13 +60,16 @@ def bench_kmeans(repeats):
 def _peak_rss_mib(code):
     """Peak resident memory (MiB) of a fresh Python process running ``code``, as that
     process reports it itself, and what else it printed."""
-    wrapped = ("import resource\ntry:\n" + "".join(f"    {ln}\n" for ln in code.splitlines())
-               + "finally:\n    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    # VmHWM belongs to the process's own address space (ru_maxrss can carry the parent's
+    # high-water mark across fork + exec)
+    wrapped = ("try:\n" + "".join(f"    {ln}\n" for ln in code.splitlines())
+               + "finally:\n    print('PEAK', [l.split()[1] for l in open('/proc/self/status')"
+               " if l.startswith('VmHWM')][0])\n")
     p = subprocess.run([sys.executable, "-c", wrapped], cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(p.stderr)
     lines = p.stdout.strip().splitlines()
-    peak = int(lines[-1].split()[1]) / 1024                # ru_maxrss is in KiB on Linux
+    peak = int(lines[-1].split()[1]) / 1024                # VmHWM is in KiB
     return peak, "\n".join(lines[:-1])
 
 
