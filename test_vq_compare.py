@@ -570,3 +570,52 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     assert sorted(os.listdir(out)) == before and (out / "results.jsonl").read_text() == stamp
     p = run_sweeps("--sweep", "beta", "--outdir", str(out), *SWEEP_ARGS)     # no --resume
     assert p.returncode == 2 and "--resume" in p.stderr
+
+
+# ---------------------------------------------------------------- dtypes, scale
+
+def test_public_functions_keep_float32():
+    rng = np.random.default_rng(20)
+    W, E, X = (a.astype(np.float32) for a in random_point(rng, 64, 20, 4, 8))
+    for est in ("ste", "rotation"):
+        g = vq.manual_grads(W, E, X, 1.0, 0.25, est)
+        assert g.gW.dtype == np.float32 and g.gE.dtype == np.float32
+        g64 = vq.manual_grads(*(a.astype(np.float64) for a in (W, E, X)), 1.0, 0.25, est)
+        assert vq.rel_err(g.gW.astype(np.float64), g64.gW) < 1e-4   # float32 rounding only
+    assert vq.stiefel_project(W).dtype == np.float32
+    assert vq.riemannian_step(W, g.gW, 0.1).dtype == np.float32
+    Z = X @ W.T
+    assert Z.dtype == np.float32 and vq.nearest(Z, E)[1].dtype == np.float32
+    assert vq.lloyd(Z, E, 10)[0].dtype == np.float32
+    assert vq.fd_grads(W, E, X, 1.0, 0.25).gW.dtype == np.float32      # computed in float64
+    out = vq.run_comparison(**{**TINY, "dtype": "float32", "methods": ["manual_ste", "rotation"]})
+    for r in out["results"].values():
+        assert r["status"] == "ok" and r["W"].dtype == np.float32
+
+
+def test_fd_ste_is_skipped_above_its_budget_with_a_reason(tmp_path):
+    out = vq.run_comparison(**{**TINY, "fd_max_evals": 100, "outdir": str(tmp_path),
+                               "methods": ["fd_ste", "manual_ste"]})
+    r = out["results"]["fd_ste"]
+    assert r["status"] == "skipped" and "--force_fd" in r["note"] and "fd_max_evals" in r["note"]
+    assert out["results"]["manual_ste"]["status"] == "ok"
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["results"]["fd_ste"]["status"] == "skipped"
+    forced = vq.run_comparison(**{**TINY, "fd_max_evals": 100, "force_fd": True, "methods": ["fd_ste"]})
+    assert forced["results"]["fd_ste"]["status"] == "ok"
+
+
+def test_gradient_check_on_a_subset_of_coordinates():
+    rng = np.random.default_rng(21)
+    W, E, X = random_point(rng, 128, 200, 12, 64)      # 2400 + 768 parameters
+    chk = vq.gradient_check(W, E, X, 1.0, 0.25, "rotation", n_coords=50, rng=rng)
+    assert chk["coords"] == 100
+    assert chk["gW_rel_err"] < 1e-6 and chk["gE_rel_err"] < 1e-6
+    fd = vq.fd_grads(W, E, X, 1.0, 0.25, coords=(np.array([0, 5]), np.array([3])))
+    assert np.isnan(fd.gW).sum() == W.size - 2 and np.isnan(fd.gE).sum() == E.size - 1
+
+
+def test_per_method_plots_flag(tmp_path):
+    vq.run_comparison(**{**TINY, "steps": 5, "outdir": str(tmp_path), "per_method_plots": True,
+                         "methods": ["manual_ste", "rotation"]})
+    assert (tmp_path / "manual_ste.png").exists() and (tmp_path / "rotation.png").exists()
