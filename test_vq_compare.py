@@ -131,13 +131,20 @@ def test_sufficient_statistics_evaluate_the_same_surrogate():
     rng = np.random.default_rng(5)
     W, E, X = random_point(rng, 70, 8, 3, 5)
     fr = vq.freeze(W, E, X, "ste")
-    st = vq._ste_stats(X, fr, 5)
+    st = vq._ste_stats(X, fr, E)
     for _ in range(5):                                    # away from the freeze point too
         W2 = W + 0.3 * rng.normal(size=W.shape)
         E2 = E + 0.3 * rng.normal(size=E.shape)
         a = vq.surrogate_loss(W2, E2, X, fr, 1.3, 0.4)
         b = vq._ste_surrogate_from_stats(W2, E2, st, 1.3, 0.4)
         assert b == pytest.approx(a, rel=1e-12)
+    idx = np.arange(W.size)                               # one entry of W moved at a time
+    for delta in (0.7, -0.05):
+        stack = np.repeat(W[None], W.size, axis=0).reshape(W.size, -1)
+        stack[idx, idx] += delta
+        direct = vq.surrogate_loss(stack.reshape((-1,) + W.shape), E, X, fr, 1.3, 0.4)
+        fast = vq._ste_surrogate_W_entries(W, st, 1.3, 0.4, idx, delta)
+        assert np.allclose(fast, direct, rtol=1e-12, atol=0)
 
 
 def test_rotation_maps_z_onto_q_with_an_orthogonal_matrix():

@@ -703,14 +703,15 @@ class _SteStats(NamedTuple):
     counts: np.ndarray   # (K,)
     sums: np.ndarray     # (K, m) per-code sums of Z0
     ssq: float           # ||Z0||^2
+    E: np.ndarray        # (K, m) the codebook at the freeze point
 
 
-def _ste_stats(X, fr, K):
-    counts, sums = cluster_sums(fr.Z0, fr.labels, K)
+def _ste_stats(X, fr, E):
+    counts, sums = cluster_sums(fr.Z0, fr.labels, E.shape[0])
     Sxx = X.T @ X
     return _SteStats(X.shape[0], float(np.trace(Sxx)), Sxx, X.T @ fr.C, fr.C.T @ fr.C,
                      X.T @ fr.Q0, float(np.sum(fr.Q0 ** 2)), counts, sums,
-                     float(np.sum(fr.Z0 ** 2)))
+                     float(np.sum(fr.Z0 ** 2)), E)
 
 
 def _ste_surrogate_from_stats(W, E, st, alpha, beta):
@@ -734,6 +735,37 @@ def _ste_surrogate_from_stats(W, E, st, alpha, beta):
     return (recon + alpha * codebook + beta * commit) / st.B
 
 
+def _ste_surrogate_W_entries(W, st, alpha, beta, idx, delta):
+    """The STE surrogate at ``W + delta * e_(a,b)`` for every flat index ``idx`` (a, b).
+
+    The same loss as :func:`_ste_surrogate_from_stats`, with E unchanged, but the
+    (m, m) statistics of each perturbed W are formed from those of W: with
+    ``w = W[:, b]``, ``s = (W Sxx)[:, b]`` and ``u = e_a``,
+    ``W'Sxx W'^T = W Sxx W^T + delta (u s^T + s u^T) + delta^2 Sxx[b, b] u u^T``,
+    ``W'Sxc = W Sxc + delta u Sxc[b]``, ``W'W'^T = W W^T + delta (u w^T + w u^T) + delta^2 u u^T``.
+    Returns shape (len(idx),).
+    """
+    m, D = W.shape
+    a, b = np.divmod(np.asarray(idx), D)
+    WS = W @ st.Sxx                                        # (m, D)
+    M, N, G = WS @ W.T, W @ st.Sxc, W @ W.T                # (m, m) each
+    u = np.eye(m)[a]                                       # (p, m)
+    s, w = WS[:, b].T, W[:, b].T                           # (p, m)
+    uu = u[:, :, None] * u[:, None, :]                     # (p, m, m)
+    us = u[:, :, None] * s[:, None, :]
+    uw = u[:, :, None] * w[:, None, :]
+    M2 = M + delta * (us + np.swapaxes(us, 1, 2)) + delta ** 2 * st.Sxx[b, b][:, None, None] * uu
+    N2 = N + delta * u[:, :, None] * st.Sxc[b][:, None, :]
+    G2 = G + delta * (uw + np.swapaxes(uw, 1, 2)) + delta ** 2 * uu
+    AtA = M2 + N2 + np.swapaxes(N2, 1, 2) + st.Scc
+    tr_M2 = np.trace(M2, axis1=1, axis2=2)
+    recon = st.trxx - 2 * tr_M2 - 2 * np.trace(N2, axis1=1, axis2=2) + np.sum(AtA * G2, axis=(1, 2))
+    tr_WSxq = np.sum(W.T * st.Sxq) + delta * st.Sxq[b, a]
+    commit = tr_M2 - 2 * tr_WSxq + st.qq
+    codebook = st.ssq - 2 * np.sum(st.E * st.sums) + np.sum(st.counts * np.sum(st.E * st.E, axis=1))
+    return (recon + alpha * codebook + beta * commit) / st.B
+
+
 def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, fast=True):
     """Central finite differences of the frozen surrogate over entries of W and E.
 
@@ -741,8 +773,9 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, fast=Tr
     frozen at (W, E), then each entry is perturbed by +-h and the loss re-evaluated.
     It never calls the hand-derived gradient code, and always works in float64 (the
     gradients come back in the dtype of W and E). For STE the loss is evaluated through
-    the batch's sufficient statistics (``fast=True``), otherwise directly, with the
-    perturbations evaluated in vectorised blocks.
+    the batch's sufficient statistics (``fast=True``; a perturbed W's statistics are
+    formed from W's by rank-one updates, see :func:`_ste_surrogate_W_entries`),
+    otherwise directly from the definition, the perturbations in vectorised blocks.
 
     Parameters
     ----------
@@ -758,8 +791,9 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, fast=Tr
     W, E, X = (np.asarray(a, dtype=np.float64) for a in (W, E, X))   # differences need float64
     fr = freeze(W, E, X, estimator)
     K = E.shape[0]
-    if fast and estimator == "ste":
-        st = _ste_stats(X, fr, K)
+    fast = fast and estimator == "ste"
+    if fast:
+        st = _ste_stats(X, fr, E)
         def f(Ws, Es):
             return _ste_surrogate_from_stats(Ws, Es, st, alpha, beta)
         block = max(1, (1 << 22) // (W.size * W.shape[1] + 1))
@@ -783,7 +817,14 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, fast=Tr
             g[ii] = (vals[:len(ii)] - vals[len(ii):]) / (2 * h)
         return g.reshape(P.shape)
 
-    gW = central(W, w_idx, other_is_W=False)
+    if fast:                                               # every W entry from W's own statistics
+        w_idx = np.asarray(w_idx)
+        gW = np.full(W.size, np.nan)
+        gW[w_idx] = (_ste_surrogate_W_entries(W, st, alpha, beta, w_idx, h)
+                     - _ste_surrogate_W_entries(W, st, alpha, beta, w_idx, -h)) / (2 * h)
+        gW = gW.reshape(W.shape)
+    else:
+        gW = central(W, w_idx, other_is_W=False)
     gE = central(E, e_idx, other_is_W=True)
     return Grads(loss, gW.astype(out_dtype, copy=False), gE.astype(out_dtype, copy=False))
 
