@@ -304,7 +304,8 @@ def _execute(tasks, jobs):
                 os.environ[k] = v
 
 
-_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+             "VQ_COMPARE_WORKER")                          # and no pools inside a worker
 
 
 # ----------------------------------------------------------------------------

@@ -626,3 +626,28 @@ def test_per_method_plots_flag(tmp_path):
     vq.run_comparison(**{**TINY, "steps": 5, "outdir": str(tmp_path), "per_method_plots": True,
                          "methods": ["manual_ste", "rotation"]})
     assert (tmp_path / "manual_ste.png").exists() and (tmp_path / "rotation.png").exists()
+
+
+# ---------------------------------------------------------------- worker processes
+
+def test_worker_processes_do_not_change_results():
+    rng = np.random.default_rng(22)
+    Z = rng.normal(size=(3000, 3))
+    a = vq.kmeans_run(Z, 12, seed=5, n_init=4, workers=1)
+    b = vq.kmeans_run(Z, 12, seed=5, n_init=4, workers=2)
+    assert np.array_equal(a.E, b.E) and a.inertia == b.inertia
+    one = vq._json_ready(vq.run_comparison(**{**TINY, "workers": 1}))
+    two = vq._json_ready(vq.run_comparison(**{**TINY, "workers": 2}))
+    assert one["config"].pop("workers") == 1 and two["config"].pop("workers") == 2
+    assert _strip_times(one) == _strip_times(two)
+
+
+def test_a_script_without_main_guard_runs_once(tmp_path):
+    script = tmp_path / "user.py"
+    script.write_text(
+        "import sys\nsys.path.insert(0, %r)\nimport vq_compare\nprint('ran')\n"
+        "vq_compare.run_comparison(D=8, rank=3, m=2, K=4, n_train=300, n_eval=100, steps=3,"
+        " batch=32, n_pop=1000, n_init=4, outdir=None, quiet=True, workers=2)\n" % HERE)
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["ran"] and p.stderr == ""

@@ -89,6 +89,8 @@ class Config:
     fd_max_evals: float = _f(2e6, "skip fd_ste when steps x 2 x (parameters) loss evaluations exceed this")
     force_fd: bool = _f(False, "run fd_ste whatever its cost")
     per_method_plots: bool = _f(False, "also write one <method>.png of training curves per gradient method")
+    workers: int = _f(0, "processes for the k-means restarts and the unconstrained reference "
+                         "(0: one per core; 1: all in this process); results do not depend on it")
 
 
 # Derived random streams: one per purpose, so adding a method never changes the
@@ -474,21 +476,27 @@ def kmeans_plusplus(Z, K, rng):
     return centres
 
 
-def kmeans_run(Z, K, seed=0, n_init=8, max_iter=300, tol=0.0):
-    """k-means: ``n_init`` k-means++ starts, Lloyd from each, the lowest inertia kept."""
+def _restart(Z, K, rng, max_iter, tol, init=None):
+    """One k-means restart: k-means++ seeding from ``rng`` (or the centres ``init``),
+    then Lloyd."""
+    return lloyd_run(Z, kmeans_plusplus(Z, K, rng) if init is None else init, max_iter, tol)
+
+
+def kmeans_run(Z, K, seed=0, n_init=8, max_iter=300, tol=0.0, workers=1):
+    """k-means: ``n_init`` k-means++ starts, Lloyd from each, the lowest inertia kept.
+
+    Restart i draws from the i-th generator spawned from ``seed``, so the result is the
+    same whether the restarts run here or on ``workers`` processes.
+    """
     n = Z.shape[0]
     if not 1 <= K <= n:
         raise ValueError(f"n_samples={n} should be >= K={K} >= 1")
-    rng = _as_rng(seed)
-    best = None
-    for _ in range(max(1, n_init)):
-        r = lloyd_run(Z, kmeans_plusplus(Z, K, rng), max_iter, tol)
-        if best is None or r.inertia < best.inertia:
-            best = r
-    return best
+    rngs = _as_rng(seed).spawn(max(1, n_init))
+    runs = run_tasks(_restart, [(Z, K, r, max_iter, tol) for r in rngs], workers)
+    return min(runs, key=lambda r: r.inertia)             # the first of equals
 
 
-def kmeans(Z, K, seed=0, n_init=8, max_iter=300, tol=0.0):
+def kmeans(Z, K, seed=0, n_init=8, max_iter=300, tol=0.0, workers=1):
     """k-means++ seeding, ``n_init`` restarts keeping the best, Lloyd to convergence.
 
     Parameters
@@ -497,6 +505,7 @@ def kmeans(Z, K, seed=0, n_init=8, max_iter=300, tol=0.0):
     K : int, number of centres, 1 <= K <= n
     seed : int or numpy.random.Generator
     n_init, max_iter, tol : restarts, Lloyd iterations per restart, see :func:`lloyd`
+    workers : processes to spread the restarts over (the result does not change)
 
     Returns
     -------
@@ -511,8 +520,98 @@ def kmeans(Z, K, seed=0, n_init=8, max_iter=300, tol=0.0):
     array([[ 0. ,  0.5],
            [10. ,  0.5]])
     """
-    r = kmeans_run(Z, K, seed, n_init, max_iter, tol)
+    r = kmeans_run(Z, K, seed, n_init, max_iter, tol, workers)
     return r.E, r.labels
+
+
+# ----------------------------------------------------------------------------
+# Worker processes (restarts only: results never depend on them)
+# ----------------------------------------------------------------------------
+
+_POOL = {"pool": None, "size": 0}
+_WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "VQ_COMPARE_WORKER": "1"}
+
+
+def _noop():
+    return None
+
+
+def _spawn_safe():
+    """Can a fresh interpreter import the functions it is sent? Only if they live in an
+    importable module: not when this code was pasted into a notebook or a script."""
+    return __name__ != "__main__"
+
+
+def worker_pool(workers):
+    """A pool of ``workers`` fresh interpreters with one BLAS thread each, or None when
+    the work should stay in this process: ``workers <= 1``, inside a worker already, or
+    when a fresh interpreter could not import this code (pasted into a notebook)."""
+    if workers == 0:
+        workers = os.cpu_count() or 1
+    if workers <= 1 or os.environ.get("VQ_COMPARE_WORKER") or not _spawn_safe():
+        return None
+    if _POOL["size"] != workers:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        if _POOL["pool"] is not None:
+            _POOL["pool"].shutdown()
+        saved = {k: os.environ.get(k) for k in _WORKER_ENV}
+        os.environ.update(_WORKER_ENV)                     # read by the children as they start
+        # Children import this module by name; hide the main script so that they do not
+        # run it again (a script without an `if __name__ == "__main__"` guard would).
+        main = sys.modules["__main__"]
+        hidden = {k: main.__dict__.pop(k) for k in ("__file__",) if k in main.__dict__}
+        spec, main.__spec__ = getattr(main, "__spec__", None), None
+        try:
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            for _ in range(workers):                       # start them all now
+                pool.submit(_noop)
+        finally:
+            main.__dict__.update(hidden)
+            main.__spec__ = spec
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        _POOL.update(pool=pool, size=workers)
+        import atexit
+        atexit.register(_shutdown_pool)                    # before the interpreter tears down
+    return _POOL["pool"]
+
+
+def _shutdown_pool():
+    if _POOL["pool"] is not None:
+        _POOL["pool"].shutdown(wait=True)
+        _POOL.update(pool=None, size=0)
+
+
+def submit_tasks(fn, arg_list, workers):
+    """Start ``fn(*args)`` for each args; returns a callable giving the results in order.
+
+    On worker processes when :func:`worker_pool` gives a pool, else here, lazily. The
+    caller should wait rather than compute meanwhile: this process's BLAS threads and
+    busy workers on the same cores slow each other down several times over.
+    """
+    pool = worker_pool(workers)
+    if pool is None:
+        return lambda: [fn(*args) for args in arg_list]
+    try:
+        futures = [pool.submit(fn, *args) for args in arg_list]
+    except Exception:                                      # a broken pool: work here
+        _POOL.update(pool=None, size=0)
+        return lambda: [fn(*args) for args in arg_list]
+
+    def results():
+        try:
+            return [f.result() for f in futures]
+        except Exception:                                  # lost workers: redo it here (an
+            _POOL.update(pool=None, size=0)                # error of fn itself recurs here)
+            return [fn(*args) for args in arg_list]
+    return results
+
+
+def run_tasks(fn, arg_list, workers):
+    """``[fn(*args) for args in arg_list]``, spread over worker processes when allowed."""
+    return submit_tasks(fn, arg_list, workers)()
 
 
 # ----------------------------------------------------------------------------
@@ -1024,7 +1123,7 @@ class Problem:
     W0: np.ndarray           # (m, D) PCA encoder
     E0: np.ndarray           # (K, m) k-means codebook on the PCA latents
     start_seconds: float     # time to build (W0, E0)
-    reference: tuple = None  # cached unconstrained_reference(problem)
+    reference: tuple = None  # unconstrained_reference(problem)
 
 
 def _result(W, E, logs=None, status="ok", step=None, note=""):
@@ -1298,10 +1397,13 @@ def make_problem(cfg):
     U, lam = lowrank_factor(cfg.D, cfg.rank, cfg.seed, cfg.lmax, cfg.lmin)
     X_train, X_eval = X_train.astype(dtype, copy=False), X_eval.astype(dtype, copy=False)
     t0 = time.perf_counter()
+    n_init = cfg.n_init or auto_restarts(cfg.n_train, cfg.K)
     W0 = pca_encoder(X_train, cfg.m)
-    E0 = kmeans(X_train @ W0.T, cfg.K, derived_rng(cfg.seed, "kmeans"),
-                cfg.n_init or auto_restarts(cfg.n_train, cfg.K), cfg.kmeans_iter)[0]
-    return Problem(cfg, X_train, X_eval, U, lam, W0, E0, time.perf_counter() - t0)
+    E0 = kmeans(X_train @ W0.T, cfg.K, derived_rng(cfg.seed, "kmeans"), n_init,
+                cfg.kmeans_iter, workers=cfg.workers)[0]
+    problem = Problem(cfg, X_train, X_eval, U, lam, W0, E0, time.perf_counter() - t0)
+    problem.reference = unconstrained_reference(problem)
+    return problem
 
 
 def pca_encoder(X, m):
@@ -1421,21 +1523,24 @@ def compare(problem):
 
 
 def unconstrained_reference(problem):
-    """K-means with K codes in data space (no rank-m restriction): the same k-means++
-    restarts as the baseline plus a start from the baseline's codebook lifted into data
-    space; computed once per problem. The data lie in span(U), so it works in the
-    rank-``rank`` coordinates ``X @ U``. Returns (C (K, rank), eval recon_mse, seconds)."""
+    """K-means with K codes in data space (no rank-m restriction): the same number of
+    k-means++ restarts as the baseline, plus a start from the baseline's codebook lifted
+    into data space (so the reference is never worse on the training data than the
+    rank-m baseline). The data lie in span(U), so it works in the rank-``rank``
+    coordinates ``X @ U``. Computed once per problem (by :func:`make_problem`).
+
+    Returns (C (K, rank), eval recon_mse, seconds).
+    """
     if problem.reference is None:
         cfg = problem.cfg
         t0 = time.perf_counter()
         S_train = problem.X_train.astype(np.float64, copy=False) @ problem.U   # (n, rank)
-        best = kmeans_run(S_train, cfg.K, derived_rng(cfg.seed, "unconstrained"),
-                          cfg.n_init or auto_restarts(cfg.n_train, cfg.K), cfg.kmeans_iter)
-        # one more start: the baseline codebook lifted into data space, so the reference
-        # is never worse on the training data than the rank-m baseline
-        lifted = lloyd_run(S_train, problem.E0.astype(np.float64) @ (problem.W0.astype(np.float64) @ problem.U),
-                           cfg.kmeans_iter)
-        C = (lifted if lifted.inertia < best.inertia else best).E
+        lifted = problem.E0.astype(np.float64) @ (problem.W0.astype(np.float64) @ problem.U)
+        n_init = cfg.n_init or auto_restarts(cfg.n_train, cfg.K)
+        tasks = [(S_train, cfg.K, r, cfg.kmeans_iter, 0.0)
+                 for r in derived_rng(cfg.seed, "unconstrained").spawn(n_init)]
+        tasks.append((S_train, cfg.K, None, cfg.kmeans_iter, 0.0, lifted))
+        C = min(run_tasks(_restart, tasks, cfg.workers), key=lambda r: r.inertia).E
         X_eval = problem.X_eval.astype(np.float64, copy=False)
         S_eval = X_eval @ problem.U
         out_of_span = np.einsum("nd,nd->n", X_eval, X_eval) - np.einsum("nr,nr->n", S_eval, S_eval)
@@ -1747,4 +1852,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import vq_compare                                      # this file as a module, so that worker
+    sys.exit(vq_compare.main())                            # processes can import what they run
