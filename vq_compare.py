@@ -572,9 +572,10 @@ def worker_pool(workers):
             main.__spec__ = spec
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        _POOL.update(pool=pool, size=workers)
-        import atexit
-        atexit.register(_shutdown_pool)                    # before the interpreter tears down
+        if not _POOL.get("atexit"):
+            import atexit
+            atexit.register(_shutdown_pool)                # before the interpreter tears down
+        _POOL.update(pool=pool, size=workers, atexit=True)
     return _POOL["pool"]
 
 
@@ -584,34 +585,19 @@ def _shutdown_pool():
         _POOL.update(pool=None, size=0)
 
 
-def submit_tasks(fn, arg_list, workers):
-    """Start ``fn(*args)`` for each args; returns a callable giving the results in order.
-
-    On worker processes when :func:`worker_pool` gives a pool, else here, lazily. The
-    caller should wait rather than compute meanwhile: this process's BLAS threads and
-    busy workers on the same cores slow each other down several times over.
-    """
-    pool = worker_pool(workers)
-    if pool is None:
-        return lambda: [fn(*args) for args in arg_list]
-    try:
-        futures = [pool.submit(fn, *args) for args in arg_list]
-    except Exception:                                      # a broken pool: work here
-        _POOL.update(pool=None, size=0)
-        return lambda: [fn(*args) for args in arg_list]
-
-    def results():
-        try:
-            return [f.result() for f in futures]
-        except Exception:                                  # lost workers: redo it here (an
-            _POOL.update(pool=None, size=0)                # error of fn itself recurs here)
-            return [fn(*args) for args in arg_list]
-    return results
-
-
 def run_tasks(fn, arg_list, workers):
-    """``[fn(*args) for args in arg_list]``, spread over worker processes when allowed."""
-    return submit_tasks(fn, arg_list, workers)()
+    """``[fn(*args) for args in arg_list]``, spread over worker processes when
+    :func:`worker_pool` gives a pool and there are at least three tasks (one or two
+    restarts mean a large problem: copies of it in other processes would cost more
+    memory than the time they save). This process waits meanwhile: its BLAS threads and
+    busy workers on the same cores would slow each other down several times over."""
+    pool = worker_pool(workers) if len(arg_list) >= 3 else None
+    if pool is not None:
+        try:
+            return [f.result() for f in [pool.submit(fn, *args) for args in arg_list]]
+        except Exception:                                  # lost workers: redo the work here
+            _POOL.update(pool=None, size=0)                # (an error of fn itself recurs)
+    return [fn(*args) for args in arg_list]
 
 
 # ----------------------------------------------------------------------------
