@@ -651,3 +651,34 @@ def test_a_script_without_main_guard_runs_once(tmp_path):
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["ran"] and p.stderr == ""
+
+
+# ---------------------------------------------------------------- properties (hypothesis)
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 40), D=st.integers(1, 9), K=st.integers(1, 7), seed=st.integers(0, 2**31),
+       alpha=st.floats(0, 2), beta=st.floats(0, 2), estimator=st.sampled_from(["ste", "rotation"]))
+def test_property_manual_gradients_match_finite_differences(B, D, K, seed, alpha, beta, estimator):
+    rng = np.random.default_rng(seed)
+    m = int(rng.integers(1, D + 1))
+    W, E, X = random_point(rng, B, D, m, K)
+    man = vq.manual_grads(W, E, X, alpha, beta, estimator)
+    fd = vq.fd_grads(W, E, X, alpha, beta, estimator)
+    scale = max(np.abs(man.gW).max(), 1e-3)                # near-zero gradients: absolute error
+    assert np.abs(fd.gW - man.gW).max() <= 1e-6 * scale
+    assert np.abs(fd.gE - man.gE).max() <= 1e-6 * max(np.abs(man.gE).max(), 1e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), m=st.integers(1, 4), K=st.integers(1, 12), seed=st.integers(0, 2**31))
+def test_property_lloyd_never_worse_than_its_start_and_labels_match(n, m, K, seed):
+    rng = np.random.default_rng(seed)
+    Z = np.round(rng.normal(size=(n, m)), 1)              # rounded: ties and duplicates occur
+    E0 = rng.normal(size=(K, m))
+    r = vq.lloyd_run(Z, E0, max_iter=100)
+    assert r.inertia <= vq.nearest(Z, E0)[1].sum() * (1 + 1e-12) + 1e-12
+    labels, dist = vq.nearest(Z, r.E)
+    assert np.array_equal(labels, r.labels) and dist.sum() == pytest.approx(r.inertia, rel=1e-12, abs=1e-12)

@@ -312,7 +312,8 @@ def _centroids(Z, labels, dist, E_old, relocate=True):
     counts, sums = cluster_sums(Z, labels, K)
     empty = np.flatnonzero(counts == 0)
     if empty.size and relocate:
-        far = np.argpartition(dist, -empty.size)[-empty.size:]
+        n_move = min(empty.size, len(dist))                # more centres than points: not all move
+        far = np.argpartition(dist, -n_move)[-n_move:]
         far = far[np.argsort(-dist[far], kind="stable")]
         for j, i in zip(empty, far):
             old = labels[i]
