@@ -725,7 +725,7 @@ def surrogate_loss(W, E, X, fr, alpha, beta):
     return float(out) if np.ndim(out) == 0 else out
 
 
-def manual_grads(W, E, X, alpha, beta, estimator="ste"):
+def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None):
     """Loss and hand-derived Euclidean gradients of the batch surrogate at (W, E).
 
     Forward, then backward through the named intermediates in reverse::
@@ -746,12 +746,13 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste"):
     ----------
     W : ndarray of shape (m, D); E : ndarray of shape (K, m); X : ndarray of shape (B, D)
     alpha, beta : float; estimator : "ste" or "rotation"
+    frozen : the :func:`freeze` of (W, E, X, estimator) when the caller has it already
 
     Returns
     -------
     Grads(loss, gW (m, D), gE (K, m)), a named tuple, in the dtype of the inputs.
     """
-    fr = freeze(W, E, X, estimator)
+    fr = freeze(W, E, X, estimator) if frozen is None else frozen
     B = X.shape[0]
     Z, Q = fr.Z0, fr.Q0                                    # (B, m), forward q~ = Q
     G = W @ W.T                                            # (m, m)
@@ -1254,11 +1255,11 @@ def method_ema_ste(problem):
     reseeded = [0]
 
     def step(W, E, Xb):
-        loss, gW, _ = manual_grads(W, E, Xb, 0.0, c.beta, "ste")
+        fr = freeze(W, E, Xb, "ste")                       # latents and codes at the pre-step point
+        loss, gW, _ = manual_grads(W, E, Xb, 0.0, c.beta, "ste", frozen=fr)
         if not (math.isfinite(loss) and np.isfinite(gW).all()):
             return math.nan, W, E
-        Z = Xb @ W.T                                       # (B, m) at the pre-step encoder
-        E_new, r = ema_codebook_update(E, state, Z, assign(Z, E), c.ema_decay, c.ema_eps,
+        E_new, r = ema_codebook_update(E, state, fr.Z0, fr.labels, c.ema_decay, c.ema_eps,
                                        c.dead_threshold, rng)
         reseeded[0] += r
         return loss, riemannian_step(W, gW, c.lrW), E_new
