@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -114,10 +115,12 @@ def mean_ci(values, level=0.95):
 _problems = {}   # per-process cache: cells that share data and start point share the problem
 
 
+_PROBLEM_KEYS = ("D", "rank", "m", "K", "n_train", "n_eval", "seed", "lmax", "lmin",
+                 "n_init", "kmeans_iter", "dtype")   # what the data and the start point depend on
+
+
 def _problem(cfg):
-    key = tuple((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(vq.Config)
-                if f.name in ("D", "rank", "m", "K", "n_train", "n_eval", "seed", "lmax", "lmin",
-                              "n_init", "kmeans_iter", "dtype"))
+    key = tuple(getattr(cfg, k) for k in _PROBLEM_KEYS)
     if key not in _problems:
         if len(_problems) >= 4:
             _problems.pop(next(iter(_problems)))
@@ -245,13 +248,12 @@ def run_sweep(args, log=print):
     complete = {k for k, v in done.items() if len(v) == expected.get(k[0], len(methods))}
     keep = [line for line in done_lines if _task_key(line) in complete]
     _write_lines(res_path, sorted(keep, key=lambda ln: _order(ln, methods)))  # drop partial tasks
-    tasks = [t for t in plan(args) if _task_key(t) not in complete]
-    total_cells = {(t["sweep"], json.dumps(t["value"])) for t in plan(args)}
-    remaining = {}
-    for t in tasks:
-        remaining[(t["sweep"], json.dumps(t["value"]))] = remaining.get((t["sweep"], json.dumps(t["value"])), 0) + 1
-    if len(tasks) < len(plan(args)):
-        log(f"resuming: {len(plan(args)) - len(tasks)} of {len(plan(args))} runs already in {res_path}")
+    planned = plan(args)
+    tasks = [t for t in planned if _task_key(t) not in complete]
+    total_cells = len({_task_key(t)[:2] for t in planned})
+    remaining = Counter(_task_key(t)[:2] for t in tasks)  # runs left per cell
+    if len(tasks) < len(planned):
+        log(f"resuming: {len(planned) - len(tasks)} of {len(planned)} runs already in {res_path}")
     t0 = time.perf_counter()
     n_done = 0
     with open(res_path, "a") as fh:
@@ -261,13 +263,13 @@ def run_sweep(args, log=print):
             fh.flush()
             os.fsync(fh.fileno())
             n_done += 1
-            cell = (task["sweep"], json.dumps(task["value"]))
+            cell = _task_key(task)[:2]
             remaining[cell] -= 1
             if remaining[cell] == 0:
                 elapsed = time.perf_counter() - t0
                 left = elapsed / n_done * (len(tasks) - n_done)
-                finished = len(total_cells) - sum(1 for v in remaining.values() if v > 0)
-                log(f"[{finished}/{len(total_cells)} cells] {task['sweep']}={task['value']} done "
+                finished = total_cells - sum(1 for v in remaining.values() if v > 0)
+                log(f"[{finished}/{total_cells} cells] {task['sweep']}={task['value']} done "
                     f"({args.seeds} seeds): {elapsed:.1f} s elapsed, ~{left:.1f} s left")
     lines = sorted(_read_lines(res_path), key=lambda ln: _order(ln, methods))
     _write_lines(res_path, lines)

@@ -562,14 +562,15 @@ def worker_pool(workers):
         # Children import this module by name; hide the main script so that they do not
         # run it again (a script without an `if __name__ == "__main__"` guard would).
         main = sys.modules["__main__"]
-        hidden = {k: main.__dict__.pop(k) for k in ("__file__",) if k in main.__dict__}
+        main_file = main.__dict__.pop("__file__", None)
         spec, main.__spec__ = getattr(main, "__spec__", None), None
         try:
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
             for _ in range(workers):                       # start them all now
                 pool.submit(_noop)
         finally:
-            main.__dict__.update(hidden)
+            if main_file is not None:
+                main.__file__ = main_file
             main.__spec__ = spec
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -580,9 +581,9 @@ def worker_pool(workers):
     return _POOL["pool"]
 
 
-def _shutdown_pool():
+def _shutdown_pool(wait=True):
     if _POOL["pool"] is not None:
-        _POOL["pool"].shutdown(wait=True)
+        _POOL["pool"].shutdown(wait=wait)
         _POOL.update(pool=None, size=0)
 
 
@@ -597,7 +598,7 @@ def run_tasks(fn, arg_list, workers):
         try:
             return [f.result() for f in [pool.submit(fn, *args) for args in arg_list]]
         except Exception:                                  # lost workers: redo the work here
-            _POOL.update(pool=None, size=0)                # (an error of fn itself recurs)
+            _shutdown_pool(wait=False)                     # (an error of fn itself recurs)
     return [fn(*args) for args in arg_list]
 
 
@@ -877,7 +878,6 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, fast=Tr
     out_dtype = np.result_type(W, E)
     W, E, X = (np.asarray(a, dtype=np.float64) for a in (W, E, X))   # differences need float64
     fr = freeze(W, E, X, estimator)
-    K = E.shape[0]
     fast = fast and estimator == "ste"
     if fast:
         st = _ste_stats(X, fr, E)
@@ -1385,9 +1385,8 @@ def make_problem(cfg):
     U, lam = lowrank_factor(cfg.D, cfg.rank, cfg.seed, cfg.lmax, cfg.lmin)
     X_train, X_eval = X_train.astype(dtype, copy=False), X_eval.astype(dtype, copy=False)
     t0 = time.perf_counter()
-    n_init = cfg.n_init or auto_restarts(cfg.n_train, cfg.K)
     W0 = pca_encoder(X_train, cfg.m)
-    E0 = kmeans(X_train @ W0.T, cfg.K, derived_rng(cfg.seed, "kmeans"), n_init,
+    E0 = kmeans(X_train @ W0.T, cfg.K, derived_rng(cfg.seed, "kmeans"), _restarts(cfg),
                 cfg.kmeans_iter, workers=cfg.workers)[0]
     problem = Problem(cfg, X_train, X_eval, U, lam, W0, E0, time.perf_counter() - t0)
     problem.reference = unconstrained_reference(problem)
@@ -1460,11 +1459,14 @@ def make_config(**settings):
     cfg = Config(**settings)
     cfg.methods = (cfg.methods,) if isinstance(cfg.methods, str) else tuple(cfg.methods)
     validate(cfg)
-    if cfg.n_init == 0:
-        cfg.n_init = auto_restarts(cfg.n_train, cfg.K)
+    cfg.n_init = _restarts(cfg)
     if cfg.log_every == 0:
         cfg.log_every = max(1, cfg.steps // 20)
     return cfg
+
+
+def _restarts(cfg):
+    return cfg.n_init or auto_restarts(cfg.n_train, cfg.K)
 
 
 def auto_restarts(n, K, budget=1 << 22):
@@ -1524,9 +1526,8 @@ def unconstrained_reference(problem):
         t0 = time.perf_counter()
         S_train = problem.X_train.astype(np.float64, copy=False) @ problem.U   # (n, rank)
         lifted = problem.E0.astype(np.float64) @ (problem.W0.astype(np.float64) @ problem.U)
-        n_init = cfg.n_init or auto_restarts(cfg.n_train, cfg.K)
         tasks = [(S_train, cfg.K, r, cfg.kmeans_iter, 0.0)
-                 for r in derived_rng(cfg.seed, "unconstrained").spawn(n_init)]
+                 for r in derived_rng(cfg.seed, "unconstrained").spawn(_restarts(cfg))]
         tasks.append((S_train, cfg.K, None, cfg.kmeans_iter, 0.0, lifted))
         C = min(run_tasks(_restart, tasks, cfg.workers), key=lambda r: r.inertia).E
         X_eval = problem.X_eval.astype(np.float64, copy=False)
