@@ -231,17 +231,20 @@ def test_empty_cluster_is_reseeded_with_the_farthest_point():
     assert np.array_equal(labels, [0, 0, 0, 1])
 
 
-def test_lloyd_is_never_worse_than_its_start_and_equals_plain_lloyd():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lloyd_is_never_worse_than_its_start_and_equals_plain_lloyd(dtype):
     rng = np.random.default_rng(9)
-    for trial in range(6):
+    for trial in range(9):
         n, m, K = [(500, 2, 5), (2000, 4, 32), (3000, 8, 64)][trial % 3]
-        Z = rng.normal(size=(n, m)) * rng.uniform(0.5, 2, size=m)
-        E0 = rng.normal(size=(K, m)) * 2
+        Z = (rng.normal(size=(n, m)) * rng.uniform(0.5, 2, size=m)).astype(dtype)
+        E0 = (rng.normal(size=(K, m)) * 2).astype(dtype)
         start = vq.nearest(Z, E0)[1].sum()
         r = vq.lloyd_run(Z, E0, max_iter=300)
         p = vq.lloyd_plain(Z, E0, max_iter=300)
         assert r.inertia <= start
-        assert np.array_equal(r.labels, p.labels) and np.allclose(r.E, p.E, rtol=0, atol=1e-12)
+        # the bounds skip work, never change it: the same centres, bit for bit
+        assert np.array_equal(r.labels, p.labels) and np.array_equal(r.E, p.E)
+        assert r.E.dtype == dtype and r.n_iter == p.n_iter
         assert r.inertia == pytest.approx(p.inertia, rel=1e-12)
 
 
@@ -640,6 +643,24 @@ def test_worker_processes_do_not_change_results():
     two = vq._json_ready(vq.run_comparison(**{**TINY, "workers": 2}))
     assert one["config"].pop("workers") == 1 and two["config"].pop("workers") == 2
     assert _strip_times(one) == _strip_times(two)
+
+
+def test_start_point_and_reference_equal_their_definitions():
+    # make_problem runs the restarts of both in one batch; the results must be those of
+    # kmeans() on the PCA latents and of unconstrained_reference() on its own
+    cfg = vq.make_config(**{**TINY, "n_init": 3})
+    p = vq.make_problem(cfg)
+    X_train, _, _ = vq.make_lowrank_data(cfg.D, cfg.rank, cfg.n_train, cfg.n_eval, cfg.seed)
+    W0 = vq.pca_encoder(X_train, cfg.m)
+    E0, _ = vq.kmeans(X_train @ W0.T, cfg.K, vq.derived_rng(cfg.seed, "kmeans"), 3, cfg.kmeans_iter)
+    assert np.array_equal(p.W0, W0) and np.array_equal(p.E0, E0)
+    alone = vq.Problem(cfg, p.X_train, p.X_eval, p.U, p.lam, p.W0, p.E0, 0.0)
+    C, err, _ = vq.unconstrained_reference(alone)
+    assert np.array_equal(C, p.reference[0]) and err == p.reference[1]
+    # never worse on the training data than the rank-m baseline it can start from
+    S = X_train @ p.U
+    lifted = E0 @ (W0 @ p.U)
+    assert vq.nearest(S, C)[1].sum() <= vq.nearest(S, lifted)[1].sum() * (1 + 1e-12)
 
 
 def test_a_script_without_main_guard_runs_once(tmp_path):

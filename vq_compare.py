@@ -333,9 +333,16 @@ class LloydResult(NamedTuple):
     labels: np.ndarray   # (n,) nearest centre of each point, for the returned E
     inertia: float       # sum of squared distances to the returned centres
     n_iter: int          # centre updates made
+    seconds: float = 0.0  # compute time of the restart (seeding included), see _restart
 
 
-_SAFE = 1e-9   # relative slack on the distance bounds: rounding never hides a change
+_SAFE = 1e-9   # relative slack on the accumulated centre drift
+
+
+def _safe_gap(d1, d2, eps):
+    """A lower bound on ``sqrt(d2) - sqrt(d1)`` for true squared distances that the
+    computed ``d1``, ``d2`` approximate to within ``eps`` (absolute)."""
+    return np.sqrt(np.maximum(d2 - eps, 0)) - np.sqrt(d1 + eps)
 
 
 def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
@@ -347,42 +354,51 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
     below ``tol`` (``tol=0``: never), or after ``max_iter`` centre updates. Labels
     always match the returned centres.
 
-    The assignment is exact but, once few points change cluster, it only looks again
-    at points that could have changed: a point whose second-nearest centre was farther
-    than its own by ``2 g`` keeps its centre until the centres have moved by ``g`` in
-    total (triangle inequality; a bound in the spirit of Hamerly's). That makes the long
-    tail of Lloyd cheaper (about 1.5x on the default problem). The result is plain
-    Lloyd's (:func:`lloyd_plain`), up to exact ties.
+    Exact, but it skips work that cannot change anything. Once few points change
+    cluster, a point is looked at again only when it could have changed (Hamerly's
+    bound): it was ``g`` closer to its own centre than to any other, and since then its
+    own centre moved by ``a`` and the farthest-moving centre by ``b`` per update; while
+    the sums of ``a + b`` stay below ``g`` it keeps its centre (triangle inequality,
+    with the rounding error of the distances subtracted from ``g``). And only the
+    clusters that gained or lost a point get new sums, added in the same order as a
+    full recount, so the centres are bit for bit those of plain Lloyd
+    (:func:`lloyd_plain`), up to exact ties.
     """
     E = np.array(E_init, dtype=np.result_type(Z, E_init), copy=True)
     n, K = Z.shape[0], E.shape[0]
-    labels = expiry = None
-    drift, frac, prev_inertia, n_iter = 0.0, 1.0, np.inf, 0
-    slack = 1e-9 * math.sqrt(float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0))
-                             + float(np.max(np.einsum("km,km->k", E, E))) + 1e-300)
+    eps = 4 * (Z.shape[1] + 2) * np.finfo(E.dtype).eps * (
+        float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0))
+        + float(np.max(np.einsum("km,km->k", E, E))) + 1e-300)   # distance rounding bound
+    labels = thresh = counts = sums = None
+    own = np.zeros(K)                  # accumulated drift of each centre
+    drift, frac, prev_inertia, n_iter = 0.0, 1.0, np.inf, 0   # drift: of the farthest mover
     for it in range(max_iter + 1):
-        # assignment step for the current centres
-        if expiry is not None:                             # only points whose bound expired
-            cand = np.flatnonzero(expiry <= drift)
-            frac = cand.size / n
-            changed = False
+        # assignment step for the current centres; `moved`: points that changed cluster
+        if thresh is not None:                             # only points whose bound expired
+            cand = np.flatnonzero(own[labels] + drift > thresh)
+            moved, was = cand[:0], cand[:0]
             if cand.size:
                 lab, d1, d2 = nearest(Z[cand], E, second=True)
-                changed = not np.array_equal(lab, labels[cand])
+                hit = lab != labels[cand]
+                moved, was = cand[hit], labels[cand[hit]]
                 labels[cand] = lab
-                expiry[cand] = drift + 0.5 * (np.sqrt(d2) - np.sqrt(d1)) * (1 - _SAFE) - slack
-            if frac > 0.3:                                 # bounds no longer pay: full passes
-                expiry = None
+                thresh[cand] = _safe_gap(d1, d2, eps) + own[lab] + drift
+            frac = moved.size / n
+            if cand.size > 0.3 * n:                        # bounds no longer pay: a full pass
+                thresh = None
         else:
             want = frac < 0.05 and K > 1                   # few changes: bounds will pay off
             out = nearest(Z, E, second=True) if want else (nearest(Z, E, with_dist=False),)
-            frac = 1.0 if labels is None else float(np.mean(out[0] != labels))
-            changed = labels is None or frac > 0
+            if labels is None:
+                moved = was = None
+            else:
+                moved = np.flatnonzero(out[0] != labels)
+                was = labels[moved]
+                frac = moved.size / n
             labels = out[0]
             if want:
-                drift = 0.0
-                expiry = 0.5 * (np.sqrt(out[2]) - np.sqrt(out[1])) * (1 - _SAFE) - slack
-        if it > 0 and not changed:
+                thresh = _safe_gap(out[1], out[2], eps) + own[labels] + drift
+        if it > 0 and moved is not None and moved.size == 0:
             break                                          # assignments stable: E are their means
         if tol > 0:
             inertia = float(np.sum((Z - E[labels]) ** 2))
@@ -391,15 +407,21 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
             prev_inertia = inertia
         if it == max_iter:
             break
-        # update step
-        counts = np.bincount(labels, minlength=K)
-        dist = np.sum((Z - E[labels]) ** 2, axis=1) if (counts == 0).any() else None
-        E_new = _centroids(Z, labels, dist, E)
+        # update step: new sums for the clusters that gained or lost points
+        counts, sums = cluster_sums(Z, labels, K)
+        touched = np.arange(K)
+        if (counts == 0).any():                            # empty clusters: relocation
+            dist = np.sum((Z - E[labels]) ** 2, axis=1)
+            E_new = _centroids(Z, labels, dist, E)
+            thresh, frac = None, 1.0                       # labels no longer match the sums
+        else:
+            E_new = E.copy()
+            E_new[touched] = (sums[touched] / counts[touched, None]).astype(E.dtype, copy=False)
         n_iter += 1
-        drift += float(np.sqrt(np.max(np.sum((E_new - E) ** 2, axis=1)))) * (1 + _SAFE)
+        step = np.sqrt(np.sum((E_new[touched].astype(np.float64) - E[touched]) ** 2, axis=1))
+        own[touched] += step * (1 + _SAFE)
+        drift += float(np.max(step, initial=0.0)) * (1 + _SAFE)
         E = E_new
-        if dist is not None:                               # a point changed cluster by relocation
-            expiry, frac = None, 1.0
     labels, dist = nearest(Z, E)
     return LloydResult(E, labels, float(dist.sum()), n_iter)
 
@@ -479,8 +501,10 @@ def kmeans_plusplus(Z, K, rng):
 
 def _restart(Z, K, rng, max_iter, tol, init=None):
     """One k-means restart: k-means++ seeding from ``rng`` (or the centres ``init``),
-    then Lloyd."""
-    return lloyd_run(Z, kmeans_plusplus(Z, K, rng) if init is None else init, max_iter, tol)
+    then Lloyd; its ``seconds`` are measured where it runs."""
+    t0 = time.perf_counter()
+    r = lloyd_run(Z, kmeans_plusplus(Z, K, rng) if init is None else init, max_iter, tol)
+    return r._replace(seconds=time.perf_counter() - t0)
 
 
 def kmeans_run(Z, K, seed=0, n_init=8, max_iter=300, tol=0.0, workers=1):
@@ -589,11 +613,11 @@ def _shutdown_pool(wait=True):
 
 def run_tasks(fn, arg_list, workers):
     """``[fn(*args) for args in arg_list]``, spread over worker processes when
-    :func:`worker_pool` gives a pool and there are at least three tasks (one or two
-    restarts mean a large problem: copies of it in other processes would cost more
-    memory than the time they save). This process waits meanwhile: its BLAS threads and
-    busy workers on the same cores would slow each other down several times over."""
-    pool = worker_pool(workers) if len(arg_list) >= 3 else None
+    :func:`worker_pool` gives a pool and there are at least two tasks. Tasks get what
+    they work on (latents, rank coordinates), never the data matrix. This process waits
+    meanwhile: its BLAS threads and busy workers on the same cores would slow each other
+    down several times over (measured: training 2.9x slower next to one busy worker)."""
+    pool = worker_pool(workers) if len(arg_list) >= 2 else None
     if pool is not None:
         try:
             return [f.result() for f in [pool.submit(fn, *args) for args in arg_list]]
@@ -1386,10 +1410,18 @@ def make_problem(cfg):
     X_train, X_eval = X_train.astype(dtype, copy=False), X_eval.astype(dtype, copy=False)
     t0 = time.perf_counter()
     W0 = pca_encoder(X_train, cfg.m)
-    E0 = kmeans(X_train @ W0.T, cfg.K, derived_rng(cfg.seed, "kmeans"), _restarts(cfg),
-                cfg.kmeans_iter, workers=cfg.workers)[0]
-    problem = Problem(cfg, X_train, X_eval, U, lam, W0, E0, time.perf_counter() - t0)
-    problem.reference = unconstrained_reference(problem)
+    pca_seconds = time.perf_counter() - t0
+    # The restarts of the start point and of the reference do not depend on each other:
+    # one batch, so that worker processes stay busy (the reference's start from the
+    # lifted baseline codebook follows, in unconstrained_reference).
+    n_init, S_train = _restarts(cfg), _rank_coords(X_train, U)
+    tasks = [(X_train @ W0.T, cfg.K, r, cfg.kmeans_iter, 0.0)
+             for r in derived_rng(cfg.seed, "kmeans").spawn(n_init)]   # as kmeans_run draws
+    runs = run_tasks(_restart, tasks + _reference_tasks(cfg, S_train), cfg.workers)
+    base = min(runs[:n_init], key=lambda r: r.inertia)    # the first of equals, as kmeans_run
+    problem = Problem(cfg, X_train, X_eval, U, lam, W0, base.E,
+                      pca_seconds + sum(r.seconds for r in runs[:n_init]))
+    unconstrained_reference(problem, S_train, runs[n_init:])
     return problem
 
 
@@ -1512,29 +1544,42 @@ def compare(problem):
             "fd_vs_manual": _agreement(results)}
 
 
-def unconstrained_reference(problem):
+def _rank_coords(X, U):
+    """Coordinates ``X @ U`` (n, rank) in float64 of data that lie in span(U)."""
+    return X.astype(np.float64, copy=False) @ U
+
+
+def _reference_tasks(cfg, S_train):
+    return [(S_train, cfg.K, r, cfg.kmeans_iter, 0.0)
+            for r in derived_rng(cfg.seed, "unconstrained").spawn(_restarts(cfg))]
+
+
+def unconstrained_reference(problem, S_train=None, restarts=None):
     """K-means with K codes in data space (no rank-m restriction): the same number of
     k-means++ restarts as the baseline, plus a start from the baseline's codebook lifted
     into data space (so the reference is never worse on the training data than the
     rank-m baseline). The data lie in span(U), so it works in the rank-``rank``
-    coordinates ``X @ U``. Computed once per problem (by :func:`make_problem`).
+    coordinates ``S_train = X_train @ U``. Computed once per problem, by
+    :func:`make_problem`, which passes the k-means++ ``restarts`` it ran already.
 
-    Returns (C (K, rank), eval recon_mse, seconds).
+    Returns (C (K, rank), eval recon_mse, seconds of compute summed over processes).
     """
     if problem.reference is None:
         cfg = problem.cfg
-        t0 = time.perf_counter()
-        S_train = problem.X_train.astype(np.float64, copy=False) @ problem.U   # (n, rank)
+        if S_train is None:
+            S_train = _rank_coords(problem.X_train, problem.U)
+        if restarts is None:
+            restarts = run_tasks(_restart, _reference_tasks(cfg, S_train), cfg.workers)
         lifted = problem.E0.astype(np.float64) @ (problem.W0.astype(np.float64) @ problem.U)
-        tasks = [(S_train, cfg.K, r, cfg.kmeans_iter, 0.0)
-                 for r in derived_rng(cfg.seed, "unconstrained").spawn(_restarts(cfg))]
-        tasks.append((S_train, cfg.K, None, cfg.kmeans_iter, 0.0, lifted))
-        C = min(run_tasks(_restart, tasks, cfg.workers), key=lambda r: r.inertia).E
+        runs = list(restarts) + [_restart(S_train, cfg.K, None, cfg.kmeans_iter, 0.0, lifted)]
+        C = min(runs, key=lambda r: r.inertia).E
+        t0 = time.perf_counter()
         X_eval = problem.X_eval.astype(np.float64, copy=False)
         S_eval = X_eval @ problem.U
         out_of_span = np.einsum("nd,nd->n", X_eval, X_eval) - np.einsum("nr,nr->n", S_eval, S_eval)
         eval_err = float(np.mean(nearest(S_eval, C)[1] + out_of_span))
-        problem.reference = (C, eval_err, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0 + sum(r.seconds for r in runs)
+        problem.reference = (C, eval_err, seconds)
     return problem.reference
 
 
