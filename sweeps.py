@@ -119,27 +119,52 @@ _PROBLEM_KEYS = ("D", "rank", "m", "K", "n_train", "n_eval", "seed", "lmax", "lm
                  "n_init", "kmeans_iter", "dtype")   # what the data and the start point depend on
 
 
-def _problem(cfg):
-    key = tuple(getattr(cfg, k) for k in _PROBLEM_KEYS)
+def _problem_key(cfg):
+    return tuple(getattr(cfg, k) for k in _PROBLEM_KEYS)
+
+
+def _problem(cfg, start=None):
+    key = _problem_key(cfg)
     if key not in _problems:
         if len(_problems) >= 4:
             _problems.pop(next(iter(_problems)))
-        _problems[key] = vq.make_problem(cfg)
+        _problems[key] = vq.make_problem(cfg, start)
     prob = _problems[key]
     prob.cfg = cfg
     return prob
 
 
-def run_task(task):
-    """Run one (sweep, value, seed) and return its result lines (dicts)."""
+def _task_config(task):
     settings = dict(task["settings"], seed=task["seed"], outdir=None, quiet=True)
     sweep, value = task["sweep"], task["value"]
     if sweep in ("K", "beta"):
         settings[sweep] = value
     if sweep == "steps":
         settings.update(steps=value, log_every=task["steps_every"])
-    cfg = vq.make_config(**settings)
-    problem = _problem(cfg)
+    return vq.make_config(**settings)
+
+
+def prepare_starts(tasks, jobs):
+    """Compute each distinct problem's start point and reference once, here, with the
+    k-means restarts spread over ``jobs`` processes, and hand them to the tasks (as
+    ``task["start"]``): parallel cells then only train and score. Without this, cells
+    of one problem on different processes would each run its k-means again."""
+    starts = {}
+    for task in tasks:
+        cfg = _task_config(task)
+        key = _problem_key(cfg)
+        if key not in starts:
+            starts[key] = vq.make_problem(dataclasses.replace(cfg, workers=jobs)).start()
+        task["start"] = starts[key]
+    vq._shutdown_pool()                                    # idle from here on
+    return len(starts)
+
+
+def run_task(task):
+    """Run one (sweep, value, seed) and return its result lines (dicts)."""
+    cfg = _task_config(task)
+    problem = _problem(cfg, task.get("start"))
+    sweep, value = task["sweep"], task["value"]
     base = {"sweep": sweep, "value": value, "seed": task["seed"]}
     if sweep == "verify":
         return [{**base, "method": "fd_vs_manual", **verify_trajectories(problem)}]
@@ -255,6 +280,11 @@ def run_sweep(args, log=print):
     if len(tasks) < len(planned):
         log(f"resuming: {len(planned) - len(tasks)} of {len(planned)} runs already in {res_path}")
     t0 = time.perf_counter()
+    if args.jobs > 1 and len(tasks) > 1:
+        n_problems = prepare_starts(tasks, args.jobs)
+        log(f"start points and references of {n_problems} problems: "
+            f"{time.perf_counter() - t0:.1f} s")
+    t_cells = time.perf_counter()
     n_done = 0
     with open(res_path, "a") as fh:
         for task, lines in _execute(tasks, args.jobs):
@@ -266,8 +296,8 @@ def run_sweep(args, log=print):
             cell = _task_key(task)[:2]
             remaining[cell] -= 1
             if remaining[cell] == 0:
-                elapsed = time.perf_counter() - t0
-                left = elapsed / n_done * (len(tasks) - n_done)
+                now = time.perf_counter()
+                elapsed, left = now - t0, (now - t_cells) / n_done * (len(tasks) - n_done)
                 finished = total_cells - sum(1 for v in remaining.values() if v > 0)
                 log(f"[{finished}/{total_cells} cells] {task['sweep']}={task['value']} done "
                     f"({args.seeds} seeds): {elapsed:.1f} s elapsed, ~{left:.1f} s left")

@@ -1137,6 +1137,10 @@ class Problem:
     start_seconds: float     # time to build (W0, E0)
     reference: tuple = None  # unconstrained_reference(problem)
 
+    def start(self):
+        """What :func:`make_problem` computes beyond the data (small arrays only)."""
+        return self.W0, self.E0, self.start_seconds, unconstrained_reference(self)
+
 
 def _result(W, E, logs=None, status="ok", step=None, note=""):
     return {"W": W, "E": E, "logs": logs, "status": status, "diverged_at_step": step, "note": note}
@@ -1401,13 +1405,21 @@ def validate(cfg):
         _check_outdir(cfg.outdir)
 
 
-def make_problem(cfg):
-    """Data, true spectrum and the shared PCA + k-means start point."""
+def make_problem(cfg, start=None):
+    """Data, true spectrum, the shared PCA + k-means start point and the unconstrained
+    reference.
+
+    ``start``: the :meth:`Problem.start` of a problem with the same data settings, to
+    reuse its start point and reference instead of computing them again.
+    """
     dtype = np.dtype(cfg.dtype)
     X_train, X_eval, _ = make_lowrank_data(cfg.D, cfg.rank, cfg.n_train, cfg.n_eval,
                                            cfg.seed, cfg.lmax, cfg.lmin)
     U, lam = lowrank_factor(cfg.D, cfg.rank, cfg.seed, cfg.lmax, cfg.lmin)
     X_train, X_eval = X_train.astype(dtype, copy=False), X_eval.astype(dtype, copy=False)
+    if start is not None:
+        W0, E0, start_seconds, reference = start
+        return Problem(cfg, X_train, X_eval, U, lam, W0, E0, start_seconds, reference)
     t0 = time.perf_counter()
     W0 = pca_encoder(X_train, cfg.m)
     pca_seconds = time.perf_counter() - t0
