@@ -595,13 +595,19 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    import matplotlib
-    matplotlib.use("Agg")
     try:
         args = parse_args(argv)
     except (SweepError, vq.ConfigError) as e:
         sys.stderr.write(f"sweeps.py: error: {e}\n")
         return 2
+    loader = vq.load_plotting_in_background()
+    try:
+        return _run(args)
+    finally:
+        loader.join()
+
+
+def _run(args):
     t0 = time.perf_counter()
     lines = run_sweep(args, log=(lambda *a: None) if args.quiet else print)
     rows = aggregate(lines)

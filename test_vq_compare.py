@@ -476,6 +476,20 @@ def test_help_explains_every_flag():
         assert f"--{f.name}" in p.stdout
 
 
+def test_cli_forces_a_non_interactive_backend(tmp_path):
+    code = ("import sys; sys.path.insert(0, %r); import vq_compare, matplotlib; "
+            "assert vq_compare.main(['--D', '8', '--rank', '3', '--m', '2', '--K', '4', "
+            "'--n_train', '300', '--n_eval', '100', '--steps', '3', '--batch', '32', "
+            "'--n_pop', '1000', '--quiet', '--outdir', %r]) == 0; "
+            "print(matplotlib.get_backend())") % (HERE, str(tmp_path / "out"))
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**env, "MPLBACKEND": "TkAgg"}, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().lower() == "agg"
+    assert (tmp_path / "out" / "comparison.png").stat().st_size > 1000
+
+
 def test_import_has_no_side_effects(tmp_path):
     code = ("import sys, os; sys.path.insert(0, %r); import vq_compare; "
             "assert 'matplotlib' not in sys.modules; print(os.listdir('.'))") % HERE

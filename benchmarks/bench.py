@@ -57,20 +57,44 @@ def bench_kmeans(repeats):
           f"inertia relative difference {abs(r.inertia - km.inertia_) / km.inertia_:.1e}")
 
 
+def _tree_rss_kib(root):
+    """Summed resident memory (KiB) of process ``root`` and all its descendants now."""
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as fh:
+                    todo.extend(int(c) for c in fh.read().split())
+        except (OSError, ValueError):
+            continue                                       # gone meanwhile
+    return total
+
+
 def _peak_rss_mib(code):
     """Peak resident memory (MiB) of a fresh Python process running ``code``, as that
-    process reports it itself, and what else it printed."""
+    process reports it itself (VmHWM), the peak of the summed resident memory of it and
+    its worker processes (sampled every 20 ms), and what else it printed."""
     # VmHWM belongs to the process's own address space (ru_maxrss can carry the parent's
     # high-water mark across fork + exec)
     wrapped = ("try:\n" + "".join(f"    {ln}\n" for ln in code.splitlines())
                + "finally:\n    print('PEAK', [l.split()[1] for l in open('/proc/self/status')"
                " if l.startswith('VmHWM')][0])\n")
-    p = subprocess.run([sys.executable, "-c", wrapped], cwd=ROOT, capture_output=True, text=True)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, "-c", wrapped], cwd=ROOT, stdout=out, stderr=err, text=True)
+        tree = 0
+        while p.poll() is None:
+            tree = max(tree, _tree_rss_kib(p.pid))
+            time.sleep(0.02)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if p.returncode != 0:
-        raise RuntimeError(p.stderr)
-    lines = p.stdout.strip().splitlines()
+        raise RuntimeError(stderr)
+    lines = stdout.strip().splitlines()
     peak = int(lines[-1].split()[1]) / 1024                # VmHWM is in KiB
-    return peak, "\n".join(lines[:-1])
+    return peak, max(tree / 1024, peak), "\n".join(lines[:-1])
 
 
 def bench_memory(repeats):
@@ -81,7 +105,7 @@ def bench_memory(repeats):
             "E0 = Z[rng.choice(len(Z), 1024, replace=False)]\n"
             "t = time.perf_counter(); r = vq.lloyd_run(Z, E0, max_iter=10)\n"
             "print(f'{time.perf_counter() - t:.2f} s, {r.n_iter} iterations')\n")
-    peak, out = _peak_rss_mib(code)
+    peak, _, out = _peak_rss_mib(code)
     print(f"peak RSS {peak:.0f} MiB ({out}); the data alone are {1_000_000 * 8 * 8 / 2**20:.0f} MiB")
 
 
@@ -165,18 +189,20 @@ def _run_cli(args):
         code = ("import vq_compare as vq\n"
                 f"assert vq.main({args + ['--outdir', out, '--quiet']!r}) == 0")
         t0 = time.perf_counter()
-        peak, _ = _peak_rss_mib(code)
-        return time.perf_counter() - t0, peak
+        peak, tree, _ = _peak_rss_mib(code)
+        return time.perf_counter() - t0, peak, tree
 
 
 def bench_end_to_end(name, args, repeats):
     print(f"\n## end to end, {name}: python vq_compare.py {' '.join(args)}")
-    times, peaks = [], []
+    times, peaks, trees = [], [], []
     for _ in range(repeats):
-        t, peak = _run_cli(args)
+        t, peak, tree = _run_cli(args)
         times.append(t)
         peaks.append(peak)
-    print(f"wall {fmt(np.array(times))}   peak RSS {max(peaks):.0f} MiB")
+        trees.append(tree)
+    print(f"wall {fmt(np.array(times))}   peak RSS {max(peaks):.0f} MiB main process, "
+          f"{max(trees):.0f} MiB with its workers (sampled)")
 
 
 REALISTIC = ["--D", "512", "--rank", "24", "--m", "16", "--K", "512", "--n_train", "100000",
