@@ -475,7 +475,6 @@ def kmeans_plusplus(Z, K, rng):
     n = Z.shape[0]
     trials = 2 + int(np.log(K))
     z_sq = np.einsum("nm,nm->n", Z, Z)
-    ZT = np.ascontiguousarray(Z.T)                         # (m, n)
     centres = np.empty((K, Z.shape[1]), dtype=Z.dtype)
     first = rng.integers(n)
     centres[0] = Z[first]
@@ -488,7 +487,7 @@ def kmeans_plusplus(Z, K, rng):
         else:                                              # fewer distinct points than K
             cand = rng.integers(n, size=trials)
         Zc = Z[cand]                                       # (t, m)
-        d = Zc @ ZT                                        # (t, n): rows contiguous
+        d = Zc @ Z.T                                       # (t, n)
         d *= -2
         d += z_sq
         d += z_sq[cand][:, None]
@@ -604,6 +603,9 @@ def worker_pool(workers):
             atexit.register(_shutdown_pool)                # before the interpreter tears down
         _POOL.update(pool=pool, size=workers, atexit=True)
     return _POOL["pool"]
+
+
+_BIG_DATA = 1 << 28   # bytes of data above which make_problem lets its workers go
 
 
 def _shutdown_pool(wait=True):
@@ -1431,6 +1433,8 @@ def make_problem(cfg, start=None):
     tasks = [(X_train @ W0.T, cfg.K, r, cfg.kmeans_iter, 0.0)
              for r in derived_rng(cfg.seed, "kmeans").spawn(n_init)]   # as kmeans_run draws
     runs = run_tasks(_restart, tasks + _reference_tasks(cfg, S_train), cfg.workers)
+    if X_train.nbytes + X_eval.nbytes > _BIG_DATA:
+        _shutdown_pool()                                   # idle workers' memory next to big data
     base = min(runs[:n_init], key=lambda r: r.inertia)    # the first of equals, as kmeans_run
     problem = Problem(cfg, X_train, X_eval, U, lam, W0, base.E,
                       pca_seconds + sum(r.seconds for r in runs[:n_init]))

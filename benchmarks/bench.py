@@ -57,26 +57,37 @@ def bench_kmeans(repeats):
           f"inertia relative difference {abs(r.inertia - km.inertia_) / km.inertia_:.1e}")
 
 
+def _rss_kib(pid):
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(ln.split()[1]) for ln in fh if ln.startswith("VmRSS"))
+
+
 def _tree_rss_kib(root):
-    """Summed resident memory (KiB) of process ``root`` and all its descendants now."""
+    """Resident memory (KiB) of process ``root`` plus all its descendants, now. A child
+    still between fork and exec shares its parent's memory: it is not counted."""
+    with open(f"/proc/{root}/cmdline", "rb") as fh:
+        root_cmd = fh.read()
     total, todo = 0, [root]
     while todo:
         pid = todo.pop()
         try:
-            with open(f"/proc/{pid}/statm") as fh:
-                total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
             for task in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{task}/children") as fh:
                     todo.extend(int(c) for c in fh.read().split())
-        except (OSError, ValueError):
+            if pid != root:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    if fh.read() == root_cmd:              # not yet exec'd
+                        continue
+            total += _rss_kib(pid)
+        except (OSError, ValueError, StopIteration):
             continue                                       # gone meanwhile
     return total
 
 
 def _peak_rss_mib(code):
     """Peak resident memory (MiB) of a fresh Python process running ``code``, as that
-    process reports it itself (VmHWM), the peak of the summed resident memory of it and
-    its worker processes (sampled every 20 ms), and what else it printed."""
+    process reports it itself (VmHWM); the peak of its resident memory plus its worker
+    processes', sampled every 20 ms; and what else it printed."""
     # VmHWM belongs to the process's own address space (ru_maxrss can carry the parent's
     # high-water mark across fork + exec)
     wrapped = ("try:\n" + "".join(f"    {ln}\n" for ln in code.splitlines())
@@ -86,7 +97,10 @@ def _peak_rss_mib(code):
         p = subprocess.Popen([sys.executable, "-c", wrapped], cwd=ROOT, stdout=out, stderr=err, text=True)
         tree = 0
         while p.poll() is None:
-            tree = max(tree, _tree_rss_kib(p.pid))
+            try:
+                tree = max(tree, _tree_rss_kib(p.pid))
+            except OSError:
+                pass                                       # finished meanwhile
             time.sleep(0.02)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
@@ -94,7 +108,7 @@ def _peak_rss_mib(code):
         raise RuntimeError(stderr)
     lines = stdout.strip().splitlines()
     peak = int(lines[-1].split()[1]) / 1024                # VmHWM is in KiB
-    return peak, max(tree / 1024, peak), "\n".join(lines[:-1])
+    return peak, max(peak, tree / 1024), "\n".join(lines[:-1])
 
 
 def bench_memory(repeats):
@@ -202,7 +216,7 @@ def bench_end_to_end(name, args, repeats):
         peaks.append(peak)
         trees.append(tree)
     print(f"wall {fmt(np.array(times))}   peak RSS {max(peaks):.0f} MiB main process, "
-          f"{max(trees):.0f} MiB with its workers (sampled)")
+          f"{max(trees):.0f} MiB with its workers (sampled every 20 ms)")
 
 
 REALISTIC = ["--D", "512", "--rank", "24", "--m", "16", "--K", "512", "--n_train", "100000",
