@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -657,6 +658,18 @@ def test_worker_processes_do_not_change_results():
     two = vq._json_ready(vq.run_comparison(**{**TINY, "workers": 2}))
     assert one["config"].pop("workers") == 1 and two["config"].pop("workers") == 2
     assert _strip_times(one) == _strip_times(two)
+
+
+def test_big_arrays_reach_workers_through_a_file_and_give_the_same_result():
+    rng = np.random.default_rng(23)
+    Z = rng.normal(size=(80_000, 2))                      # 1.3 MB: sent as a mapped file
+    assert Z.nbytes > vq._FILE_BYTES
+    tmp = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    before = {d for d in os.listdir(tmp) if d.startswith("vq_compare_")}
+    a = vq.kmeans_run(Z, 6, seed=4, n_init=2, max_iter=30, workers=1)
+    b = vq.kmeans_run(Z, 6, seed=4, n_init=2, max_iter=30, workers=2)
+    assert np.array_equal(a.E, b.E) and a.inertia == b.inertia
+    assert {d for d in os.listdir(tmp) if d.startswith("vq_compare_")} == before   # cleaned up
 
 
 def test_start_point_and_reference_equal_their_definitions():

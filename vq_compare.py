@@ -608,24 +608,57 @@ def worker_pool(workers):
 _BIG_DATA = 1 << 28   # bytes of data above which make_problem lets its workers go
 
 
+def _data_bytes(cfg):
+    return (cfg.n_train + cfg.n_eval) * cfg.D * np.dtype(cfg.dtype).itemsize
+
+
 def _shutdown_pool(wait=True):
     if _POOL["pool"] is not None:
         _POOL["pool"].shutdown(wait=wait)
         _POOL.update(pool=None, size=0)
 
 
+class _InFile(NamedTuple):
+    path: str            # an array argument, saved as .npy for the workers to map
+
+
+_FILE_BYTES = 1 << 20   # array arguments larger than this reach workers through a file
+
+
+def _call_mapped(fn, args):
+    return fn(*[np.load(a.path, mmap_mode="r") if isinstance(a, _InFile) else a for a in args])
+
+
 def run_tasks(fn, arg_list, workers):
     """``[fn(*args) for args in arg_list]``, spread over worker processes when
     :func:`worker_pool` gives a pool and there are at least two tasks. Tasks get what
-    they work on (latents, rank coordinates), never the data matrix. This process waits
-    meanwhile: its BLAS threads and busy workers on the same cores would slow each other
-    down several times over (measured: training 2.9x slower next to one busy worker)."""
+    they work on (latents, rank coordinates), never the data matrix; an array argument
+    over 1 MiB is written once to a temporary file that the workers map read-only (a
+    pickle would hold two more copies of it in memory, here and there). This process
+    waits meanwhile: its BLAS threads and busy workers on the same cores would slow
+    each other down several times over (measured: training 2.9x slower next to one
+    busy worker)."""
     pool = worker_pool(workers) if len(arg_list) >= 2 else None
     if pool is not None:
+        tmp = tempfile.mkdtemp(prefix="vq_compare_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        files = {}
+
+        def send(a):
+            if not (isinstance(a, np.ndarray) and a.nbytes > _FILE_BYTES):
+                return a
+            if id(a) not in files:
+                files[id(a)] = _InFile(os.path.join(tmp, f"{len(files)}.npy"))
+                np.save(files[id(a)].path, a)
+            return files[id(a)]
         try:
-            return [f.result() for f in [pool.submit(fn, *args) for args in arg_list]]
+            futures = [pool.submit(_call_mapped, fn, [send(a) for a in args]) for args in arg_list]
+            return [f.result() for f in futures]
         except Exception:                                  # lost workers: redo the work here
             _shutdown_pool(wait=False)                     # (an error of fn itself recurs)
+        finally:
+            for f in files.values():
+                os.remove(f.path)
+            os.rmdir(tmp)
     return [fn(*args) for args in arg_list]
 
 
@@ -1433,7 +1466,7 @@ def make_problem(cfg, start=None):
     tasks = [(X_train @ W0.T, cfg.K, r, cfg.kmeans_iter, 0.0)
              for r in derived_rng(cfg.seed, "kmeans").spawn(n_init)]   # as kmeans_run draws
     runs = run_tasks(_restart, tasks + _reference_tasks(cfg, S_train), cfg.workers)
-    if X_train.nbytes + X_eval.nbytes > _BIG_DATA:
+    if _data_bytes(cfg) > _BIG_DATA:
         _shutdown_pool()                                   # idle workers' memory next to big data
     base = min(runs[:n_init], key=lambda r: r.inertia)    # the first of equals, as kmeans_run
     problem = Problem(cfg, X_train, X_eval, U, lam, W0, base.E,
@@ -1490,9 +1523,16 @@ def run_comparison(**settings):
     ``summary.json`` in which each method's entry also holds its trained ``W`` (m, D)
     and ``E`` (K, m) and its ``logs``.
     """
-    cfg = make_config(**settings)
+    return _run(make_config(**settings))
+
+
+def _run(cfg, after_start=None):
+    """run_comparison's body; ``after_start()`` is called once the start point exists."""
     t_start = time.perf_counter()
-    summary = compare(make_problem(cfg))
+    problem = make_problem(cfg)
+    if after_start is not None:
+        after_start()
+    summary = compare(problem)
     summary["total_seconds"] = time.perf_counter() - t_start
     if cfg.outdir:
         write_outputs(summary, cfg.outdir)
@@ -1910,15 +1950,19 @@ def main(argv=None):
     settings = vars(args)
     settings["methods"] = [m for item in settings["methods"] for m in item.split(",") if m]
     try:
-        make_config(**settings)                            # bad input: nothing started
+        cfg = make_config(**settings)
     except ConfigError as e:
         sys.stderr.write(f"vq_compare.py: error: {e}\n")
         return 2
-    loader = load_plotting_in_background()
+    # matplotlib is imported while the start point is computed; next to big data only
+    # after it, when the workers are gone (their memory and its would add up)
+    big = _data_bytes(cfg) > _BIG_DATA
+    loaders = [] if big else [load_plotting_in_background()]
     try:
-        run_comparison(**settings)
+        _run(cfg, (lambda: loaders.append(load_plotting_in_background())) if big else None)
     finally:
-        loader.join()
+        for loader in loaders:
+            loader.join()
     return 0
 
 
