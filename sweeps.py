@@ -145,19 +145,22 @@ def _task_config(task):
 
 
 def prepare_starts(tasks, jobs):
-    """Compute each distinct problem's start point and reference once, here, with the
-    k-means restarts spread over ``jobs`` processes, and hand them to the tasks (as
-    ``task["start"]``): parallel cells then only train and score. Without this, cells
-    of one problem on different processes would each run its k-means again."""
-    starts = {}
+    """Compute once, here, the start point and reference of each problem that several
+    tasks share (restarts spread over ``jobs`` processes) and hand them to those tasks
+    (``task["start"]``): otherwise cells of one problem running on different processes
+    would each run its k-means. A problem of one task is left to that task. Returns
+    the number of problems computed."""
+    groups = {}
     for task in tasks:
-        cfg = _task_config(task)
-        key = _problem_key(cfg)
-        if key not in starts:
-            starts[key] = vq.make_problem(dataclasses.replace(cfg, workers=jobs)).start()
-        task["start"] = starts[key]
+        groups.setdefault(_problem_key(_task_config(task)), []).append(task)
+    shared = [g for g in groups.values() if len(g) > 1]
+    for group in shared:
+        cfg = dataclasses.replace(_task_config(group[0]), workers=jobs)
+        start = vq.make_problem(cfg).start()
+        for task in group:
+            task["start"] = start
     vq._shutdown_pool()                                    # idle from here on
-    return len(starts)
+    return len(shared)
 
 
 def run_task(task):
@@ -282,8 +285,9 @@ def run_sweep(args, log=print):
     t0 = time.perf_counter()
     if args.jobs > 1 and len(tasks) > 1:
         n_problems = prepare_starts(tasks, args.jobs)
-        log(f"start points and references of {n_problems} problems: "
-            f"{time.perf_counter() - t0:.1f} s")
+        if n_problems:
+            log(f"start points and references of {n_problems} shared problems: "
+                f"{time.perf_counter() - t0:.1f} s")
     t_cells = time.perf_counter()
     n_done = 0
     with open(res_path, "a") as fh:
