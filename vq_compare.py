@@ -1958,8 +1958,13 @@ def main(argv=None):
     # after it, when the workers are gone (their memory and its would add up)
     big = _data_bytes(cfg) > _BIG_DATA
     loaders = [] if big else [load_plotting_in_background()]
+
+    def after_start():
+        _shutdown_pool(wait=False)                         # one problem: the workers are done
+        if big:
+            loaders.append(load_plotting_in_background())
     try:
-        _run(cfg, (lambda: loaders.append(load_plotting_in_background())) if big else None)
+        _run(cfg, after_start)
     finally:
         for loader in loaders:
             loader.join()
