@@ -640,6 +640,19 @@ def test_gradient_check_on_a_subset_of_coordinates():
     assert np.isnan(fd.gW).sum() == W.size - 2 and np.isnan(fd.gE).sum() == E.size - 1
 
 
+def test_comparison_plot_puts_each_method_on_one_line_across_both_panels():
+    summary = vq.run_comparison(**{**TINY, "steps": 5})
+    fig = vq.plot_comparison(summary)
+    left, right = fig.axes[:2]
+    fig.canvas.draw()                                      # final layout
+    rows = np.arange(len(summary["results"]))
+    y_left = left.transData.transform(np.c_[np.zeros_like(rows), rows])[:, 1]
+    y_right = right.transData.transform(np.c_[np.zeros_like(rows), rows])[:, 1]
+    assert np.allclose(y_left, y_right, atol=0.5)          # pixels
+    labels = [t.get_text() for t in left.get_yticklabels()]
+    assert labels[int(np.argmax(left.get_yticks()))] == vq.LABELS["pca_lloyd"]   # top row: baseline
+
+
 def test_per_method_plots_flag(tmp_path):
     vq.run_comparison(**{**TINY, "steps": 5, "outdir": str(tmp_path), "per_method_plots": True,
                          "methods": ["manual_ste", "rotation"]})

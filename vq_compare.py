@@ -1842,7 +1842,7 @@ def plot_comparison(summary):
         ax1.barh(y, pct, xerr=err, color=colors, capsize=3, height=0.6)
         if use_pop:
             ax1.axvline(100 * (uncon - ref) / ref, color="k", ls="-.", lw=1, label="unconstrained k-means")
-            ax1.legend(loc="lower right", fontsize=8)
+            ax1.legend(loc="upper right", fontsize=8)
         eval_pct = 100 * (np.array([res[n]["recon_mse"] for n in names]) - res["pca_lloyd"]["recon_mse"]) \
             / res["pca_lloyd"]["recon_mse"]
         ax1.scatter(eval_pct, y, marker="x", color="k", zorder=3, label="eval set")
@@ -1852,6 +1852,7 @@ def plot_comparison(summary):
             ax1.annotate(f"{p:+.2f}%", (p, yi), xytext=(4 if p >= 0 else -4, 6), textcoords="offset points",
                          ha="left" if p >= 0 else "right", fontsize=8)
         ax1.set_xlim(-1.35 * span, 1.35 * span)
+        ax1.set_ylim(ax0.get_ylim())                       # each method on one line across both panels
         ax1.axvline(0, color="k", lw=0.8)
         ax1.set_yticks(y, [""] * len(names))
         ax1.set_xlabel("% vs PCA + Lloyd" + (" (bars: population, ±2 paired se; x: eval set)" if use_pop else ""))
