@@ -677,12 +677,21 @@ def test_big_arrays_reach_workers_through_a_file_and_give_the_same_result():
     rng = np.random.default_rng(23)
     Z = rng.normal(size=(80_000, 2))                      # 1.3 MB: sent as a mapped file
     assert Z.nbytes > vq._FILE_BYTES
-    tmp = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    before = {d for d in os.listdir(tmp) if d.startswith("vq_compare_")}
+    def scratch():
+        dirs = [d for d in ("/dev/shm", tempfile.gettempdir()) if os.path.isdir(d)]
+        return {os.path.join(d, f) for d in dirs for f in os.listdir(d) if f.startswith("vq_compare_")}
+    before = scratch()
     a = vq.kmeans_run(Z, 6, seed=4, n_init=2, max_iter=30, workers=1)
     b = vq.kmeans_run(Z, 6, seed=4, n_init=2, max_iter=30, workers=2)
     assert np.array_equal(a.E, b.E) and a.inertia == b.inertia
-    assert {d for d in os.listdir(tmp) if d.startswith("vq_compare_")} == before   # cleaned up
+    assert scratch() == before                             # cleaned up
+
+
+def test_scratch_files_avoid_a_full_dev_shm(monkeypatch):
+    usage = type("Usage", (), {"free": 64 << 20})
+    monkeypatch.setattr(vq.shutil, "disk_usage", lambda path: usage)
+    assert vq._scratch_dir(1 << 20) == "/dev/shm"
+    assert vq._scratch_dir(100 << 20) is None              # the usual temporary directory
 
 
 def test_start_point_and_reference_equal_their_definitions():

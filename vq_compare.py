@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -625,6 +626,17 @@ class _InFile(NamedTuple):
 _FILE_BYTES = 1 << 20   # array arguments larger than this reach workers through a file
 
 
+def _scratch_dir(nbytes):
+    """/dev/shm (memory) when it has room for ``nbytes`` twice over, else the usual
+    temporary directory (containers often give /dev/shm only 64 MB)."""
+    try:
+        if shutil.disk_usage("/dev/shm").free > 2 * nbytes:
+            return "/dev/shm"
+    except OSError:
+        pass
+    return None
+
+
 def _call_mapped(fn, args):
     return fn(*[np.load(a.path, mmap_mode="r") if isinstance(a, _InFile) else a for a in args])
 
@@ -640,7 +652,9 @@ def run_tasks(fn, arg_list, workers):
     busy worker)."""
     pool = worker_pool(workers) if len(arg_list) >= 2 else None
     if pool is not None:
-        tmp = tempfile.mkdtemp(prefix="vq_compare_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        big = {id(a): a.nbytes for args in arg_list for a in args
+               if isinstance(a, np.ndarray) and a.nbytes > _FILE_BYTES}
+        tmp = tempfile.mkdtemp(prefix="vq_compare_", dir=_scratch_dir(sum(big.values())))
         files = {}
 
         def send(a):
@@ -656,9 +670,7 @@ def run_tasks(fn, arg_list, workers):
         except Exception:                                  # lost workers: redo the work here
             _shutdown_pool(wait=False)                     # (an error of fn itself recurs)
         finally:
-            for f in files.values():
-                os.remove(f.path)
-            os.rmdir(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
     return [fn(*args) for args in arg_list]
 
 
