@@ -361,17 +361,16 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
     bound): it was ``g`` closer to its own centre than to any other, and since then its
     own centre moved by ``a`` and the farthest-moving centre by ``b`` per update; while
     the sums of ``a + b`` stay below ``g`` it keeps its centre (triangle inequality,
-    with the rounding error of the distances subtracted from ``g``). And only the
-    clusters that gained or lost a point get new sums, added in the same order as a
-    full recount, so the centres are bit for bit those of plain Lloyd
-    (:func:`lloyd_plain`), up to exact ties.
+    with the rounding error of the distances subtracted from ``g``). The centres are
+    recomputed from full sums every iteration, so they are bit for bit those of plain
+    Lloyd (:func:`lloyd_plain`), up to exact ties (tested, float64 and float32).
     """
     E = np.array(E_init, dtype=np.result_type(Z, E_init), copy=True)
     n, K = Z.shape[0], E.shape[0]
     eps = 4 * (Z.shape[1] + 2) * np.finfo(E.dtype).eps * (
         float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0))
         + float(np.max(np.einsum("km,km->k", E, E))) + 1e-300)   # distance rounding bound
-    labels = thresh = counts = sums = None
+    labels = thresh = None
     own = np.zeros(K)                  # accumulated drift of each centre
     drift, frac, prev_inertia, n_iter = 0.0, 1.0, np.inf, 0   # drift: of the farthest mover
     for it in range(max_iter + 1):
@@ -409,20 +408,18 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
             prev_inertia = inertia
         if it == max_iter:
             break
-        # update step: new sums for the clusters that gained or lost points
+        # update step
         counts, sums = cluster_sums(Z, labels, K)
-        touched = np.arange(K)
         if (counts == 0).any():                            # empty clusters: relocation
             dist = np.sum((Z - E[labels]) ** 2, axis=1)
             E_new = _centroids(Z, labels, dist, E)
-            thresh, frac = None, 1.0                       # labels no longer match the sums
-        else:
-            E_new = E.copy()
-            E_new[touched] = (sums[touched] / counts[touched, None]).astype(E.dtype, copy=False)
+            thresh, frac = None, 1.0                       # a point moved without a bound
+        else:                                              # what _centroids computes
+            E_new = (sums / counts[:, None]).astype(E.dtype, copy=False)
         n_iter += 1
-        step = np.sqrt(np.sum((E_new[touched].astype(np.float64) - E[touched]) ** 2, axis=1))
-        own[touched] += step * (1 + _SAFE)
-        drift += float(np.max(step, initial=0.0)) * (1 + _SAFE)
+        step = np.sqrt(np.sum((E_new.astype(np.float64) - E) ** 2, axis=1))   # (K,) moves
+        own += step * (1 + _SAFE)
+        drift += float(np.max(step)) * (1 + _SAFE)
         E = E_new
     labels, dist = nearest(Z, E)
     return LloydResult(E, labels, float(dist.sum()), n_iter)
