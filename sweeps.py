@@ -524,7 +524,8 @@ def build_parser():
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sweep", choices=SWEEPS + ("all",), default="all", help="what to sweep")
     p.add_argument("--seeds", type=int, default=5, help="seeds per cell (seed, seed+1, ...)")
-    p.add_argument("--jobs", type=int, default=1, help="parallel processes")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="parallel processes (0: one per core); results do not depend on it")
     p.add_argument("--outdir", default="sweeps_out", help="output folder")
     p.add_argument("--resume", action="store_true", help="skip runs already in OUTDIR/results.jsonl")
     p.add_argument("--quick", action="store_true", help="a small grid: a smoke run in seconds")
@@ -566,8 +567,9 @@ def parse_args(argv=None):
     args.settings = settings
     if args.seeds < 1:
         raise SweepError(f"--seeds {args.seeds}: must be >= 1")
-    if args.jobs < 1:
-        raise SweepError(f"--jobs {args.jobs}: must be >= 1")
+    if args.jobs < 0:
+        raise SweepError(f"--jobs {args.jobs}: must be >= 0 (0: one per core)")
+    args.jobs = args.jobs or os.cpu_count() or 1
     if args.steps_max < 1 or args.steps_every < 1:
         raise SweepError(f"--steps_max {args.steps_max} --steps_every {args.steps_every}: must be >= 1")
     base = vq.Config()

@@ -533,7 +533,7 @@ def test_confidence_interval_of_a_known_sample():
 
 def test_tiny_sweep_end_to_end_and_jobs_do_not_change_results(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    pa = run_sweeps("--sweep", "all", "--outdir", str(a), *SWEEP_ARGS)
+    pa = run_sweeps("--sweep", "all", "--outdir", str(a), "--jobs", "1", *SWEEP_ARGS)
     pb = run_sweeps("--sweep", "all", "--outdir", str(b), "--jobs", "2", *SWEEP_ARGS)
     assert pa.returncode == 0 and pb.returncode == 0, pa.stderr + pb.stderr
     ra, rb = (a / "results.jsonl").read_text(), (b / "results.jsonl").read_text()
@@ -574,7 +574,7 @@ def test_resume_after_interruption_gives_the_same_lines(tmp_path):
 SWEEP_BAD = [(["--K_values"], "--K_values"), (["--K_values", "x"], "--K_values"),
              (["--beta_values", "0", "abc"], "--beta_values"), (["--K_values", "99999"], "--K 99999"),
              (["--sweep", "gamma"], "--sweep"), (["--methods", "nope"], "--methods nope"),
-             (["--seeds", "0"], "--seeds 0")]
+             (["--seeds", "0"], "--seeds 0"), (["--jobs", "-1"], "--jobs -1")]
 
 
 @pytest.mark.parametrize("args,named", SWEEP_BAD)
