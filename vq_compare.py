@@ -1713,11 +1713,11 @@ def format_report(summary):
     """The console table: eval metrics, population error with its noise, gaps to floors."""
     res, b = summary["results"], summary["bounds"]
     base = res.get("pca_lloyd", {}).get("pop_recon_mse")
-    lines = ["=" * 118, "SUMMARY  (recon = mean ||x - x_hat||^2; eval set of "
-             f"{summary['config']['n_eval']} samples; pop = {b['n_pop']:,} fresh samples)", "=" * 118]
     head = (f"{'Method':<28}{'Recon MSE':>10}{'In-Sub':>9}{'Ent':>7}{'Dead':>6}{'Perp':>7}"
             f"{'Pop MSE ± se':>19}{'vs base':>9}{'vs best':>9}{'vs Shan':>9}{'vs unc':>8}{'Time s':>8}")
-    lines += [head, "-" * len(head)]
+    lines = ["=" * len(head), "SUMMARY  (recon = mean ||x - x_hat||^2; eval set of "
+             f"{summary['config']['n_eval']} samples; pop = {b['n_pop']:,} fresh samples)", "=" * len(head),
+             head, "-" * len(head)]
     for name, r in res.items():
         label = LABELS.get(name, name)
         if r["status"] != "ok":
