@@ -505,6 +505,17 @@ def _restart(Z, K, rng, max_iter, tol, init=None):
     return r._replace(seconds=time.perf_counter() - t0)
 
 
+def _restart_tasks(Z, K, seed, n_init, max_iter, tol=0.0):
+    """Arguments of :func:`_restart` for ``n_init`` restarts: restart i draws from the
+    i-th generator spawned from ``seed``, wherever it runs."""
+    return [(Z, K, r, max_iter, tol) for r in _as_rng(seed).spawn(max(1, n_init))]
+
+
+def _best(runs):
+    """The restart with the lowest inertia (the first of equals)."""
+    return min(runs, key=lambda r: r.inertia)
+
+
 def kmeans_run(Z, K, seed=0, n_init=8, max_iter=300, tol=0.0, workers=1):
     """k-means: ``n_init`` k-means++ starts, Lloyd from each, the lowest inertia kept.
 
@@ -514,9 +525,7 @@ def kmeans_run(Z, K, seed=0, n_init=8, max_iter=300, tol=0.0, workers=1):
     n = Z.shape[0]
     if not 1 <= K <= n:
         raise ValueError(f"n_samples={n} should be >= K={K} >= 1")
-    rngs = _as_rng(seed).spawn(max(1, n_init))
-    runs = run_tasks(_restart, [(Z, K, r, max_iter, tol) for r in rngs], workers)
-    return min(runs, key=lambda r: r.inertia)             # the first of equals
+    return _best(run_tasks(_restart, _restart_tasks(Z, K, seed, n_init, max_iter, tol), workers))
 
 
 def kmeans(Z, K, seed=0, n_init=8, max_iter=300, tol=0.0, workers=1):
@@ -1472,12 +1481,12 @@ def make_problem(cfg, start=None):
     # one batch, so that worker processes stay busy (the reference's start from the
     # lifted baseline codebook follows, in unconstrained_reference).
     n_init, S_train = _restarts(cfg), _rank_coords(X_train, U)
-    tasks = [(X_train @ W0.T, cfg.K, r, cfg.kmeans_iter, 0.0)
-             for r in derived_rng(cfg.seed, "kmeans").spawn(n_init)]   # as kmeans_run draws
+    tasks = _restart_tasks(X_train @ W0.T, cfg.K, derived_rng(cfg.seed, "kmeans"), n_init,
+                           cfg.kmeans_iter)               # kmeans_run's, as kmeans() would run them
     runs = run_tasks(_restart, tasks + _reference_tasks(cfg, S_train), cfg.workers)
     if _data_bytes(cfg) > _BIG_DATA:
         _shutdown_pool()                                   # idle workers' memory next to big data
-    base = min(runs[:n_init], key=lambda r: r.inertia)    # the first of equals, as kmeans_run
+    base = _best(runs[:n_init])
     problem = Problem(cfg, X_train, X_eval, U, lam, W0, base.E,
                       pca_seconds + sum(r.seconds for r in runs[:n_init]))
     unconstrained_reference(problem, S_train, runs[n_init:])
@@ -1616,8 +1625,8 @@ def _rank_coords(X, U):
 
 
 def _reference_tasks(cfg, S_train):
-    return [(S_train, cfg.K, r, cfg.kmeans_iter, 0.0)
-            for r in derived_rng(cfg.seed, "unconstrained").spawn(_restarts(cfg))]
+    return _restart_tasks(S_train, cfg.K, derived_rng(cfg.seed, "unconstrained"), _restarts(cfg),
+                          cfg.kmeans_iter)
 
 
 def unconstrained_reference(problem, S_train=None, restarts=None):
@@ -1638,7 +1647,7 @@ def unconstrained_reference(problem, S_train=None, restarts=None):
             restarts = run_tasks(_restart, _reference_tasks(cfg, S_train), cfg.workers)
         lifted = problem.E0.astype(np.float64) @ (problem.W0.astype(np.float64) @ problem.U)
         runs = list(restarts) + [_restart(S_train, cfg.K, None, cfg.kmeans_iter, 0.0, lifted)]
-        C = min(runs, key=lambda r: r.inertia).E
+        C = _best(runs).E
         t0 = time.perf_counter()
         X_eval = problem.X_eval.astype(np.float64, copy=False)
         S_eval = X_eval @ problem.U
