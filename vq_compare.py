@@ -1905,9 +1905,11 @@ def plot_training_curves(summary, only=None):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=len(labels),
+               fontsize=8, frameon=False)                  # above the panels: hides no curve
     fig.suptitle("Training curves (same start, same batches; fd_ste markers sit on manual_ste)", fontsize=10)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.9, hspace=0.35, wspace=0.2)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.88, hspace=0.35, wspace=0.2)
     return fig
 
 
