@@ -204,6 +204,22 @@ def test_reconstruction_error_splits_into_residual_and_distortion():
     assert np.allclose(per_sample, residual + distortion, rtol=1e-12, atol=1e-12)
     m = vq.metrics(W, E, X)
     assert m["recon_mse"] == pytest.approx(residual.mean() + m["in_sub_dist"], rel=1e-12)
+    # the training logs' shortcut (sum of ||x||^2 given, W orthonormal) is the same error
+    fast = vq.metrics(W, E, X, x_sq=float(np.sum(X * X)))
+    assert fast["recon_mse"] == pytest.approx(m["recon_mse"], rel=1e-12)
+    shifted = vq.metrics(W, E, X, x_sq=float(np.sum(X * X)) + X.shape[0])  # it uses x_sq
+    assert shifted["recon_mse"] == pytest.approx(m["recon_mse"] + 1, rel=1e-12)
+    assert {k: v for k, v in fast.items() if k != "recon_mse"} == \
+        {k: v for k, v in m.items() if k != "recon_mse"}
+
+
+def test_tall_product_is_the_plain_product():
+    rng = np.random.default_rng(2)
+    for n, D, m in [(20000, 512, 16), (3000, 64, 4), (7, 3, 3)]:
+        X, W = rng.standard_normal((n, D)), rng.standard_normal((m, D))
+        P = vq.tall_product(X, W)
+        assert P.shape == (n, m) and P.flags.c_contiguous
+        assert np.abs(P - X @ W.T).max() <= 1e-13 * np.abs(X @ W.T).max()
 
 
 # ---------------------------------------------------------------- k-means

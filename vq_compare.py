@@ -224,6 +224,18 @@ def subspace_angle_deg(W, U_m):
 # Quantizer: assignment, Lloyd, k-means++
 # ----------------------------------------------------------------------------
 
+def tall_product(X, W):
+    """``X @ W.T`` (C-ordered) for a tall ``X`` (n, D) and a thin ``W`` (m, D), computed
+    as ``(W @ X.T).T``: the same products, which OpenBLAS runs 1.6-1.9x faster for
+    (100,000 x 512) @ (512 x 16); equal up to rounding (bit for bit on this machine).
+
+    >>> X, W = np.arange(6.0).reshape(3, 2), np.array([[1.0, -1.0]])
+    >>> tall_product(X, W).ravel()
+    array([-1., -1., -1.])
+    """
+    return np.ascontiguousarray((W @ X.T).T)
+
+
 _CHUNK_ELEMS = 1 << 18   # entries of one (rows x K) distance block: stays in cache
 
 
@@ -1034,11 +1046,15 @@ def usage_stats(labels, K):
             "dead_frac": float(np.mean(counts == 0))}
 
 
-def metrics(W, E, X):
+def metrics(W, E, X, x_sq=None):
     """Reconstruction and code-usage metrics of the model (W, E) on ``X`` (n, D).
 
     Returns a dict: ``recon_mse`` = mean ||x - q W||^2, ``in_sub_dist`` = mean
     ||z - q||^2, ``usage_entropy`` (nats), ``perplexity`` = exp(entropy), ``dead_frac``.
+
+    ``x_sq``, the sum of ||x||^2 over ``X``, asserts that W has orthonormal rows: the
+    error then comes from ||x - qW||^2 = ||x||^2 - ||z||^2 + ||z - q||^2 (no (n, D)
+    reconstruction; the training logs use it, equal to 1e-12 relative, tested).
 
     Examples
     --------
@@ -1057,8 +1073,13 @@ def metrics(W, E, X):
         Zc = Xc @ W.T                                      # (c, m)
         lab, dist = nearest(Zc, E)
         labels[s:s + step] = lab
-        recon += float(np.sum((Xc - E[lab] @ W) ** 2))
+        if x_sq is None:
+            recon += float(np.sum((Xc - E[lab] @ W) ** 2))
+        else:
+            recon -= float(np.einsum("cm,cm->", Zc, Zc))
         in_sub += float(dist.sum())
+    if x_sq is not None:
+        recon += x_sq + in_sub
     return {"recon_mse": recon / n, "in_sub_dist": in_sub / n, **usage_stats(labels, E.shape[0])}
 
 
@@ -1190,6 +1211,7 @@ class Problem:
     E0: np.ndarray           # (K, m) k-means codebook on the PCA latents
     start_seconds: float     # time to build (W0, E0)
     reference: tuple = None  # unconstrained_reference(problem)
+    eval_sq: float = None    # sum of ||x||^2 over X_eval (float64 data), for the logs
 
     def start(self):
         """What :func:`make_problem` computes beyond the data (small arrays only)."""
@@ -1204,7 +1226,9 @@ DIVERGED = 1e4   # a run whose eval error grows past this multiple of its start 
 
 
 def _eval_row(problem, step, W, E):
-    row = {"step": step, **metrics(W, E, problem.X_eval)}
+    if problem.eval_sq is None and problem.X_eval.dtype == np.float64:
+        problem.eval_sq = float(np.einsum("nd,nd->", problem.X_eval, problem.X_eval))
+    row = {"step": step, **metrics(W, E, problem.X_eval, problem.eval_sq)}
     if problem.cfg.m <= problem.cfg.rank:
         row["subspace_angle_deg"] = subspace_angle_deg(W, problem.U[:, :problem.cfg.m])
     return row
@@ -1359,21 +1383,38 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10):
     ``mean ||x - q W||^2``. Stops when the relative improvement of a round is below
     ``tol`` or after ``max_rounds``.
 
+    One pass over X per round: with ``S`` the per-cluster sums of the rows of X (K, D),
+    ``Q^T X = E^T S`` and the centroids of ``Z = X W^T`` are ``S W^T / counts``; ``S``
+    follows the points that change cluster.
+
     Returns W (m, D), E (K, m) and the training error before round 1 and after each round.
     """
-    n = X.shape[0]
+    n, K = X.shape[0], E.shape[0]
     x_sq = float(np.einsum("nd,nd->", X, X))              # no (n, D) temporary
-    Z = X @ W.T                                            # (n, m)
+    Z = tall_product(X, W)                                 # (n, m)
     labels, dist = nearest(Z, E)
+    counts = np.bincount(labels, minlength=K)
+    S = np.zeros((K, X.shape[1]))                          # float64 sums of x per cluster
+    np.add.at(S, labels, X)
 
     def train_err(Z, dist):        # orthonormal rows: ||x - qW||^2 = ||x||^2 - ||z||^2 + ||z - q||^2
         return (x_sq - float(np.sum(Z * Z)) + float(dist.sum())) / n
     history = [train_err(Z, dist)]
     for _ in range(max_rounds):
-        W = stiefel_project(E[labels].T @ X)               # (m, D) Procrustes
-        Z = X @ W.T
-        E = _centroids(Z, labels, dist, E, relocate=False)  # moving points would break descent
-        labels, dist = nearest(Z, E)
+        W = stiefel_project(E.astype(np.float64).T @ S).astype(X.dtype)   # (m, D) Procrustes
+        Z = tall_product(X, W)
+        has = counts > 0                                   # an empty cluster keeps its code
+        E = E.astype(np.float64)                           # (moving points would break descent)
+        E[has] = (S[has] @ W.T.astype(np.float64)) / counts[has, None]
+        E = E.astype(X.dtype)
+        new, dist = nearest(Z, E)
+        moved = np.flatnonzero(new != labels)
+        if moved.size:
+            Xm = X[moved]
+            np.subtract.at(S, labels[moved], Xm)
+            np.add.at(S, new[moved], Xm)
+            counts = np.bincount(new, minlength=K)
+            labels = new
         history.append(train_err(Z, dist))
         if history[-2] - history[-1] <= tol * history[-2]:
             break
@@ -1481,7 +1522,7 @@ def make_problem(cfg, start=None):
     # one batch, so that worker processes stay busy (the reference's start from the
     # lifted baseline codebook follows, in unconstrained_reference).
     n_init, S_train = _restarts(cfg), _rank_coords(X_train, U)
-    tasks = _restart_tasks(X_train @ W0.T, cfg.K, derived_rng(cfg.seed, "kmeans"), n_init,
+    tasks = _restart_tasks(tall_product(X_train, W0), cfg.K, derived_rng(cfg.seed, "kmeans"), n_init,
                            cfg.kmeans_iter)               # kmeans_run's, as kmeans() would run them
     runs = run_tasks(_restart, tasks + _reference_tasks(cfg, S_train), cfg.workers)
     if _data_bytes(cfg) > _BIG_DATA:
@@ -1621,7 +1662,7 @@ def compare(problem):
 
 def _rank_coords(X, U):
     """Coordinates ``X @ U`` (n, rank) in float64 of data that lie in span(U)."""
-    return X.astype(np.float64, copy=False) @ U
+    return tall_product(X.astype(np.float64, copy=False), U.T)
 
 
 def _reference_tasks(cfg, S_train):
