@@ -20,7 +20,8 @@ import vq_compare as vq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(D=12, rank=4, m=3, K=8, n_train=600, n_eval=300, steps=15, batch=64,
-            n_pop=20000, n_init=2, log_every=5, outdir=None, quiet=True)
+            n_pop=20000, n_init=2, log_every=5, outdir=None, quiet=True,
+            workers=1)   # in this process: tests that patch functions see every call
 
 
 def random_point(rng, B, D, m, K, orthonormal=True):
@@ -683,10 +684,20 @@ def test_worker_processes_do_not_change_results():
     a = vq.kmeans_run(Z, 12, seed=5, n_init=4, workers=1)
     b = vq.kmeans_run(Z, 12, seed=5, n_init=4, workers=2)
     assert np.array_equal(a.E, b.E) and a.inertia == b.inertia
-    one = vq._json_ready(vq.run_comparison(**{**TINY, "workers": 1}))
-    two = vq._json_ready(vq.run_comparison(**{**TINY, "workers": 2}))
-    assert one["config"].pop("workers") == 1 and two["config"].pop("workers") == 2
-    assert _strip_times(one) == _strip_times(two)
+    # the methods, the reference and the gradient checks run on the workers too (one
+    # BLAS thread there, several here); at the default batch and D, where BLAS threads
+    # (a threaded dot product rounded by thread count; the loss no longer uses one)
+    for settings in (TINY, {**TINY, "D": 64, "rank": 6, "m": 4, "K": 32, "n_train": 3000,
+                            "batch": 1024, "steps": 8, "log_every": 4}):
+        here = vq.run_comparison(**{**settings, "workers": 1})
+        there = vq.run_comparison(**{**settings, "workers": 2})
+        for name, r in here["results"].items():            # trained models and their logs
+            assert np.array_equal(r["W"], there["results"][name]["W"])
+            assert np.array_equal(r["E"], there["results"][name]["E"])
+            assert r["logs"] == there["results"][name]["logs"]
+        one, two = vq._json_ready(here), vq._json_ready(there)
+        assert one["config"].pop("workers") == 1 and two["config"].pop("workers") == 2
+        assert _strip_times(one) == _strip_times(two)
 
 
 def test_big_arrays_reach_workers_through_a_file_and_give_the_same_result():

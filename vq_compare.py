@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -91,8 +92,9 @@ class Config:
     fd_max_evals: float = _f(2e6, "skip fd_ste when steps x 2 x (parameters) loss evaluations exceed this")
     force_fd: bool = _f(False, "run fd_ste whatever its cost")
     per_method_plots: bool = _f(False, "also write one <method>.png of training curves per gradient method")
-    workers: int = _f(0, "processes for the k-means restarts and the unconstrained reference "
-                         "(0: one per core; 1: all in this process); results do not depend on it")
+    workers: int = _f(0, "processes for the k-means restarts, the unconstrained reference and "
+                         "(data under 256 MiB) the methods (0: one per core; 1: all in this "
+                         "process); results do not depend on it")
 
 
 # Derived random streams: one per purpose, so adding a method never changes the
@@ -569,7 +571,7 @@ def kmeans(Z, K, seed=0, n_init=8, max_iter=300, tol=0.0, workers=1):
 
 
 # ----------------------------------------------------------------------------
-# Worker processes (restarts only: results never depend on them)
+# Worker processes (results never depend on them)
 # ----------------------------------------------------------------------------
 
 _POOL = {"pool": None, "size": 0}
@@ -661,10 +663,10 @@ def _call_mapped(fn, args):
 
 def run_tasks(fn, arg_list, workers):
     """``[fn(*args) for args in arg_list]``, spread over worker processes when
-    :func:`worker_pool` gives a pool and there are at least two tasks. Tasks get what
-    they work on (latents, rank coordinates), never the data matrix; an array argument
-    over 1 MiB is written once to a temporary file that the workers map read-only (a
-    pickle would hold two more copies of it in memory, here and there). This process
+    :func:`worker_pool` gives a pool and there are at least two tasks. An array
+    argument over 1 MiB is written once to a temporary file that the workers map
+    read-only (a pickle would hold two more copies of it in memory, here and there);
+    callers send the data matrix itself only when it is small. This process
     waits meanwhile: its BLAS threads and busy workers on the same cores would slow
     each other down several times over (measured: training 2.9x slower next to one
     busy worker)."""
@@ -849,8 +851,9 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None):
     G = W @ W.T                                            # (m, m)
     QG = Q @ G                                             # (B, m)
     dZQ = Z - Q                                            # (B, m)
-    recon = float(np.vdot(X, X)) - 2 * float(np.vdot(Z, Q)) + float(np.vdot(QG, Q))
-    loss = (recon + (alpha + beta) * float(np.vdot(dZQ, dZQ))) / B
+    dot = functools.partial(np.einsum, "ij,ij->")         # not BLAS: a threaded dot would
+    recon = float(dot(X, X)) - 2 * float(dot(Z, Q)) + float(dot(QG, Q))   # round by thread count
+    loss = (recon + (alpha + beta) * float(dot(dZQ, dZQ))) / B
     dQt = (-2.0 / B) * (Z - QG)                            # (B, m) gradient reaching q~
     if estimator == "ste":
         dZ = dQt                                           # straight through
@@ -1500,12 +1503,14 @@ def validate(cfg):
         _check_outdir(cfg.outdir)
 
 
-def make_problem(cfg, start=None):
+def make_problem(cfg, start=None, reference=True):
     """Data, true spectrum, the shared PCA + k-means start point and the unconstrained
     reference.
 
     ``start``: the :meth:`Problem.start` of a problem with the same data settings, to
     reuse its start point and reference instead of computing them again.
+    ``reference=False`` leaves the reference to :func:`compare`, which computes it in
+    the same batch as the methods (the same result; worker processes stay busy).
     """
     dtype = np.dtype(cfg.dtype)
     X_train, X_eval, _ = make_lowrank_data(cfg.D, cfg.rank, cfg.n_train, cfg.n_eval,
@@ -1521,16 +1526,19 @@ def make_problem(cfg, start=None):
     # The restarts of the start point and of the reference do not depend on each other:
     # one batch, so that worker processes stay busy (the reference's start from the
     # lifted baseline codebook follows, in unconstrained_reference).
-    n_init, S_train = _restarts(cfg), _rank_coords(X_train, U)
+    n_init = _restarts(cfg)
+    S_train = _rank_coords(X_train, U) if reference else None
     tasks = _restart_tasks(tall_product(X_train, W0), cfg.K, derived_rng(cfg.seed, "kmeans"), n_init,
                            cfg.kmeans_iter)               # kmeans_run's, as kmeans() would run them
-    runs = run_tasks(_restart, tasks + _reference_tasks(cfg, S_train), cfg.workers)
+    runs = run_tasks(_restart, tasks + (_reference_tasks(cfg, S_train) if reference else []),
+                     cfg.workers)
     if _data_bytes(cfg) > _BIG_DATA:
         _shutdown_pool()                                   # idle workers' memory next to big data
     base = _best(runs[:n_init])
     problem = Problem(cfg, X_train, X_eval, U, lam, W0, base.E,
                       pca_seconds + sum(r.seconds for r in runs[:n_init]))
-    unconstrained_reference(problem, S_train, runs[n_init:])
+    if reference:
+        unconstrained_reference(problem, S_train, runs[n_init:])
     return problem
 
 
@@ -1588,7 +1596,7 @@ def run_comparison(**settings):
 def _run(cfg, after_start=None):
     """run_comparison's body; ``after_start()`` is called once the start point exists."""
     t_start = time.perf_counter()
-    problem = make_problem(cfg)
+    problem = make_problem(cfg, reference=_data_bytes(cfg) > _BIG_DATA)   # else: with the methods
     if after_start is not None:
         after_start()
     summary = compare(problem)
@@ -1635,13 +1643,7 @@ def compare(problem):
     the start point and the unconstrained reference are computed once per problem.
     """
     cfg = problem.cfg
-    results = {}
-    for name in cfg.methods:
-        t0 = time.perf_counter()
-        skip = _fd_skip_reason(cfg) if name == "fd_ste" else None
-        res = _result(None, None, status="skipped", note=skip) if skip else METHODS[name](problem)
-        res["seconds"] = time.perf_counter() - t0 + (problem.start_seconds if name == "pca_lloyd" else 0.0)
-        results[name] = res
+    results, checks = _run_methods(problem)
     U_m = problem.U[:, :min(cfg.m, cfg.rank)]
     for res in results.values():
         if res["status"] != "ok":      # a diverged run keeps its last finite parameters, unscored
@@ -1656,8 +1658,57 @@ def compare(problem):
         res["subspace_angle_deg"] = subspace_angle_deg(res["W"], U_m) if cfg.m <= cfg.rank else None
     return {"config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)},
             "results": results, "bounds": _bounds(problem, results),
-            "gradient_check": _gradient_checks(problem),
-            "fd_vs_manual": _agreement(results)}
+            "gradient_check": checks, "fd_vs_manual": _agreement(results)}
+
+
+_LONGEST_FIRST = ("fd_ste", "rotation", "ema_ste", "manual_ste", "procrustes_lloyd")   # default run
+
+
+def _apply(fn, *args):
+    return fn(*args)
+
+
+def _on_problem(fn, cfg, X_train, X_eval, U, lam, W0, E0):
+    """``fn(problem)`` on the problem rebuilt from its arrays (in a worker process),
+    with the seconds it took there."""
+    t0 = time.perf_counter()
+    out = fn(Problem(cfg, X_train, X_eval, U, lam, W0, E0, 0.0))
+    return out, time.perf_counter() - t0
+
+
+def _run_methods(problem):
+    """The methods of ``problem.cfg``, the gradient checks and, when not computed yet,
+    the unconstrained reference: one batch of independent tasks, spread over worker
+    processes next to small data (each result is the same wherever it runs).
+    Returns (results by method, gradient checks)."""
+    cfg = problem.cfg
+    skip = {n: _fd_skip_reason(cfg) for n in cfg.methods if n == "fd_ste"}
+    names = sorted((n for n in cfg.methods if n != "pca_lloyd" and not skip.get(n)),
+                   key=lambda n: _LONGEST_FIRST.index(n) if n in _LONGEST_FIRST else -1)
+    arrays = (cfg, problem.X_train, problem.X_eval, problem.U, problem.lam, problem.W0, problem.E0)
+    tasks = [(_on_problem, METHODS[n], *arrays) for n in names]
+    ref_tasks = []
+    if problem.reference is None:
+        S_train = _rank_coords(problem.X_train, problem.U)
+        ref_tasks = [(_restart, *a) for a in _reference_tasks(cfg, S_train) + [_lifted_task(problem, S_train)]]
+    tasks += ref_tasks + [(_on_problem, _gradient_checks, *arrays)]
+    out = run_tasks(_apply, tasks, cfg.workers if _data_bytes(cfg) <= _BIG_DATA else 1)
+    done = dict(zip(names, out))
+    if ref_tasks:
+        _set_reference(problem, S_train, out[len(names):len(names) + len(ref_tasks)])
+    results = {}
+    for name in cfg.methods:
+        if name == "pca_lloyd":
+            t0 = time.perf_counter()
+            res = method_pca_lloyd(problem)
+            res["seconds"] = time.perf_counter() - t0 + problem.start_seconds
+        elif skip.get(name):
+            res = _result(None, None, status="skipped", note=skip[name])
+            res["seconds"] = 0.0
+        else:
+            res, res["seconds"] = done[name]
+        results[name] = res
+    return results, out[-1][0]
 
 
 def _rank_coords(X, U):
@@ -1685,18 +1736,31 @@ def unconstrained_reference(problem, S_train=None, restarts=None):
         if S_train is None:
             S_train = _rank_coords(problem.X_train, problem.U)
         if restarts is None:
-            restarts = run_tasks(_restart, _reference_tasks(cfg, S_train), cfg.workers)
-        lifted = problem.E0.astype(np.float64) @ (problem.W0.astype(np.float64) @ problem.U)
-        runs = list(restarts) + [_restart(S_train, cfg.K, None, cfg.kmeans_iter, 0.0, lifted)]
-        C = _best(runs).E
-        t0 = time.perf_counter()
-        X_eval = problem.X_eval.astype(np.float64, copy=False)
-        S_eval = X_eval @ problem.U
-        out_of_span = np.einsum("nd,nd->n", X_eval, X_eval) - np.einsum("nr,nr->n", S_eval, S_eval)
-        eval_err = float(np.mean(nearest(S_eval, C)[1] + out_of_span))
-        seconds = time.perf_counter() - t0 + sum(r.seconds for r in runs)
-        problem.reference = (C, eval_err, seconds)
+            runs = run_tasks(_restart, _reference_tasks(cfg, S_train) + [_lifted_task(problem, S_train)],
+                             cfg.workers)
+        else:
+            runs = list(restarts) + [_restart(*_lifted_task(problem, S_train))]
+        _set_reference(problem, S_train, runs)
     return problem.reference
+
+
+def _lifted_task(problem, S_train):
+    """Arguments of :func:`_restart` for the reference's start from the baseline's
+    codebook lifted into the rank coordinates."""
+    lifted = problem.E0.astype(np.float64) @ (problem.W0.astype(np.float64) @ problem.U)
+    return (S_train, problem.cfg.K, None, problem.cfg.kmeans_iter, 0.0, lifted)
+
+
+def _set_reference(problem, S_train, runs):
+    """problem.reference from the reference's k-means runs: the best codebook, its eval
+    error and the compute seconds."""
+    C = _best(runs).E
+    t0 = time.perf_counter()
+    X_eval = problem.X_eval.astype(np.float64, copy=False)
+    S_eval = X_eval @ problem.U
+    out_of_span = np.einsum("nd,nd->n", X_eval, X_eval) - np.einsum("nr,nr->n", S_eval, S_eval)
+    eval_err = float(np.mean(nearest(S_eval, C)[1] + out_of_span))
+    problem.reference = (C, eval_err, time.perf_counter() - t0 + sum(r.seconds for r in runs))
 
 
 def _bounds(problem, results):
