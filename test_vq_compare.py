@@ -733,6 +733,12 @@ def test_start_point_and_reference_equal_their_definitions():
     alone = vq.Problem(cfg, p.X_train, p.X_eval, p.U, p.lam, p.W0, p.E0, 0.0)
     C, err, _ = vq.unconstrained_reference(alone)
     assert np.array_equal(C, p.reference[0]) and err == p.reference[1]
+    # left to compare(), the reference runs in the methods' batch: the same again
+    later = vq.make_problem(cfg, reference=False)
+    assert later.reference is None
+    summary = vq.compare(later)
+    assert np.array_equal(later.reference[0], C) and later.reference[1] == err
+    assert summary["bounds"]["unconstrained_kmeans_eval"] == err
     # never worse on the training data than the rank-m baseline it can start from
     S = X_train @ p.U
     lifted = E0 @ (W0 @ p.U)

@@ -1661,7 +1661,9 @@ def compare(problem):
             "gradient_check": checks, "fd_vs_manual": _agreement(results)}
 
 
-_LONGEST_FIRST = ("fd_ste", "rotation", "ema_ste", "manual_ste", "procrustes_lloyd")   # default run
+# Task order of the methods, longest first on the default run (a method not listed goes
+# first), so that the worker processes finish together.
+_LONGEST_FIRST = ("fd_ste", "rotation", "ema_ste", "manual_ste", "procrustes_lloyd")
 
 
 def _apply(fn, *args):
@@ -1695,7 +1697,7 @@ def _run_methods(problem):
     out = run_tasks(_apply, tasks, cfg.workers if _data_bytes(cfg) <= _BIG_DATA else 1)
     done = dict(zip(names, out))
     if ref_tasks:
-        _set_reference(problem, S_train, out[len(names):len(names) + len(ref_tasks)])
+        _set_reference(problem, out[len(names):len(names) + len(ref_tasks)])
     results = {}
     for name in cfg.methods:
         if name == "pca_lloyd":
@@ -1740,7 +1742,7 @@ def unconstrained_reference(problem, S_train=None, restarts=None):
                              cfg.workers)
         else:
             runs = list(restarts) + [_restart(*_lifted_task(problem, S_train))]
-        _set_reference(problem, S_train, runs)
+        _set_reference(problem, runs)
     return problem.reference
 
 
@@ -1751,7 +1753,7 @@ def _lifted_task(problem, S_train):
     return (S_train, problem.cfg.K, None, problem.cfg.kmeans_iter, 0.0, lifted)
 
 
-def _set_reference(problem, S_train, runs):
+def _set_reference(problem, runs):
     """problem.reference from the reference's k-means runs: the best codebook, its eval
     error and the compute seconds."""
     C = _best(runs).E
