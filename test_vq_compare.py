@@ -432,8 +432,9 @@ def test_another_method_does_not_change_a_methods_numbers():
     assert one["results"]["manual_ste"]["recon_mse"] == two["results"]["manual_ste"]["recon_mse"]
 
 
-def test_diverging_method_is_reported_and_others_finish(tmp_path):
-    out = vq.run_comparison(**{**TINY, "lrE": 1e150, "outdir": str(tmp_path),
+@pytest.mark.parametrize("workers", [1, 2])                 # here, and in worker processes
+def test_diverging_method_is_reported_and_others_finish(tmp_path, workers):
+    out = vq.run_comparison(**{**TINY, "lrE": 1e150, "outdir": str(tmp_path), "workers": workers,
                                "methods": ["pca_lloyd", "manual_ste", "procrustes_lloyd"]})
     r = out["results"]["manual_ste"]
     assert r["status"] == "diverged" and 1 <= r["diverged_at_step"] <= TINY["steps"]
