@@ -1228,10 +1228,16 @@ def _result(W, E, logs=None, status="ok", step=None, note=""):
 DIVERGED = 1e4   # a run whose eval error grows past this multiple of its start has diverged
 
 
-def _eval_row(problem, step, W, E):
+def _eval_sq(problem):
+    """Sum of ||x||^2 over X_eval, once per problem; None for float32 data (the logs'
+    shortcut would lose digits there)."""
     if problem.eval_sq is None and problem.X_eval.dtype == np.float64:
         problem.eval_sq = float(np.einsum("nd,nd->", problem.X_eval, problem.X_eval))
-    row = {"step": step, **metrics(W, E, problem.X_eval, problem.eval_sq)}
+    return problem.eval_sq
+
+
+def _eval_row(problem, step, W, E):
+    row = {"step": step, **metrics(W, E, problem.X_eval, _eval_sq(problem))}
     if problem.cfg.m <= problem.cfg.rank:
         row["subspace_angle_deg"] = subspace_angle_deg(W, problem.U[:, :problem.cfg.m])
     return row
@@ -1670,11 +1676,11 @@ def _apply(fn, *args):
     return fn(*args)
 
 
-def _on_problem(fn, cfg, X_train, X_eval, U, lam, W0, E0):
+def _on_problem(fn, cfg, X_train, X_eval, U, lam, W0, E0, eval_sq):
     """``fn(problem)`` on the problem rebuilt from its arrays (in a worker process),
     with the seconds it took there."""
     t0 = time.perf_counter()
-    out = fn(Problem(cfg, X_train, X_eval, U, lam, W0, E0, 0.0))
+    out = fn(Problem(cfg, X_train, X_eval, U, lam, W0, E0, 0.0, None, eval_sq))
     return out, time.perf_counter() - t0
 
 
@@ -1687,7 +1693,8 @@ def _run_methods(problem):
     skip = {n: _fd_skip_reason(cfg) for n in cfg.methods if n == "fd_ste"}
     names = sorted((n for n in cfg.methods if n != "pca_lloyd" and not skip.get(n)),
                    key=lambda n: _LONGEST_FIRST.index(n) if n in _LONGEST_FIRST else -1)
-    arrays = (cfg, problem.X_train, problem.X_eval, problem.U, problem.lam, problem.W0, problem.E0)
+    arrays = (cfg, problem.X_train, problem.X_eval, problem.U, problem.lam, problem.W0, problem.E0,
+              _eval_sq(problem))
     tasks = [(_on_problem, METHODS[n], *arrays) for n in names]
     ref_tasks = []
     if problem.reference is None:
