@@ -8,6 +8,7 @@ import csv
 import doctest
 import json
 import math
+import operator
 import os
 import subprocess
 import sys
@@ -722,10 +723,24 @@ def test_scratch_files_avoid_a_full_dev_shm(monkeypatch):
     assert vq._scratch_dir(100 << 20) is None              # the usual temporary directory
 
 
-def test_start_point_and_reference_equal_their_definitions():
-    # make_problem runs the restarts of both in one batch; the results must be those of
+def test_a_batch_can_grow_once_its_first_tasks_are_done():
+    tasks = [(operator.mul, 2, 3), (operator.mul, 4, 5), (operator.mul, 6, 7)]
+    seen = []
+
+    def more(first):                                       # called with the first two results
+        seen.append(first)
+        return [(operator.add, first[0], first[1])]
+    for workers in (1, 2):
+        assert vq.run_tasks(vq._apply, tasks, workers, then=(2, more)) == [6, 20, 42, 26]
+    assert seen == [[6, 20], [6, 20]]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_start_point_and_reference_equal_their_definitions(workers):
+    # make_problem runs the restarts of both in one batch (and the reference's start from
+    # the lifted baseline as soon as the baseline is known); the results must be those of
     # kmeans() on the PCA latents and of unconstrained_reference() on its own
-    cfg = vq.make_config(**{**TINY, "n_init": 3})
+    cfg = vq.make_config(**{**TINY, "n_init": 3, "workers": workers})
     p = vq.make_problem(cfg)
     X_train, _, _ = vq.make_lowrank_data(cfg.D, cfg.rank, cfg.n_train, cfg.n_eval, cfg.seed)
     W0 = vq.pca_encoder(X_train, cfg.m)

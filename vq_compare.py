@@ -661,9 +661,12 @@ def _call_mapped(fn, args):
     return fn(*[np.load(a.path, mmap_mode="r") if isinstance(a, _InFile) else a for a in args])
 
 
-def run_tasks(fn, arg_list, workers):
+def run_tasks(fn, arg_list, workers, then=None):
     """``[fn(*args) for args in arg_list]``, spread over worker processes when
-    :func:`worker_pool` gives a pool and there are at least two tasks. An array
+    :func:`worker_pool` gives a pool and there are at least two tasks.
+    ``then=(k, more)``: once the first ``k`` tasks are done, ``more(their results)``
+    gives the arguments of further tasks of the same batch, whose results follow (the
+    other tasks keep running meanwhile). An array
     argument over 1 MiB is written once to a temporary file that the workers map
     read-only (a pickle would hold two more copies of it in memory, here and there);
     callers send the data matrix itself only when it is small. This process
@@ -686,12 +689,19 @@ def run_tasks(fn, arg_list, workers):
             return files[id(a)]
         try:
             futures = [pool.submit(_call_mapped, fn, [send(a) for a in args]) for args in arg_list]
+            if then is not None:
+                k, more = then
+                futures += [pool.submit(_call_mapped, fn, [send(a) for a in args])
+                            for args in more([f.result() for f in futures[:k]])]
             return [f.result() for f in futures]
         except Exception:                                  # lost workers: redo the work here
             _shutdown_pool(wait=False)                     # (an error of fn itself recurs)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return [fn(*args) for args in arg_list]
+    out = [fn(*args) for args in arg_list]
+    if then is not None:
+        out += [fn(*args) for args in then[1](out[:then[0]])]
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -1530,21 +1540,23 @@ def make_problem(cfg, start=None, reference=True):
     W0 = pca_encoder(X_train, cfg.m)
     pca_seconds = time.perf_counter() - t0
     # The restarts of the start point and of the reference do not depend on each other:
-    # one batch, so that worker processes stay busy (the reference's start from the
-    # lifted baseline codebook follows, in unconstrained_reference).
+    # one batch, so that worker processes stay busy; the reference's start from the
+    # lifted baseline codebook joins it as soon as the baseline's restarts are done.
     n_init = _restarts(cfg)
-    S_train = _rank_coords(X_train, U) if reference else None
     tasks = _restart_tasks(tall_product(X_train, W0), cfg.K, derived_rng(cfg.seed, "kmeans"), n_init,
                            cfg.kmeans_iter)               # kmeans_run's, as kmeans() would run them
-    runs = run_tasks(_restart, tasks + (_reference_tasks(cfg, S_train) if reference else []),
-                     cfg.workers)
+    then = None
+    if reference:
+        S_train = _rank_coords(X_train, U)
+        tasks += _reference_tasks(cfg, S_train)
+        then = (n_init, lambda base: [_lifted_task(cfg, W0, _best(base).E, U, S_train)])
+    runs = run_tasks(_restart, tasks, cfg.workers, then)
     if _data_bytes(cfg) > _BIG_DATA:
         _shutdown_pool()                                   # idle workers' memory next to big data
-    base = _best(runs[:n_init])
-    problem = Problem(cfg, X_train, X_eval, U, lam, W0, base.E,
+    problem = Problem(cfg, X_train, X_eval, U, lam, W0, _best(runs[:n_init]).E,
                       pca_seconds + sum(r.seconds for r in runs[:n_init]))
     if reference:
-        unconstrained_reference(problem, S_train, runs[n_init:])
+        _set_reference(problem, runs[n_init:])
     return problem
 
 
@@ -1699,7 +1711,8 @@ def _run_methods(problem):
     ref_tasks = []
     if problem.reference is None:
         S_train = _rank_coords(problem.X_train, problem.U)
-        ref_tasks = [(_restart, *a) for a in _reference_tasks(cfg, S_train) + [_lifted_task(problem, S_train)]]
+        ref_tasks = [(_restart, *a) for a in _reference_tasks(cfg, S_train) + [_lifted_task(
+            cfg, problem.W0, problem.E0, problem.U, S_train)]]
     tasks += ref_tasks + [(_on_problem, _gradient_checks, *arrays)]
     out = run_tasks(_apply, tasks, cfg.workers if _data_bytes(cfg) <= _BIG_DATA else 1)
     done = dict(zip(names, out))
@@ -1730,34 +1743,30 @@ def _reference_tasks(cfg, S_train):
                           cfg.kmeans_iter)
 
 
-def unconstrained_reference(problem, S_train=None, restarts=None):
+def unconstrained_reference(problem):
     """K-means with K codes in data space (no rank-m restriction): the same number of
     k-means++ restarts as the baseline, plus a start from the baseline's codebook lifted
     into data space (so the reference is never worse on the training data than the
     rank-m baseline). The data lie in span(U), so it works in the rank-``rank``
-    coordinates ``S_train = X_train @ U``. Computed once per problem, by
-    :func:`make_problem`, which passes the k-means++ ``restarts`` it ran already.
+    coordinates ``S_train = X_train @ U``. Computed once per problem (by
+    :func:`make_problem` or :func:`compare`, in a batch with other work, or here).
 
     Returns (C (K, rank), eval recon_mse, seconds of compute summed over processes).
     """
     if problem.reference is None:
         cfg = problem.cfg
-        if S_train is None:
-            S_train = _rank_coords(problem.X_train, problem.U)
-        if restarts is None:
-            runs = run_tasks(_restart, _reference_tasks(cfg, S_train) + [_lifted_task(problem, S_train)],
-                             cfg.workers)
-        else:
-            runs = list(restarts) + [_restart(*_lifted_task(problem, S_train))]
-        _set_reference(problem, runs)
+        S_train = _rank_coords(problem.X_train, problem.U)
+        lifted = _lifted_task(cfg, problem.W0, problem.E0, problem.U, S_train)
+        _set_reference(problem, run_tasks(_restart, _reference_tasks(cfg, S_train) + [lifted],
+                                          cfg.workers))
     return problem.reference
 
 
-def _lifted_task(problem, S_train):
+def _lifted_task(cfg, W0, E0, U, S_train):
     """Arguments of :func:`_restart` for the reference's start from the baseline's
-    codebook lifted into the rank coordinates."""
-    lifted = problem.E0.astype(np.float64) @ (problem.W0.astype(np.float64) @ problem.U)
-    return (S_train, problem.cfg.K, None, problem.cfg.kmeans_iter, 0.0, lifted)
+    codebook ``E0`` lifted into the rank coordinates."""
+    lifted = E0.astype(np.float64) @ (W0.astype(np.float64) @ U)
+    return (S_train, cfg.K, None, cfg.kmeans_iter, 0.0, lifted)
 
 
 def _set_reference(problem, runs):
