@@ -723,6 +723,22 @@ def test_scratch_files_avoid_a_full_dev_shm(monkeypatch):
     assert vq._scratch_dir(100 << 20) is None              # the usual temporary directory
 
 
+def test_the_cli_starts_its_worker_processes_once(tmp_path, monkeypatch):
+    import concurrent.futures
+    started = []
+
+    class Counted(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, *a, **k):
+            started.append(1)
+            super().__init__(*a, **k)
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Counted)
+    vq._shutdown_pool()
+    flags = [f"--{k}={v}" for k, v in TINY.items() if k not in ("outdir", "quiet", "workers")]
+    assert vq.main(flags + ["--workers", "2", "--quiet", "--outdir", str(tmp_path / "out")]) == 0
+    vq._shutdown_pool()
+    assert started == [1]                                  # start point, then the methods' batch
+
+
 def test_a_batch_can_grow_once_its_first_tasks_are_done():
     tasks = [(operator.mul, 2, 3), (operator.mul, 4, 5), (operator.mul, 6, 7)]
     seen = []

@@ -391,11 +391,10 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
         # assignment step for the current centres; `moved`: points that changed cluster
         if thresh is not None:                             # only points whose bound expired
             cand = np.flatnonzero(own[labels] + drift > thresh)
-            moved, was = cand[:0], cand[:0]
+            moved = cand[:0]
             if cand.size:
                 lab, d1, d2 = nearest(Z[cand], E, second=True)
-                hit = lab != labels[cand]
-                moved, was = cand[hit], labels[cand[hit]]
+                moved = cand[lab != labels[cand]]
                 labels[cand] = lab
                 thresh[cand] = _safe_gap(d1, d2, eps) + own[lab] + drift
             frac = moved.size / n
@@ -405,10 +404,9 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
             want = frac < 0.05 and K > 1                   # few changes: bounds will pay off
             out = nearest(Z, E, second=True) if want else (nearest(Z, E, with_dist=False),)
             if labels is None:
-                moved = was = None
+                moved = None
             else:
                 moved = np.flatnonzero(out[0] != labels)
-                was = labels[moved]
                 frac = moved.size / n
             labels = out[0]
             if want:
@@ -2103,12 +2101,10 @@ def main(argv=None):
     big = _data_bytes(cfg) > _BIG_DATA
     loaders = [] if big else [load_plotting_in_background()]
 
-    def after_start():
-        _shutdown_pool(wait=False)                         # one problem: the workers are done
-        if big:
-            loaders.append(load_plotting_in_background())
+    def after_start():                                     # make_problem let the workers go
+        loaders.append(load_plotting_in_background())
     try:
-        _run(cfg, after_start)
+        _run(cfg, after_start if big else None)            # small data: the workers run the methods
     finally:
         for loader in loaders:
             loader.join()
