@@ -312,12 +312,17 @@ def assign(Z, E):
     return nearest(Z, E, with_dist=False)
 
 
-def cluster_sums(Z, labels, K):
-    """Per-cluster counts (K,) and sums (K, m) of the rows of ``Z``; no n x K temporaries."""
+def cluster_sums(Z, labels, K, Zt=None):
+    """Per-cluster counts (K,) and sums (K, m) of the rows of ``Z``; no n x K temporaries.
+
+    ``Zt``: ``Z.T`` C-ordered, for repeated calls on the same ``Z`` (np.bincount copies
+    a strided column first: 8 ms of the 10 per call at 100,000 x 16); the same sums.
+    """
     counts = np.bincount(labels, minlength=K)
-    sums = np.empty((K, Z.shape[1]), dtype=np.float64)
-    for j in range(Z.shape[1]):                            # m passes of O(n)
-        sums[:, j] = np.bincount(labels, weights=Z[:, j], minlength=K)
+    cols = Z.T if Zt is None else Zt
+    sums = np.empty((K, cols.shape[0]), dtype=np.float64)
+    for j in range(cols.shape[0]):                         # m passes of O(n)
+        sums[:, j] = np.bincount(labels, weights=cols[j], minlength=K)
     return counts, sums
 
 
@@ -384,6 +389,7 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
     eps = 4 * (Z.shape[1] + 2) * np.finfo(E.dtype).eps * (
         float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0))
         + float(np.max(np.einsum("km,km->k", E, E))) + 1e-300)   # distance rounding bound
+    Zt = np.ascontiguousarray(Z.T)                         # columns for cluster_sums
     labels = thresh = None
     own = np.zeros(K)                  # accumulated drift of each centre
     drift, frac, prev_inertia, n_iter = 0.0, 1.0, np.inf, 0   # drift: of the farthest mover
@@ -421,7 +427,7 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
         if it == max_iter:
             break
         # update step
-        counts, sums = cluster_sums(Z, labels, K)
+        counts, sums = cluster_sums(Z, labels, K, Zt)
         if (counts == 0).any():                            # empty clusters: relocation
             dist = np.sum((Z - E[labels]) ** 2, axis=1)
             E_new = _centroids(Z, labels, dist, E)
