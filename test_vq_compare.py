@@ -321,6 +321,46 @@ def test_procrustes_lloyd_never_increases_the_training_error():
     assert m["recon_mse"] == pytest.approx(hist[-1], rel=1e-10)
 
 
+def _procrustes_lloyd_plain(X, W, E, max_rounds, tol):
+    """procrustes_lloyd as its docstring states it, with a full reassignment every round."""
+    n, K = X.shape[0], E.shape[0]
+    Z = X @ W.T
+    labels, dist = vq.nearest(Z, E)
+    hist = [(np.sum(X * X) - np.sum(Z * Z) + dist.sum()) / n]
+    for _ in range(max_rounds):
+        counts = np.bincount(labels, minlength=K)
+        S = np.zeros((K, X.shape[1]))
+        np.add.at(S, labels, X)
+        W = vq.stiefel_project(E.astype(np.float64).T @ S).astype(X.dtype)
+        Z = X @ W.T
+        has = counts > 0
+        E = E.astype(np.float64)
+        E[has] = (S[has] @ W.T.astype(np.float64)) / counts[has, None]
+        E = E.astype(X.dtype)
+        labels, dist = vq.nearest(Z, E)
+        hist.append((np.sum(X * X) - np.sum(Z * Z) + dist.sum()) / n)
+        if hist[-2] - hist[-1] <= tol * hist[-2]:
+            break
+    return W, E, hist
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_procrustes_lloyd_skips_only_reassignments_that_cannot_change(dtype):
+    # the bounds skip points that keep their code; the trajectory is that of full passes
+    for seed, (D, r, m, K, n) in enumerate([(20, 5, 3, 16, 2000), (64, 6, 4, 32, 5000),
+                                            (30, 8, 2, 50, 3000)]):
+        X = vq.make_lowrank_data(D, r, n, 10, seed=seed)[0].astype(dtype)
+        W0 = vq.pca_encoder(X, m)
+        E0 = vq.kmeans(X @ W0.T, K, seed=1, n_init=1, max_iter=5)[0].astype(dtype)   # a poor start
+        W, E, hist = vq.procrustes_lloyd(X, W0, E0, max_rounds=60, tol=-1.0)   # never stops early
+        Wp, Ep, histp = _procrustes_lloyd_plain(X, W0, E0, 60, -1.0)
+        assert len(hist) == len(histp) == 61
+        tol = 1e-10 if dtype == np.float64 else 1e-4
+        assert np.abs(W - Wp).max() <= tol and np.abs(E - Ep).max() <= tol * np.abs(Ep).max()
+        assert np.array_equal(vq.assign(X @ W.T, E), vq.assign(X @ Wp.T, Ep))
+        assert np.allclose(hist, histp, rtol=tol)
+
+
 def test_ema_codebook_converges_to_cluster_means():
     rng = np.random.default_rng(11)
     centres = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])

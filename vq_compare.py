@@ -1408,14 +1408,18 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10):
 
     One pass over X per round: with ``S`` the per-cluster sums of the rows of X (K, D),
     ``Q^T X = E^T S`` and the centroids of ``Z = X W^T`` are ``S W^T / counts``; ``S``
-    follows the points that change cluster.
+    follows the points that change cluster. The reassignment looks again only at points
+    that might change code: a lower bound on each point's distance to the other codes
+    falls each round by how far the point and the farthest code moved (Hamerly's bound,
+    as in :func:`lloyd_run`); the same trajectory as full passes (tested).
 
     Returns W (m, D), E (K, m) and the training error before round 1 and after each round.
     """
     n, K = X.shape[0], E.shape[0]
-    x_sq = float(np.einsum("nd,nd->", X, X))              # no (n, D) temporary
+    row_sq = np.einsum("nd,nd->n", X, X)                   # no (n, D) temporary
+    x_sq, z_max = float(row_sq.sum()), float(row_sq.max(initial=0.0))   # ||z|| <= ||x||: rows of W orthonormal
     Z = tall_product(X, W)                                 # (n, m)
-    labels, dist = nearest(Z, E)
+    labels, dist, low = _pl_bounds(Z, E, z_max)
     counts = np.bincount(labels, minlength=K)
     S = np.zeros((K, X.shape[1]))                          # float64 sums of x per cluster
     np.add.at(S, labels, X)
@@ -1425,13 +1429,24 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10):
     history = [train_err(Z, dist)]
     for _ in range(max_rounds):
         W = stiefel_project(E.astype(np.float64).T @ S).astype(X.dtype)   # (m, D) Procrustes
-        Z = tall_product(X, W)
+        Z_old, Z = Z, tall_product(X, W)
         has = counts > 0                                   # an empty cluster keeps its code
-        E = E.astype(np.float64)                           # (moving points would break descent)
+        E_old, E = E, E.astype(np.float64)                 # (moving points would break descent)
         E[has] = (S[has] @ W.T.astype(np.float64)) / counts[has, None]
         E = E.astype(X.dtype)
-        new, dist = nearest(Z, E)
-        moved = np.flatnonzero(new != labels)
+        # reassignment: a point keeps its code while the distance to it stays below the
+        # lower bound on the others, which falls by how far the point and the codes moved
+        dZ, dE = Z.astype(np.float64) - Z_old, E.astype(np.float64) - E_old
+        dz = np.sqrt(np.einsum("nm,nm->n", dZ, dZ))
+        de = float(np.sqrt(np.max(np.einsum("km,km->k", dE, dE))))
+        low -= (dz + de) * (1 + _SAFE)
+        diff = Z - E[labels]
+        dist = np.einsum("nm,nm->n", diff, diff).astype(np.float64)   # to the own code
+        cand = np.flatnonzero(np.sqrt(dist + _pl_eps(E, z_max)) >= low)
+        new = labels.copy()
+        if cand.size:
+            new[cand], dist[cand], low[cand] = _pl_bounds(Z[cand], E, z_max)
+        moved = cand[new[cand] != labels[cand]]
         if moved.size:
             Xm = X[moved]
             np.subtract.at(S, labels[moved], Xm)
@@ -1442,6 +1457,20 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10):
         if history[-2] - history[-1] <= tol * history[-2]:
             break
     return W, E, history
+
+
+def _pl_eps(E, z_max):
+    """Bound on the rounding error of a computed squared distance (as in lloyd_run)."""
+    return 4 * (E.shape[1] + 2) * np.finfo(E.dtype).eps * (
+        z_max + float(np.max(np.einsum("km,km->k", E, E))) + 1e-300)
+
+
+def _pl_bounds(Z, E, z_max):
+    """Labels, squared distance to the nearest code and a lower bound on the distance
+    (not squared) to every other code, for the rows of ``Z``."""
+    labels, d1, d2 = nearest(Z, E, second=True)
+    d2 = d2.astype(np.float64)
+    return labels, d1.astype(np.float64), np.sqrt(np.maximum(d2 - _pl_eps(E, z_max), 0))
 
 
 def method_procrustes_lloyd(problem):
