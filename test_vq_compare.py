@@ -55,7 +55,7 @@ def test_data_is_the_original_recipe_bit_for_bit(monkeypatch, block, n_train):
     Xe = rng.multivariate_normal(np.zeros(D), Sigma, size=n_eval)
     got = vq.make_lowrank_data(D, rank, n_train, n_eval, seed)
     for a, b in zip(got, (Xt, Xe, Sigma)):
-        assert np.array_equal(a, b)
+        assert a.shape == b.shape and a.tobytes() == b.tobytes()   # signed zeros included
     U2, lam2 = vq.lowrank_factor(D, rank, seed)
     assert np.array_equal((U2 * lam2) @ U2.T, Sigma)
 
@@ -740,6 +740,46 @@ def test_worker_processes_do_not_change_results():
         one, two = vq._json_ready(here), vq._json_ready(there)
         assert one["config"].pop("workers") == 1 and two["config"].pop("workers") == 2
         assert _strip_times(one) == _strip_times(two)
+
+
+def test_threads_for_big_data_do_not_change_results(monkeypatch):
+    # above _BIG_DATA the methods and the population run on threads of this process
+    # (one BLAS thread each), where this BLAS allows it; the same numbers as in turn
+    import threading
+    used = set()
+    apply = vq._apply
+
+    def recorded(fn, *args):
+        used.add(threading.get_ident())
+        return apply(fn, *args)
+    monkeypatch.setattr(vq, "_apply", recorded)
+    monkeypatch.setattr(vq, "_BIG_DATA", 0)
+    settings = {**TINY, "D": 64, "rank": 6, "m": 4, "K": 32, "n_train": 3000, "batch": 1024,
+                "steps": 8, "log_every": 4}
+    one = vq.run_comparison(**{**settings, "workers": 1})
+    assert len(used) == 1
+    two = vq.run_comparison(**{**settings, "workers": 2})
+    if vq._blas_thread_setter() is not None:               # OpenBLAS 0.3.27+, as numpy's wheels
+        assert len(used) > 2                               # the second run used two more threads
+    for name, r in one["results"].items():
+        assert np.array_equal(r["W"], two["results"][name]["W"])
+        assert np.array_equal(r["E"], two["results"][name]["E"])
+        assert r["logs"] == two["results"][name]["logs"]
+    a, b = vq._json_ready(one), vq._json_ready(two)
+    a["config"].pop("workers"), b["config"].pop("workers")
+    assert _strip_times(a) == _strip_times(b)
+
+
+def test_population_errors_do_not_depend_on_threads():
+    rng = np.random.default_rng(31)
+    U = np.linalg.qr(rng.normal(size=(20, 5)))[0]
+    lam = np.geomspace(4.0, 0.25, 5)
+    models = {"a": (vq.stiefel_project(rng.normal(size=(3, 20))), rng.normal(size=(9, 3))),
+              "b": rng.normal(size=(9, 5))}
+    pops = [vq.population_errors(models, U, lam, 10_001, np.random.default_rng(2), chunk=1000,
+                                 threads=t) for t in (1, 2, 3)]
+    for p in pops[1:]:
+        assert np.array_equal(p.mean, pops[0].mean) and np.array_equal(p.cov, pops[0].cov)
 
 
 def test_big_arrays_reach_workers_through_a_file_and_give_the_same_result():

@@ -176,9 +176,12 @@ def _mvn_draw(rng, factor, n):
     D = factor.shape[0]
     out = np.empty((n, D))
     mean = np.zeros(D)
+    G = np.empty((min(_DRAW_ROWS, n), D))                 # one buffer: fresh pages cost here
     for a in range(0, n, _DRAW_ROWS):
         c = min(_DRAW_ROWS, n - a)
-        out[a:a + c] = mean + rng.standard_normal((c, D)) @ factor.T
+        rng.standard_normal(out=G[:c])
+        block = np.matmul(G[:c], factor.T, out=out[a:a + c])
+        np.add(mean, block, out=block)                     # as mean + ..., signed zeros too
     return out
 
 
@@ -577,6 +580,54 @@ def kmeans(Z, K, seed=0, n_init=8, max_iter=300, tol=0.0, workers=1):
 # ----------------------------------------------------------------------------
 # Worker processes (results never depend on them)
 # ----------------------------------------------------------------------------
+
+_BLAS = {}
+
+
+def _blas_thread_setter():
+    """OpenBLAS's ``openblas_set_num_threads_local`` (OpenBLAS 0.3.27 and newer: sets
+    the BLAS threads of the calling thread only) from the library NumPy loaded, or
+    None (another BLAS, an older OpenBLAS, not Linux)."""
+    if "set" not in _BLAS:
+        _BLAS["set"] = None
+        try:
+            import ctypes
+            with open("/proc/self/maps") as fh:
+                paths = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower()
+                                and ln.split()[-1].startswith("/")})
+            for path in paths:
+                fn = getattr(ctypes.CDLL(path), "openblas_set_num_threads_local", None)
+                if fn is not None:
+                    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                    _BLAS["set"] = fn
+                    break
+        except OSError:
+            pass
+    return _BLAS["set"]
+
+
+def run_threads(fn, arg_list, threads):
+    """``[fn(*args) for args in arg_list]`` on ``threads`` threads of this process, each
+    with one BLAS thread, when the BLAS lets a thread set that for itself; else in turn.
+
+    For work on data too big to send to worker processes: the threads share it. NumPy
+    releases the GIL in BLAS calls and array loops, and results do not depend on the
+    thread count (tested). Two threads with two BLAS threads each would slow each other
+    down several times over, hence the sequential fallback.
+    """
+    if threads == 0:
+        threads = os.cpu_count() or 1
+    setter = _blas_thread_setter() if threads > 1 and len(arg_list) > 1 else None
+    if setter is None:
+        return [fn(*args) for args in arg_list]
+    from concurrent.futures import ThreadPoolExecutor
+
+    def call(args):
+        setter(1)
+        return fn(*args)
+    with ThreadPoolExecutor(min(threads, len(arg_list))) as ex:
+        return list(ex.map(call, arg_list))
+
 
 _POOL = {"pool": None, "size": 0}
 _WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -1162,12 +1213,28 @@ class Population(NamedTuple):
         return math.sqrt(max(v, 0.0) / self.n)
 
 
-def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16):
+def _population_chunk(S, prepared):
+    """Errors (c, models) of the models on the samples ``S`` (c, rank)."""
+    s_sq = np.einsum("cr,cr->c", S, S)
+    errs = np.empty((S.shape[0], len(prepared)))
+    for j, (V, E, corr) in enumerate(prepared):
+        if V is None:
+            errs[:, j] = nearest(S, E)[1]
+        else:
+            Z = S @ V.T                                    # (c, m)
+            lab, dist = nearest(Z, E)
+            # ||x - qW||^2 = ||s||^2 - ||z||^2 + ||z - q||^2 + ||qW||^2 - ||q||^2
+            errs[:, j] = s_sq - np.einsum("cm,cm->c", Z, Z) + dist + corr[lab]
+    return errs
+
+
+def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16, threads=1):
     """Reconstruction error of each model on ``n_pop`` fresh samples of N(0, U diag(lam) U^T).
 
     Works in the rank-``rank`` coordinates ``s`` (x = s U^T), chunk by chunk, so neither
     time nor memory grows with D. Every model sees the same samples, so differences
-    between models are paired.
+    between models are paired. ``threads``: chunks scored at once, by
+    :func:`run_threads`; the samples and the result do not depend on it.
 
     Parameters
     ----------
@@ -1191,22 +1258,16 @@ def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16):
     total = np.zeros(M)
     cross = np.zeros((M, M))
     done = 0
+    wave = max(1, threads if threads > 0 else os.cpu_count() or 1)
     while done < n_pop:
-        c = min(chunk, n_pop - done)
-        S = rng.standard_normal((c, len(lam))) * sd        # (c, rank)
-        s_sq = np.einsum("cr,cr->c", S, S)
-        errs = np.empty((c, M))
-        for j, (V, E, corr) in enumerate(prepared):
-            if V is None:
-                errs[:, j] = nearest(S, E)[1]
-            else:
-                Z = S @ V.T                                # (c, m)
-                lab, dist = nearest(Z, E)
-                # ||x - qW||^2 = ||s||^2 - ||z||^2 + ||z - q||^2 + ||qW||^2 - ||q||^2
-                errs[:, j] = s_sq - np.einsum("cm,cm->c", Z, Z) + dist + corr[lab]
-        total += errs.sum(axis=0)
-        cross += errs.T @ errs
-        done += c
+        samples = []                                       # drawn in order, scored at once
+        while done < n_pop and len(samples) < wave:
+            c = min(chunk, n_pop - done)
+            samples.append((rng.standard_normal((c, len(lam))) * sd, prepared))   # (c, rank)
+            done += c
+        for errs in run_threads(_population_chunk, samples, threads):
+            total += errs.sum(axis=0)
+            cross += errs.T @ errs
     mean = total / n_pop
     cov = (cross - n_pop * np.outer(mean, mean)) / max(n_pop - 1, 1)
     return Population(names, mean, np.sqrt(np.maximum(np.diag(cov), 0) / n_pop), cov, n_pop)
@@ -1747,7 +1808,10 @@ def _run_methods(problem):
         ref_tasks = [(_restart, *a) for a in _reference_tasks(cfg, S_train) + [_lifted_task(
             cfg, problem.W0, problem.E0, problem.U, S_train)]]
     tasks += ref_tasks + [(_on_problem, _gradient_checks, *arrays)]
-    out = run_tasks(_apply, tasks, cfg.workers if _data_bytes(cfg) <= _BIG_DATA else 1)
+    if _data_bytes(cfg) <= _BIG_DATA:
+        out = run_tasks(_apply, tasks, cfg.workers)
+    else:                                                  # threads share the big data
+        out = run_threads(_apply, tasks, cfg.workers)
     done = dict(zip(names, out))
     if ref_tasks:
         _set_reference(problem, out[len(names):len(names) + len(ref_tasks)])
@@ -1827,7 +1891,7 @@ def _bounds(problem, results):
     models["unconstrained_kmeans"] = C
     if cfg.n_pop > 0:
         pop = population_errors(models, problem.U, problem.lam, cfg.n_pop,
-                                derived_rng(cfg.seed, "population"))
+                                derived_rng(cfg.seed, "population"), threads=cfg.workers)
         for i, name in enumerate(pop.names):
             if name in results:
                 results[name]["pop_recon_mse"] = float(pop.mean[i])
