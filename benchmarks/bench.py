@@ -1,14 +1,16 @@
 """Benchmarks of vq_compare: prints figures, asserts nothing (these machines are shared).
 
     python benchmarks/bench.py            # everything (a few minutes)
-    python benchmarks/bench.py --only kmeans step scaling memory default realistic
+    python benchmarks/bench.py --only kmeans step scaling memory default sweeps realistic
 
 Each timing is min / median / max over repeats measured in this one run, so ratios
 between rows compare like with like. scikit-learn and PyTorch are compared against only
 when installed; otherwise that row says it was skipped.
 """
 import argparse
+import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -204,19 +206,64 @@ def _run_cli(args):
                 f"assert vq.main({args + ['--outdir', out, '--quiet']!r}) == 0")
         t0 = time.perf_counter()
         peak, tree, _ = _peak_rss_mib(code)
-        return time.perf_counter() - t0, peak, tree
+        wall = time.perf_counter() - t0
+        with open(os.path.join(out, "summary.json")) as fh:
+            summary = json.load(fh)
+        return wall, peak, tree, summary
+
+
+def _parts_line(summary):
+    """The seconds summary.json gives the parts of the work (summed over the processes
+    or threads that ran them)."""
+    res, b = summary["results"], summary["bounds"]
+    methods = sum(r["seconds"] for n, r in res.items() if n != "pca_lloyd")
+    return (f"parts (summary.json, one run): start point {res['pca_lloyd']['seconds']:.2f} s, "
+            f"unconstrained reference {b['unconstrained_kmeans_seconds']:.2f} s, other methods "
+            f"{methods:.2f} s, floors and population {b['seconds']:.2f} s; the run {summary['total_seconds']:.2f} s "
+            "inside the interpreter")
+
+
+def _children_cpu():
+    """CPU seconds (user + system) of the finished child processes and their children."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _cpu_line(cpus, times):
+    cores = os.cpu_count() or 1
+    return (f"compute {np.median(cpus):.2f} CPU-s (median, every process of the run): on {cores} "
+            f"cores no schedule finishes under {np.median(cpus) / cores:.2f} s; "
+            f"cores busy {np.median(cpus) / np.median(times):.2f} of {cores}")
 
 
 def bench_end_to_end(name, args, repeats):
     print(f"\n## end to end, {name}: python vq_compare.py {' '.join(args)}")
-    times, peaks, trees = [], [], []
+    times, peaks, trees, cpus = [], [], [], []
     for _ in range(repeats):
-        t, peak, tree = _run_cli(args)
+        c0 = _children_cpu()
+        t, peak, tree, summary = _run_cli(args)
+        cpus.append(_children_cpu() - c0)
         times.append(t)
         peaks.append(peak)
         trees.append(tree)
     print(f"wall {fmt(np.array(times))}   peak RSS {max(peaks):.0f} MiB main process, "
           f"{max(trees):.0f} MiB with its workers (sampled every 20 ms)")
+    print(_cpu_line(cpus, times))
+    print(_parts_line(summary))
+
+
+def bench_sweep(name, args, repeats):
+    print(f"\n## sweep, {name}: python sweeps.py {' '.join(args)}")
+    times, cpus = [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as out:
+            c0, t0 = _children_cpu(), time.perf_counter()
+            subprocess.run([sys.executable, "sweeps.py", *args, "--outdir", os.path.join(out, "s")],
+                           cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+            times.append(time.perf_counter() - t0)
+            cpus.append(_children_cpu() - c0)
+    print(f"wall {fmt(np.array(times))}")
+    print(_cpu_line(cpus, times))
 
 
 REALISTIC = ["--D", "512", "--rank", "24", "--m", "16", "--K", "512", "--n_train", "100000",
@@ -225,7 +272,8 @@ REALISTIC = ["--D", "512", "--rank", "24", "--m", "16", "--K", "512", "--n_train
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", nargs="+", default=["kmeans", "memory", "step", "scaling", "default", "realistic"])
+    p.add_argument("--only", nargs="+", default=["kmeans", "memory", "step", "scaling", "default",
+                                                 "sweeps", "realistic"])
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     print(f"numpy {np.__version__}, {os.cpu_count()} cores, python {sys.version.split()[0]}")
@@ -241,6 +289,9 @@ def main():
         bench_end_to_end("default run", [], a.repeats)
         bench_end_to_end("the original's three methods",
                          ["--methods", "pca_lloyd", "fd_ste", "manual_ste"], a.repeats)
+    if "sweeps" in a.only:
+        bench_sweep("the original's comprehensive set", ["--preset", "original"], a.repeats)
+        bench_sweep("smoke run", ["--quick"], a.repeats)
     if "realistic" in a.only:
         bench_end_to_end("realistic configuration", REALISTIC, 1)
 
