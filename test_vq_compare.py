@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -768,6 +769,22 @@ def test_threads_for_big_data_do_not_change_results(monkeypatch):
     a, b = vq._json_ready(one), vq._json_ready(two)
     a["config"].pop("workers"), b["config"].pop("workers")
     assert _strip_times(a) == _strip_times(b)
+
+
+def test_run_threads_uses_threads_only_where_they_do_not_fight(monkeypatch):
+    import threading
+    main = threading.get_ident()
+
+    def who():
+        time.sleep(0.05)                                   # long enough for both threads to start
+        return threading.get_ident()
+    ids = vq.run_threads(who, [()] * 4, 2)
+    if vq._blas_thread_setter() is not None:
+        assert main not in ids and len(set(ids)) == 2
+    else:                                                  # two BLAS pools would fight: in turn
+        assert ids == [main] * 4
+    monkeypatch.setenv("VQ_COMPARE_WORKER", "1")           # a worker process: the cores are taken
+    assert vq.run_threads(who, [()] * 4, 2) == [main] * 4
 
 
 def test_population_errors_do_not_depend_on_threads():

@@ -621,6 +621,8 @@ def run_threads(fn, arg_list, threads):
     """
     if threads == 0:
         threads = os.cpu_count() or 1
+    if os.environ.get("VQ_COMPARE_WORKER"):               # a worker process: the cores are taken
+        threads = 1
     setter = _blas_thread_setter() if threads > 1 and len(arg_list) > 1 else None
     if setter is None:
         return [fn(*args) for args in arg_list]
