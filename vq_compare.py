@@ -366,6 +366,13 @@ class LloydResult(NamedTuple):
 _SAFE = 1e-9   # relative slack on the accumulated centre drift
 
 
+def _distance_eps(E, z_max):
+    """A bound on the rounding error of a computed squared distance between a point of
+    squared norm at most ``z_max`` and a row of ``E``."""
+    return 4 * (E.shape[1] + 2) * np.finfo(E.dtype).eps * (
+        z_max + float(np.max(np.einsum("km,km->k", E, E))) + 1e-300)
+
+
 def _safe_gap(d1, d2, eps):
     """A lower bound on ``sqrt(d2) - sqrt(d1)`` for true squared distances that the
     computed ``d1``, ``d2`` approximate to within ``eps`` (absolute)."""
@@ -392,9 +399,7 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
     """
     E = np.array(E_init, dtype=np.result_type(Z, E_init), copy=True)
     n, K = Z.shape[0], E.shape[0]
-    eps = 4 * (Z.shape[1] + 2) * np.finfo(E.dtype).eps * (
-        float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0))
-        + float(np.max(np.einsum("km,km->k", E, E))) + 1e-300)   # distance rounding bound
+    eps = _distance_eps(E, float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0)))
     Zt = np.ascontiguousarray(Z.T)                         # columns for cluster_sums (a copy
     #                                                        unless Z is Fortran-ordered)
     labels = thresh = None
@@ -1513,7 +1518,7 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10):
         np.subtract(Z, diff, out=diff)
         dist = np.einsum("nm,nm->n", diff, diff).astype(np.float64)   # to the own code
         del diff
-        cand = np.flatnonzero(np.sqrt(dist + _pl_eps(E, z_max)) >= low)
+        cand = np.flatnonzero(np.sqrt(dist + _distance_eps(E, z_max)) >= low)
         new = labels.copy()
         if cand.size:
             new[cand], dist[cand], low[cand] = _pl_bounds(Z[cand], E, z_max)
@@ -1530,18 +1535,12 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10):
     return W, E, history
 
 
-def _pl_eps(E, z_max):
-    """Bound on the rounding error of a computed squared distance (as in lloyd_run)."""
-    return 4 * (E.shape[1] + 2) * np.finfo(E.dtype).eps * (
-        z_max + float(np.max(np.einsum("km,km->k", E, E))) + 1e-300)
-
-
 def _pl_bounds(Z, E, z_max):
     """Labels, squared distance to the nearest code and a lower bound on the distance
     (not squared) to every other code, for the rows of ``Z``."""
     labels, d1, d2 = nearest(Z, E, second=True)
     d2 = d2.astype(np.float64)
-    return labels, d1.astype(np.float64), np.sqrt(np.maximum(d2 - _pl_eps(E, z_max), 0))
+    return labels, d1.astype(np.float64), np.sqrt(np.maximum(d2 - _distance_eps(E, z_max), 0))
 
 
 def method_procrustes_lloyd(problem):
