@@ -787,6 +787,15 @@ def test_run_threads_uses_threads_only_where_they_do_not_fight(monkeypatch):
     assert vq.run_threads(who, [()] * 4, 2) == [main] * 4
 
 
+def test_methods_cannot_write_into_the_shared_problem(monkeypatch):
+    # tasks share the problem's arrays (threads next to big data): writing raises
+    def rogue(problem):
+        problem.E0[0] += 1.0
+    monkeypatch.setitem(vq.METHODS, "manual_ste", rogue)
+    with pytest.raises(ValueError, match="read-only"):
+        vq.run_comparison(**{**TINY, "methods": ["pca_lloyd", "manual_ste"]})
+
+
 def test_population_errors_do_not_depend_on_threads():
     rng = np.random.default_rng(31)
     U = np.linalg.qr(rng.normal(size=(20, 5)))[0]

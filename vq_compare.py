@@ -1799,6 +1799,14 @@ def _on_problem(fn, cfg, X_train, X_eval, U, lam, W0, E0, eval_sq):
     return out, time.perf_counter() - t0
 
 
+def _read_only(a):
+    """A read-only view of ``a``: tasks share the problem's arrays (threads next to big
+    data), so one writing into them would change the others' input; it raises instead."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 def _run_methods(problem):
     """The methods of ``problem.cfg``, the gradient checks and, when not computed yet,
     the unconstrained reference: one batch of independent tasks, spread over worker
@@ -1808,8 +1816,8 @@ def _run_methods(problem):
     skip = {n: _fd_skip_reason(cfg) for n in cfg.methods if n == "fd_ste"}
     names = sorted((n for n in cfg.methods if n != "pca_lloyd" and not skip.get(n)),
                    key=lambda n: _LONGEST_FIRST.index(n) if n in _LONGEST_FIRST else -1)
-    arrays = (cfg, problem.X_train, problem.X_eval, problem.U, problem.lam, problem.W0, problem.E0,
-              _eval_sq(problem))
+    arrays = (cfg, *(_read_only(a) for a in (problem.X_train, problem.X_eval, problem.U, problem.lam,
+                                              problem.W0, problem.E0)), _eval_sq(problem))
     tasks = [(_on_problem, METHODS[n], *arrays) for n in names]
     ref_tasks = []
     if problem.reference is None:
