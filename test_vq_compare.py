@@ -268,6 +268,44 @@ def test_lloyd_is_never_worse_than_its_start_and_equals_plain_lloyd(dtype):
         assert r.inertia == pytest.approx(p.inertia, rel=1e-12)
 
 
+def test_float32_screening_gives_the_float64_labels_even_at_near_ties():
+    # Codes 0 and 1 are 0.01 apart; half the points sit within 1e-7 of their bisector,
+    # where float32 cannot tell the two codes apart (rounding ~1e-5 on these distances)
+    # and only the float64 recheck gets the float64 answer; the rest are ordinary.
+    rng = np.random.default_rng(41)
+    K, m, n = 4 * vq._SCREEN_K, 6, 4000
+    E = rng.normal(size=(K, m)) * 10
+    u = rng.normal(size=m)
+    u /= np.linalg.norm(u)
+    E[1] = E[0] + 0.01 * u
+    near = (E[0] + E[1]) / 2 + 0.01 * rng.uniform(-1e-7, 1e-7, size=(n // 2, 1)) * u
+    noise = 1e-3 * rng.normal(size=near.shape)
+    near += noise - np.outer(noise @ u, u)                 # along the bisector: still a near tie
+    Z = np.vstack([near, rng.normal(size=(n // 2, m)) * 10])
+    labels, d1, d2 = vq.nearest(Z, E, second=True)         # second=True: float64 throughout
+    assert 0.2 < np.mean(labels[:n // 2] == 1) < 0.8       # both codes win somewhere
+    assert np.array_equal(vq.nearest(Z, E, with_dist=False), labels)   # screened
+    lab, dist = vq.nearest(Z, E)
+    assert np.array_equal(lab, labels) and np.allclose(dist, d1, rtol=1e-12, atol=1e-9)
+    z_max = float(np.max(np.sum(Z * Z, axis=1)))
+    lab, b1, b2, eps = vq._nearest_bounded(Z, E, z_max)
+    assert np.array_equal(lab, labels)
+    assert np.all(np.abs(b1 - d1) <= eps) and np.all(np.abs(b2 - d2) <= eps)
+    assert eps < 1e-2 * np.median((d2 - d1)[n // 2:])      # bounds that still prune
+
+
+def test_row_sums_by_label_are_np_add_at_bit_for_bit():
+    rng = np.random.default_rng(43)
+    for dtype in (np.float64, np.float32):
+        X = (rng.normal(size=(3000, 37)) * 10.0 ** rng.integers(-4, 4, size=37)).astype(dtype)
+        X[rng.random(size=X.shape) < 0.05] = -0.0          # signed zeros too
+        labels = rng.integers(0, 50, size=3000)
+        labels[labels == 7] = 8                            # an empty label
+        S = np.zeros((50, 37))
+        np.add.at(S, labels, X)
+        assert vq.row_sums_by_label(X, labels, 50).tobytes() == S.tobytes()
+
+
 def test_kmeans_bad_K_is_a_clear_error():
     with pytest.raises(ValueError, match="n_samples=3 should be >= K=5"):
         vq.kmeans(np.zeros((3, 2)), 5)
@@ -753,10 +791,11 @@ def test_threads_for_big_data_do_not_change_results(monkeypatch):
     def recorded(fn, *args):
         used.add(threading.get_ident())
         return apply(fn, *args)
+    settings = {**TINY, "D": 64, "rank": 6, "m": 4, "K": 256, "n_train": 3000, "batch": 1024,
+                "steps": 8, "log_every": 4}                # K: codes screened in float32
+    small = vq.run_comparison(**{**settings, "workers": 2})   # worker processes
     monkeypatch.setattr(vq, "_apply", recorded)
     monkeypatch.setattr(vq, "_BIG_DATA", 0)
-    settings = {**TINY, "D": 64, "rank": 6, "m": 4, "K": 32, "n_train": 3000, "batch": 1024,
-                "steps": 8, "log_every": 4}
     one = vq.run_comparison(**{**settings, "workers": 1})
     assert len(used) == 1
     two = vq.run_comparison(**{**settings, "workers": 2})
@@ -766,9 +805,12 @@ def test_threads_for_big_data_do_not_change_results(monkeypatch):
         assert np.array_equal(r["W"], two["results"][name]["W"])
         assert np.array_equal(r["E"], two["results"][name]["E"])
         assert r["logs"] == two["results"][name]["logs"]
-    a, b = vq._json_ready(one), vq._json_ready(two)
-    a["config"].pop("workers"), b["config"].pop("workers")
+    a, b, c = vq._json_ready(one), vq._json_ready(two), vq._json_ready(small)
+    a["config"].pop("workers"), b["config"].pop("workers"), c["config"].pop("workers")
     assert _strip_times(a) == _strip_times(b)
+    # threads score the finished models' population errors while others train: the
+    # same bounds as the processes' run, which scores them all at the end
+    assert _strip_times(b) == _strip_times(c)
 
 
 def test_run_threads_uses_threads_only_where_they_do_not_fight(monkeypatch):
@@ -806,6 +848,15 @@ def test_population_errors_do_not_depend_on_threads():
                                  threads=t) for t in (1, 2, 3)]
     for p in pops[1:]:
         assert np.array_equal(p.mean, pops[0].mean) and np.array_equal(p.cov, pops[0].cov)
+    # models scored in an earlier batch (the CLI's, while other methods train) change nothing
+    rng = np.random.default_rng(2)
+    early = vq.population_columns({"b": models["b"]}, U, lam, 10_001, rng, chunk=1000)
+    assert rng.bit_generator.state == np.random.default_rng(2).bit_generator.state   # not advanced
+    p = vq.population_errors(models, U, lam, 10_001, rng, chunk=1000, threads=2, columns=early)
+    assert np.array_equal(p.mean, pops[0].mean) and np.array_equal(p.cov, pops[0].cov)
+    early["b"] = early["b"] + 1.0                          # they are used, not recomputed
+    p = vq.population_errors(models, U, lam, 10_001, rng, chunk=1000, columns=early)
+    assert p.mean[1] == pytest.approx(pops[0].mean[1] + 1.0, rel=1e-12)
 
 
 def test_big_arrays_reach_workers_through_a_file_and_give_the_same_result():

@@ -30,6 +30,7 @@ comparison and writes ``results_out/``. Importing this module has no side effect
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -281,7 +282,18 @@ def nearest(Z, E, second=False, with_dist=True):
     with ``second=True`` also the squared distance to the second-nearest code
     (``with_dist=False``: the labels alone). Works through cache-sized blocks of rows
     (no n x K matrix); the argmin drops ``||z||^2``, which every code shares.
+
+    From ``4 * _SCREEN_K`` float64 codes the labels are screened in float32 (the same
+    labels, see :func:`_nearest_bounded`) and ``dist`` is ``||z - e||^2`` computed
+    directly for the winning code (without the expansion's cancellation).
     """
+    if not second and _screens(Z, E, 4 * _SCREEN_K):
+        labels = _nearest_bounded(Z, E, float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0)))[0]
+        if not with_dist:
+            return labels
+        diff = E[labels]
+        np.subtract(Z, diff, out=diff)
+        return labels, np.einsum("nm,nm->n", diff, diff)
     n = Z.shape[0]
     dtype = np.result_type(Z, E)
     Ea = np.vstack([-2.0 * E.T, np.einsum("km,km->k", E, E)[None]]).astype(dtype)   # (m+1, K)
@@ -296,6 +308,38 @@ def nearest(Z, E, second=False, with_dist=True):
         np.maximum(dist2, 0, out=dist2)
         return labels, dist, dist2
     return labels, dist
+
+
+_SCREEN_K = 64   # codes from which float32 screening pays (measured: 0.5-0.85x the time)
+
+
+def _screens(Z, E, K_min=_SCREEN_K):
+    return Z.dtype == E.dtype == np.float64 and E.shape[0] >= K_min
+
+
+def _nearest_bounded(Z, E, z_max):
+    """Labels of the nearest codes, the same as :func:`nearest`'s, with the squared
+    distances to the nearest and to the second-nearest code to within the returned
+    ``eps`` (enough for bounds); ``z_max`` bounds the rows' squared norms.
+
+    Float64 input is screened in float32 (half the bytes: twice as fast): a row whose
+    two nearest float32 distances lie within the rounding bounds of both precisions
+    (:func:`_distance_eps`) is computed again in float64, so that each label is the
+    float64 argmin; for the others the float32 winner beats every other code by more
+    than the float64 rounding, so float64 picks it too. Returns (labels, d1, d2, eps).
+    """
+    if not _screens(Z, E):
+        return (*nearest(Z, E, second=True), _distance_eps(E, z_max))
+    Ea = np.vstack([-2.0 * E.T, np.einsum("km,km->k", E, E)[None]]).astype(np.float32)
+    eps32, eps64 = _distance_eps(E.astype(np.float32), z_max), _distance_eps(E, z_max)
+    labels = np.empty(Z.shape[0], dtype=np.intp)
+    d1, d2 = np.empty(Z.shape[0], dtype=np.float32), np.empty(Z.shape[0], dtype=np.float32)
+    _nearest_blocks(Z, Ea, labels, d1, d2)
+    d1, d2 = d1.astype(np.float64), d2.astype(np.float64)
+    near = np.flatnonzero(d2 - d1 <= 2 * (eps32 + eps64))
+    if near.size:
+        labels[near], d1[near], d2[near] = nearest(Z[near], E, second=True)
+    return labels, np.maximum(d1, 0, out=d1), np.maximum(d2, 0, out=d2), float(eps32)
 
 
 def assign(Z, E):
@@ -330,6 +374,18 @@ def cluster_sums(Z, labels, K, Zt=None):
     for j in range(cols.shape[0]):                         # m passes of O(n)
         sums[:, j] = np.bincount(labels, weights=cols[j], minlength=K)
     return counts, sums
+
+
+def row_sums_by_label(X, labels, K):
+    """Float64 sums (K, D) of the rows of ``X`` (n, D) with each label: what
+    ``np.add.at(S, labels, X)`` gives, bit for bit (rows added in order), 4-5x faster on
+    wide rows (a gather and a sum per label instead of n scattered row additions)."""
+    order = np.argsort(labels, kind="stable")
+    ends = np.searchsorted(labels[order], np.arange(K + 1))
+    S = np.zeros((K, X.shape[1]))
+    for k in np.flatnonzero(ends[1:] > ends[:-1]):
+        S[k] = X[order[ends[k]:ends[k + 1]]].sum(axis=0, dtype=np.float64, initial=0.0)
+    return S
 
 
 def _centroids(Z, labels, dist, E_old, relocate=True):
@@ -399,7 +455,7 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
     """
     E = np.array(E_init, dtype=np.result_type(Z, E_init), copy=True)
     n, K = Z.shape[0], E.shape[0]
-    eps = _distance_eps(E, float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0)))
+    z_max = float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0))
     Zt = np.ascontiguousarray(Z.T)                         # columns for cluster_sums (a copy
     #                                                        unless Z is Fortran-ordered)
     labels = thresh = None
@@ -411,7 +467,7 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
             cand = np.flatnonzero(own[labels] + drift > thresh)
             moved = cand[:0]
             if cand.size:
-                lab, d1, d2 = nearest(Z[cand], E, second=True)
+                lab, d1, d2, eps = _nearest_bounded(Z[cand], E, z_max)
                 moved = cand[lab != labels[cand]]
                 labels[cand] = lab
                 thresh[cand] = _safe_gap(d1, d2, eps) + own[lab] + drift
@@ -420,7 +476,8 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
                 thresh = None
         else:
             want = frac < 0.05 and K > 1                   # few changes: bounds will pay off
-            out = nearest(Z, E, second=True) if want else (nearest(Z, E, with_dist=False),)
+            fast = want or _screens(Z, E, 4 * _SCREEN_K)   # screened: faster than labels alone
+            out = _nearest_bounded(Z, E, z_max) if fast else (nearest(Z, E, with_dist=False),)
             if labels is None:
                 moved = None
             else:
@@ -428,7 +485,7 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
                 frac = moved.size / n
             labels = out[0]
             if want:
-                thresh = _safe_gap(out[1], out[2], eps) + own[labels] + drift
+                thresh = _safe_gap(*out[1:]) + own[labels] + drift
         if it > 0 and moved is not None and moved.size == 0:
             break                                          # assignments stable: E are their means
         if tol > 0:
@@ -515,8 +572,7 @@ def kmeans_plusplus(Z, K, rng):
         else:                                              # fewer distinct points than K
             cand = rng.integers(n, size=trials)
         Zc = Z[cand]                                       # (t, m)
-        d = Zc @ Z.T                                       # (t, n)
-        d *= -2
+        d = (-2 * Zc) @ Z.T                                # (t, n); bits of -2 (Zc @ Z.T)
         d += z_sq
         d += z_sq[cand][:, None]
         np.maximum(d, 0, out=d)
@@ -1144,21 +1200,15 @@ def metrics(W, E, X, x_sq=None):
     {'recon_mse': 1.0, 'in_sub_dist': 0.5, 'usage_entropy': 0.6931, 'perplexity': 2.0, 'dead_frac': 0.0}
     """
     n, D = X.shape
-    labels = np.empty(n, dtype=np.intp)
-    recon = in_sub = 0.0
-    step = _rows_per_chunk(D)
-    for s in range(0, n, step):
-        Xc = X[s:s + step]                                 # (c, D)
-        Zc = Xc @ W.T                                      # (c, m)
-        lab, dist = nearest(Zc, E)
-        labels[s:s + step] = lab
-        if x_sq is None:
-            recon += float(np.sum((Xc - E[lab] @ W) ** 2))
-        else:
-            recon -= float(np.einsum("cm,cm->", Zc, Zc))
-        in_sub += float(dist.sum())
-    if x_sq is not None:
-        recon += x_sq + in_sub
+    Z = tall_product(X, W)                                 # (n, m)
+    labels, dist = nearest(Z, E)
+    in_sub = float(dist.sum())
+    if x_sq is None:
+        recon, step = 0.0, _rows_per_chunk(D)
+        for s in range(0, n, step):                        # (c, D) blocks
+            recon += float(np.sum((X[s:s + step] - E[labels[s:s + step]] @ W) ** 2))
+    else:
+        recon = x_sq - float(np.einsum("nm,nm->", Z, Z)) + in_sub
     return {"recon_mse": recon / n, "in_sub_dist": in_sub / n, **usage_stats(labels, E.shape[0])}
 
 
@@ -1239,7 +1289,16 @@ def _population_chunk(S, prepared):
     return errs
 
 
-def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16, threads=1):
+def _prepare_model(mdl):
+    """A model of :func:`population_errors` in the form :func:`_population_chunk` scores."""
+    if isinstance(mdl, tuple):
+        W, E = (np.asarray(a, dtype=np.float64) for a in mdl)
+        qW = np.einsum("km,km->k", E @ W, E @ W)           # ||e W||^2 per code
+        return W, E, qW - np.einsum("km,km->k", E, E)      # W @ U is taken later
+    return None, np.asarray(mdl, dtype=np.float64), None
+
+
+def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16, threads=1, columns=None):
     """Reconstruction error of each model on ``n_pop`` fresh samples of N(0, U diag(lam) U^T).
 
     Works in the rank-``rank`` coordinates ``s`` (x = s U^T), chunk by chunk, so neither
@@ -1252,36 +1311,53 @@ def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16, threads=1):
     models : dict name -> (W, E) for a VQ model, or name -> C (K, rank), a codebook in
         the coordinates of U (the unconstrained reference).
     U : ndarray of shape (D, rank); lam : ndarray of shape (rank,)
+    rng : the samples' generator (not advanced: a copy draws them)
+    columns : dict name -> (n_pop,) per-sample errors already computed by
+        :func:`population_columns` from the same generator (an earlier, partial batch);
+        the result is the same as without them.
     """
     names = list(models)
-    M = len(names)
-    prepared = []
-    for name in names:
-        mdl = models[name]
-        if isinstance(mdl, tuple):
-            W, E = (np.asarray(a, dtype=np.float64) for a in mdl)
-            V = W @ U                                      # (m, rank): z = s V^T
-            qW = np.einsum("km,km->k", E @ W, E @ W)       # ||e W||^2 per code
-            prepared.append((V, E, qW - np.einsum("km,km->k", E, E)))
-        else:
-            prepared.append((None, np.asarray(mdl, dtype=np.float64), None))
-    sd = np.sqrt(lam)
-    total = np.zeros(M)
-    cross = np.zeros((M, M))
-    done = 0
-    wave = max(1, threads if threads > 0 else os.cpu_count() or 1)
-    while done < n_pop:
-        samples = []                                       # drawn in order, scored at once
-        while done < n_pop and len(samples) < wave:
-            c = min(chunk, n_pop - done)
-            samples.append((rng.standard_normal((c, len(lam))) * sd, prepared))   # (c, rank)
-            done += c
-        for errs in run_threads(_population_chunk, samples, threads):
-            total += errs.sum(axis=0)
-            cross += errs.T @ errs
+    cols = {n: c for n, c in (columns or {}).items() if n in models}
+    todo = [n for n in names if n not in cols]
+    if todo:
+        cols.update(population_columns({n: models[n] for n in todo}, U, lam, n_pop, rng, chunk, threads))
+    total, cross = np.zeros(len(names)), np.zeros((len(names), len(names)))
+    for a in range(0, n_pop, chunk):                       # sums in chunks, in order
+        block = np.stack([cols[n][a:a + chunk] for n in names], axis=1)   # (c, models)
+        total += block.sum(axis=0)
+        cross += block.T @ block
     mean = total / n_pop
     cov = (cross - n_pop * np.outer(mean, mean)) / max(n_pop - 1, 1)
     return Population(names, mean, np.sqrt(np.maximum(np.diag(cov), 0) / n_pop), cov, n_pop)
+
+
+def population_columns(models, U, lam, n_pop, rng, chunk=1 << 16, threads=1):
+    """The per-sample errors behind :func:`population_errors`: dict name -> (n_pop,).
+
+    Draws the samples from a copy of ``rng``, in chunks of ``chunk``, so every call
+    with the same generator state sees the same samples: models can be scored in
+    several batches (the CLI scores the models that finished while others train).
+    """
+    rng = copy.deepcopy(rng)
+    names = list(models)
+    prepared = []
+    for name in names:
+        W, E, corr = _prepare_model(models[name])
+        prepared.append((None if W is None else W @ U, E, corr))   # V (m, rank): z = s V^T
+    sd = np.sqrt(lam)
+    out = np.empty((n_pop, len(names)))
+    done = 0
+    wave = max(1, threads if threads > 0 else os.cpu_count() or 1)
+    while done < n_pop:
+        samples, starts = [], []                           # drawn in order, scored at once
+        while done < n_pop and len(samples) < wave:
+            c = min(chunk, n_pop - done)
+            samples.append((rng.standard_normal((c, len(lam))) * sd, prepared))   # (c, rank)
+            starts.append(done)
+            done += c
+        for a, errs in zip(starts, run_threads(_population_chunk, samples, threads)):
+            out[a:a + errs.shape[0]] = errs
+    return {name: out[:, j] for j, name in enumerate(names)}
 
 
 # ----------------------------------------------------------------------------
@@ -1493,8 +1569,7 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10):
     Z = tall_product(X, W)                                 # (n, m)
     labels, dist, low = _pl_bounds(Z, E, z_max)
     counts = np.bincount(labels, minlength=K)
-    S = np.zeros((K, X.shape[1]))                          # float64 sums of x per cluster
-    np.add.at(S, labels, X)
+    S = row_sums_by_label(X, labels, K)                    # float64 sums of x per cluster
 
     def train_err(Z, dist):        # orthonormal rows: ||x - qW||^2 = ||x||^2 - ||z||^2 + ||z - q||^2
         return (x_sq - float(np.sum(Z * Z)) + float(dist.sum())) / n
@@ -1764,39 +1839,49 @@ def compare(problem):
     the start point and the unconstrained reference are computed once per problem.
     """
     cfg = problem.cfg
-    results, checks = _run_methods(problem)
-    U_m = problem.U[:, :min(cfg.m, cfg.rank)]
-    for res in results.values():
-        if res["status"] != "ok":      # a diverged run keeps its last finite parameters, unscored
-            continue
-        with np.errstate(all="ignore"):
-            m = metrics(res["W"], res["E"], problem.X_eval)
-        if not all(math.isfinite(v) for v in m.values()):
-            res.update(status="diverged", diverged_at_step=cfg.steps,
-                       note="parameters finite but their eval error overflows")
-            continue
-        res.update(m)
-        res["subspace_angle_deg"] = subspace_angle_deg(res["W"], U_m) if cfg.m <= cfg.rank else None
+    results, checks, early = _run_methods(problem)
     return {"config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)},
-            "results": results, "bounds": _bounds(problem, results),
+            "results": results, "bounds": _bounds(problem, results, early),
             "gradient_check": checks, "fd_vs_manual": _agreement(results)}
 
 
-# Task order of the methods, longest first on the default run (a method not listed goes
-# first), so that the worker processes finish together.
+# Task order of the methods, longest first (a method not listed goes first), so that
+# the workers finish together: on the default run, and next to big data, where
+# Procrustes-Lloyd's pass over the data each round makes it the longest.
 _LONGEST_FIRST = ("fd_ste", "rotation", "ema_ste", "manual_ste", "procrustes_lloyd")
+_LONGEST_FIRST_BIG = ("procrustes_lloyd", "fd_ste", "rotation", "ema_ste", "manual_ste")
 
 
 def _apply(fn, *args):
     return fn(*args)
 
 
-def _on_problem(fn, cfg, X_train, X_eval, U, lam, W0, E0, eval_sq):
+def _score(problem, res):
+    """Eval metrics of a trained model into its result (where the method ran)."""
+    cfg = problem.cfg
+    if res["status"] != "ok":          # a diverged run keeps its last finite parameters, unscored
+        return res
+    with np.errstate(all="ignore"):
+        m = metrics(res["W"], res["E"], problem.X_eval)
+    if not all(math.isfinite(v) for v in m.values()):
+        res.update(status="diverged", diverged_at_step=cfg.steps,
+                   note="parameters finite but their eval error overflows")
+        return res
+    res.update(m)
+    res["subspace_angle_deg"] = (subspace_angle_deg(res["W"], problem.U[:, :cfg.m])
+                                 if cfg.m <= cfg.rank else None)
+    return res
+
+
+def _on_problem(fn, cfg, X_train, X_eval, U, lam, W0, E0, eval_sq, score=False):
     """``fn(problem)`` on the problem rebuilt from its arrays (in a worker process),
-    with the seconds it took there."""
+    with the seconds it took there; ``score``: a method's result, scored there too
+    (its seconds are the training's)."""
     t0 = time.perf_counter()
-    out = fn(Problem(cfg, X_train, X_eval, U, lam, W0, E0, 0.0, None, eval_sq))
-    return out, time.perf_counter() - t0
+    problem = Problem(cfg, X_train, X_eval, U, lam, W0, E0, 0.0, None, eval_sq)
+    out = fn(problem)
+    seconds = time.perf_counter() - t0
+    return (_score(problem, out) if score else out), seconds
 
 
 def _read_only(a):
@@ -1814,22 +1899,41 @@ def _run_methods(problem):
     Returns (results by method, gradient checks)."""
     cfg = problem.cfg
     skip = {n: _fd_skip_reason(cfg) for n in cfg.methods if n == "fd_ste"}
+    big = _data_bytes(cfg) > _BIG_DATA
+    order = _LONGEST_FIRST_BIG if big else _LONGEST_FIRST
     names = sorted((n for n in cfg.methods if n != "pca_lloyd" and not skip.get(n)),
-                   key=lambda n: _LONGEST_FIRST.index(n) if n in _LONGEST_FIRST else -1)
+                   key=lambda n: order.index(n) if n in order else -1)
     arrays = (cfg, *(_read_only(a) for a in (problem.X_train, problem.X_eval, problem.U, problem.lam,
                                               problem.W0, problem.E0)), _eval_sq(problem))
-    tasks = [(_on_problem, METHODS[n], *arrays) for n in names]
+    tasks = [(_on_problem, METHODS[n], *arrays, True) for n in names]
     ref_tasks = []
     if problem.reference is None:
         S_train = _rank_coords(problem.X_train, problem.U)
         ref_tasks = [(_restart, *a) for a in _reference_tasks(cfg, S_train) + [_lifted_task(
             cfg, problem.W0, problem.E0, problem.U, S_train)]]
     checks = (_on_problem, _gradient_checks, *arrays)
-    if _data_bytes(cfg) <= _BIG_DATA:
+    early = {}
+    if big:                                                # threads share the big data
+        finished = {}
+
+        def method(name, *task):
+            finished[name] = _apply(*task)
+            return finished[name]
+
+        def early_population():        # the models done by now, on the thread that would idle
+            if cfg.n_pop <= 0 or problem.reference is None:
+                return {}
+            models = {n: (r["W"], r["E"]) for n, (r, _) in list(finished.items()) if r["status"] == "ok"}
+            if "pca_lloyd" in cfg.methods:
+                models["pca_lloyd"] = (problem.W0, problem.E0)
+            models["unconstrained_kmeans"] = problem.reference[0]
+            return population_columns(models, problem.U, problem.lam, cfg.n_pop,
+                                      derived_rng(cfg.seed, "population"))
+        out = run_threads(_apply, [(method, n, *t) for n, t in zip(names, tasks)] + ref_tasks
+                          + [checks, (early_population,)], cfg.workers)
+        early = out.pop()
+    else:
         out = run_tasks(_apply, tasks + ref_tasks + [checks], cfg.workers)
-    else:                                                  # threads share the big data; the
-        out = run_threads(_apply, [checks] + tasks + ref_tasks, cfg.workers)   # short checks
-        out = out[1:] + out[:1]                            # first, not beside the longest method
     done = dict(zip(names, out))
     if ref_tasks:
         _set_reference(problem, out[len(names):len(names) + len(ref_tasks)])
@@ -1839,13 +1943,14 @@ def _run_methods(problem):
             t0 = time.perf_counter()
             res = method_pca_lloyd(problem)
             res["seconds"] = time.perf_counter() - t0 + problem.start_seconds
+            _score(problem, res)
         elif skip.get(name):
             res = _result(None, None, status="skipped", note=skip[name])
             res["seconds"] = 0.0
         else:
             res, res["seconds"] = done[name]
         results[name] = res
-    return results, out[-1][0]
+    return results, out[-1][0], early
 
 
 def _rank_coords(X, U):
@@ -1897,8 +2002,9 @@ def _set_reference(problem, runs):
     problem.reference = (C, eval_err, time.perf_counter() - t0 + sum(r.seconds for r in runs))
 
 
-def _bounds(problem, results):
-    """Floors, the unconstrained reference and the population errors of every model."""
+def _bounds(problem, results, columns=None):
+    """Floors, the unconstrained reference and the population errors of every model
+    (``columns``: per-sample errors of some models, see :func:`population_columns`)."""
     cfg = problem.cfg
     t0 = time.perf_counter()
     C, uncon_eval, ref_seconds = unconstrained_reference(problem)
@@ -1910,7 +2016,8 @@ def _bounds(problem, results):
     models["unconstrained_kmeans"] = C
     if cfg.n_pop > 0:
         pop = population_errors(models, problem.U, problem.lam, cfg.n_pop,
-                                derived_rng(cfg.seed, "population"), threads=cfg.workers)
+                                derived_rng(cfg.seed, "population"), threads=cfg.workers,
+                                columns=columns)
         for i, name in enumerate(pop.names):
             if name in results:
                 results[name]["pop_recon_mse"] = float(pop.mean[i])
