@@ -871,6 +871,15 @@ def test_big_arrays_reach_workers_through_a_file_and_give_the_same_result():
     b = vq.kmeans_run(Z, 6, seed=4, n_init=2, max_iter=30, workers=2)
     assert np.array_equal(a.E, b.E) and a.inertia == b.inertia
     assert scratch() == before                             # cleaned up
+    # arrays put in a file by the caller (next to big data) reach workers, or this
+    # process, mapped; the files go with the block
+    for workers in (1, 2):
+        with vq._spilled(True, Z.nbytes) as put:
+            f = put(Z)
+            assert isinstance(f, vq._InFile) and os.path.exists(f.path)
+            runs = vq.run_tasks(vq._restart, vq._restart_tasks(f, 6, 4, 2, 30), workers)
+        assert np.array_equal(vq._best(runs).E, a.E) and not os.path.exists(f.path)
+    assert scratch() == before
 
 
 def test_scratch_files_avoid_a_full_dev_shm(monkeypatch):

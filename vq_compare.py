@@ -30,6 +30,7 @@ comparison and writes ``results_out/``. Importing this module has no side effect
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -820,10 +821,33 @@ def run_tasks(fn, arg_list, workers, then=None):
             _shutdown_pool(wait=False)                     # (an error of fn itself recurs)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    out = [fn(*args) for args in arg_list]
+    out = [_call_mapped(fn, args) for args in arg_list]
     if then is not None:
-        out += [fn(*args) for args in then[1](out[:then[0]])]
+        out += [_call_mapped(fn, args) for args in then[1](out[:then[0]])]
     return out
+
+
+@contextlib.contextmanager
+def _spilled(enabled, nbytes):
+    """``put(a)`` in the block saves the array ``a`` to a temporary file and gives the
+    :class:`_InFile` that :func:`run_tasks` hands to its workers (or maps here), so that
+    this process need not keep ``a`` beside big data while they work; with ``enabled``
+    false it gives ``a`` back. ``nbytes``: about how much will be put. The files go
+    when the block ends."""
+    if not enabled:
+        yield lambda a: a
+        return
+    tmp = tempfile.mkdtemp(prefix="vq_compare_", dir=_scratch_dir(nbytes))
+    count = iter(range(1 << 30))
+
+    def put(a):
+        path = os.path.join(tmp, f"spill{next(count)}.npy")
+        np.save(path, a)
+        return _InFile(path)
+    try:
+        yield put
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------
@@ -1707,6 +1731,8 @@ def make_problem(cfg, start=None, reference=True):
     the same batch as the methods (the same result; worker processes stay busy).
     """
     dtype = np.dtype(cfg.dtype)
+    if start is None:
+        worker_pool(cfg.workers)                           # the workers start while the data are drawn
     X_train, X_eval, _ = make_lowrank_data(cfg.D, cfg.rank, cfg.n_train, cfg.n_eval,
                                            cfg.seed, cfg.lmax, cfg.lmin)
     U, lam = lowrank_factor(cfg.D, cfg.rank, cfg.seed, cfg.lmax, cfg.lmin)
@@ -1721,15 +1747,17 @@ def make_problem(cfg, start=None, reference=True):
     # one batch, so that worker processes stay busy; the reference's start from the
     # lifted baseline codebook joins it as soon as the baseline's restarts are done.
     n_init = _restarts(cfg)
-    tasks = _restart_tasks(tall_product(X_train, W0, "F"), cfg.K, derived_rng(cfg.seed, "kmeans"), n_init,
-                           cfg.kmeans_iter)               # kmeans_run's, as kmeans() would run them
-    then = None
-    if reference:
-        S_train = _rank_coords(X_train, U)
-        tasks += _reference_tasks(cfg, S_train)
-        then = (n_init, lambda base: [_lifted_task(cfg, W0, _best(base).E, U, S_train)])
-    runs = run_tasks(_restart, tasks, cfg.workers, then)
-    if _data_bytes(cfg) > _BIG_DATA:
+    big = _data_bytes(cfg) > _BIG_DATA                     # the workers' inputs in files only
+    with _spilled(big and worker_pool(cfg.workers) is not None, cfg.n_train * (cfg.m + cfg.rank) * 8) as put:
+        tasks = _restart_tasks(put(tall_product(X_train, W0, "F")), cfg.K, derived_rng(cfg.seed, "kmeans"),
+                               n_init, cfg.kmeans_iter)   # kmeans_run's, as kmeans() would run them
+        then = None
+        if reference:
+            S_train = put(_rank_coords(X_train, U))
+            tasks += _reference_tasks(cfg, S_train)
+            then = (n_init, lambda base: [_lifted_task(cfg, W0, _best(base).E, U, S_train)])
+        runs = run_tasks(_restart, tasks, cfg.workers, then)
+    if big:
         _shutdown_pool()                                   # idle workers' memory next to big data
     problem = Problem(cfg, X_train, X_eval, U, lam, W0, _best(runs[:n_init]).E,
                       pca_seconds + sum(r.seconds for r in runs[:n_init]))
