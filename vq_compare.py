@@ -445,9 +445,8 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
     below ``tol`` (``tol=0``: never), or after ``max_iter`` centre updates. Labels
     always match the returned centres.
 
-    Exact, but it skips work that cannot change anything. Once few points change
-    cluster, a point is looked at again only when it could have changed (Hamerly's
-    bound): it was ``g`` closer to its own centre than to any other, and since then its
+    Exact, but it skips work that cannot change anything. A point is looked at again
+    only when it could have changed (Hamerly's bound): it was ``g`` closer to its own centre than to any other, and since then its
     own centre moved by ``a`` and the farthest-moving centre by ``b`` per update; while
     the sums of ``a + b`` stay below ``g`` it keeps its centre (triangle inequality,
     with the rounding error of the distances subtracted from ``g``). The centres are
@@ -461,7 +460,7 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
     #                                                        unless Z is Fortran-ordered)
     labels = thresh = None
     own = np.zeros(K)                  # accumulated drift of each centre
-    drift, frac, prev_inertia, n_iter = 0.0, 1.0, np.inf, 0   # drift: of the farthest mover
+    drift, prev_inertia, n_iter = 0.0, np.inf, 0           # drift: of the farthest mover
     for it in range(max_iter + 1):
         # assignment step for the current centres; `moved`: points that changed cluster
         if thresh is not None:                             # only points whose bound expired
@@ -472,21 +471,11 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
                 moved = cand[lab != labels[cand]]
                 labels[cand] = lab
                 thresh[cand] = _safe_gap(d1, d2, eps) + own[lab] + drift
-            frac = moved.size / n
-            if cand.size > 0.3 * n:                        # bounds no longer pay: a full pass
-                thresh = None
-        else:
-            want = frac < 0.05 and K > 1                   # few changes: bounds will pay off
-            fast = want or _screens(Z, E, 4 * _SCREEN_K)   # screened: faster than labels alone
-            out = _nearest_bounded(Z, E, z_max) if fast else (nearest(Z, E, with_dist=False),)
-            if labels is None:
-                moved = None
-            else:
-                moved = np.flatnonzero(out[0] != labels)
-                frac = moved.size / n
-            labels = out[0]
-            if want:
-                thresh = _safe_gap(*out[1:]) + own[labels] + drift
+        else:                                              # every point (first, or after a relocation)
+            lab, d1, d2, eps = _nearest_bounded(Z, E, z_max)
+            moved = None if labels is None else np.flatnonzero(lab != labels)
+            labels = lab
+            thresh = _safe_gap(d1, d2, eps) + own[labels] + drift
         if it > 0 and moved is not None and moved.size == 0:
             break                                          # assignments stable: E are their means
         if tol > 0:
@@ -501,7 +490,7 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
         if (counts == 0).any():                            # empty clusters: relocation
             dist = np.sum((Z - E[labels]) ** 2, axis=1)
             E_new = _centroids(Z, labels, dist, E)
-            thresh, frac = None, 1.0                       # a point moved without a bound
+            thresh = None                                  # a point moved without a bound
         else:                                              # what _centroids computes
             E_new = (sums / counts[:, None]).astype(E.dtype, copy=False)
         n_iter += 1
