@@ -1626,9 +1626,12 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10):
 def _pl_bounds(Z, E, z_max):
     """Labels, squared distance to the nearest code and a lower bound on the distance
     (not squared) to every other code, for the rows of ``Z``."""
-    labels, d1, d2 = nearest(Z, E, second=True)
-    d2 = d2.astype(np.float64)
-    return labels, d1.astype(np.float64), np.sqrt(np.maximum(d2 - _distance_eps(E, z_max), 0))
+    labels, d1, d2, eps = _nearest_bounded(Z, E, z_max)
+    if _screens(Z, E):                                     # d1 good to float32 only: again,
+        diff = E[labels]                                   # directly, in float64
+        np.subtract(Z, diff, out=diff)
+        d1 = np.einsum("nm,nm->n", diff, diff)
+    return labels, d1.astype(np.float64), np.sqrt(np.maximum(d2 - eps, 0))
 
 
 def method_procrustes_lloyd(problem):
