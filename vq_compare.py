@@ -253,16 +253,18 @@ def _rows_per_chunk(width):
     return max(64, _CHUNK_ELEMS // max(1, width))
 
 
-def _nearest_blocks(Z, Ea, labels, dist, dist2):
-    """Fill labels (and dist, dist2 unless None), a cache-sized block of rows at a time."""
+def _nearest_blocks(Z, Ea, labels, dist, dist2, idx=None):
+    """Fill labels (and dist, dist2 unless None), a cache-sized block of rows at a time,
+    for the rows of ``Z``, or for its rows ``idx`` (no gathered copy of them all)."""
     (n, m), K = Z.shape, Ea.shape[1]
+    n = n if idx is None else len(idx)
     step = _rows_per_chunk(K)
     Za = np.empty((min(step, n), m + 1), dtype=Ea.dtype)
     Za[:, m] = 1
     buf = np.empty((Za.shape[0], K), dtype=Ea.dtype)
     for s in range(0, n, step):
         c = min(step, n - s)
-        Za[:c, :m] = Z[s:s + c]
+        Za[:c, :m] = Z[s:s + c] if idx is None else Z[idx[s:s + c]]
         d = np.matmul(Za[:c], Ea, out=buf[:c])             # (c, K) = ||e||^2 - 2 z.e
         lab = d.argmin(axis=1)
         labels[s:s + c] = lab
@@ -318,7 +320,7 @@ def _screens(Z, E, K_min=_SCREEN_K):
     return Z.dtype == E.dtype == np.float64 and E.shape[0] >= K_min
 
 
-def _nearest_bounded(Z, E, z_max):
+def _nearest_bounded(Z, E, z_max, idx=None):
     """Labels of the nearest codes, the same as :func:`nearest`'s, with the squared
     distances to the nearest and to the second-nearest code to within the returned
     ``eps`` (enough for bounds); ``z_max`` bounds the rows' squared norms.
@@ -328,18 +330,20 @@ def _nearest_bounded(Z, E, z_max):
     (:func:`_distance_eps`) is computed again in float64, so that each label is the
     float64 argmin; for the others the float32 winner beats every other code by more
     than the float64 rounding, so float64 picks it too. Returns (labels, d1, d2, eps).
+    ``idx``: only the rows ``Z[idx]`` (gathered a block at a time when screened).
     """
     if not _screens(Z, E):
-        return (*nearest(Z, E, second=True), _distance_eps(E, z_max))
+        return (*nearest(Z if idx is None else Z[idx], E, second=True), _distance_eps(E, z_max))
     Ea = np.vstack([-2.0 * E.T, np.einsum("km,km->k", E, E)[None]]).astype(np.float32)
     eps32, eps64 = _distance_eps(E.astype(np.float32), z_max), _distance_eps(E, z_max)
-    labels = np.empty(Z.shape[0], dtype=np.intp)
-    d1, d2 = np.empty(Z.shape[0], dtype=np.float32), np.empty(Z.shape[0], dtype=np.float32)
-    _nearest_blocks(Z, Ea, labels, d1, d2)
+    n = Z.shape[0] if idx is None else len(idx)
+    labels = np.empty(n, dtype=np.intp)
+    d1, d2 = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
+    _nearest_blocks(Z, Ea, labels, d1, d2, idx)
     d1, d2 = d1.astype(np.float64), d2.astype(np.float64)
     near = np.flatnonzero(d2 - d1 <= 2 * (eps32 + eps64))
     if near.size:
-        labels[near], d1[near], d2[near] = nearest(Z[near], E, second=True)
+        labels[near], d1[near], d2[near] = nearest(Z[near if idx is None else idx[near]], E, second=True)
     return labels, np.maximum(d1, 0, out=d1), np.maximum(d2, 0, out=d2), float(eps32)
 
 
@@ -467,7 +471,7 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
             cand = np.flatnonzero(own[labels] + drift > thresh)
             moved = cand[:0]
             if cand.size:
-                lab, d1, d2, eps = _nearest_bounded(Z[cand], E, z_max)
+                lab, d1, d2, eps = _nearest_bounded(Z, E, z_max, cand)
                 moved = cand[lab != labels[cand]]
                 labels[cand] = lab
                 thresh[cand] = _safe_gap(d1, d2, eps) + own[lab] + drift
