@@ -811,6 +811,19 @@ def test_threads_for_big_data_do_not_change_results(monkeypatch):
     # threads score the finished models' population errors while others train: the
     # same bounds as the processes' run, which scores them all at the end
     assert _strip_times(b) == _strip_times(c)
+    if vq._blas_thread_setter() is None:
+        return
+    # a method that ends after that batch started scores its own, with the same result
+    import time as _time
+    batches, slow = [], vq.METHODS["manual_ste"]
+    monkeypatch.setitem(vq.METHODS, "manual_ste", lambda p: (_time.sleep(1.0), slow(p))[1])
+    columns = vq.population_columns
+    monkeypatch.setattr(vq, "population_columns", lambda models, *a, **k: (
+        batches.append(sorted(models)), columns(models, *a, **k))[1])
+    late = vq._json_ready(vq.run_comparison(**{**settings, "workers": 2}))
+    late["config"].pop("workers")
+    assert ["manual_ste"] in batches and len(batches) == 2
+    assert _strip_times(late) == _strip_times(c)
 
 
 def test_run_threads_uses_threads_only_where_they_do_not_fight(monkeypatch):

@@ -1938,24 +1938,39 @@ def _run_methods(problem):
     checks = (_on_problem, _gradient_checks, *arrays)
     early = {}
     if big:                                                # threads share the big data
-        finished = {}
+        # Population errors while the last methods train: a last task scores the models
+        # done by the time it starts (on the thread that would idle); a method that
+        # finishes after that scores its own. The same columns wherever they are computed.
+        finished, late, lock = {}, {}, threading.Lock()
+        scored = cfg.n_pop > 0 and problem.reference is not None
+
+        def columns(models):
+            return population_columns(models, problem.U, problem.lam, cfg.n_pop,
+                                      derived_rng(cfg.seed, "population"))
 
         def method(name, *task):
-            finished[name] = _apply(*task)
-            return finished[name]
+            out = _apply(*task)
+            with lock:
+                finished[name] = out[0]
+                after = "started" in late
+            if after and scored and out[0]["status"] == "ok":
+                late.update(columns({name: (out[0]["W"], out[0]["E"])}))
+            return out
 
-        def early_population():        # the models done by now, on the thread that would idle
-            if cfg.n_pop <= 0 or problem.reference is None:
+        def early_population():
+            with lock:
+                late["started"] = None
+                models = {n: (r["W"], r["E"]) for n, r in finished.items() if r["status"] == "ok"}
+            if not scored:
                 return {}
-            models = {n: (r["W"], r["E"]) for n, (r, _) in list(finished.items()) if r["status"] == "ok"}
             if "pca_lloyd" in cfg.methods:
                 models["pca_lloyd"] = (problem.W0, problem.E0)
             models["unconstrained_kmeans"] = problem.reference[0]
-            return population_columns(models, problem.U, problem.lam, cfg.n_pop,
-                                      derived_rng(cfg.seed, "population"))
+            return columns(models)
         out = run_threads(_apply, [(method, n, *t) for n, t in zip(names, tasks)] + ref_tasks
                           + [checks, (early_population,)], cfg.workers)
-        early = out.pop()
+        late.pop("started")
+        early = {**out.pop(), **late}
     else:
         out = run_tasks(_apply, tasks + ref_tasks + [checks], cfg.workers)
     done = dict(zip(names, out))
