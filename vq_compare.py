@@ -292,11 +292,7 @@ def nearest(Z, E, second=False, with_dist=True):
     """
     if not second and _screens(Z, E, 4 * _SCREEN_K):
         labels = _nearest_bounded(Z, E, float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0)))[0]
-        if not with_dist:
-            return labels
-        diff = E[labels]
-        np.subtract(Z, diff, out=diff)
-        return labels, np.einsum("nm,nm->n", diff, diff)
+        return (labels, _sq_dist_to(Z, E, labels)) if with_dist else labels
     n = Z.shape[0]
     dtype = np.result_type(Z, E)
     Ea = np.vstack([-2.0 * E.T, np.einsum("km,km->k", E, E)[None]]).astype(dtype)   # (m+1, K)
@@ -311,6 +307,17 @@ def nearest(Z, E, second=False, with_dist=True):
         np.maximum(dist2, 0, out=dist2)
         return labels, dist, dist2
     return labels, dist
+
+
+def _sq_dist_to(Z, E, labels):
+    """``||z - e_label||^2`` for every row, computed directly, in blocks of rows."""
+    dist = np.empty(Z.shape[0], dtype=np.result_type(Z, E))
+    step = 1 << 16
+    for s in range(0, Z.shape[0], step):
+        diff = E[labels[s:s + step]]
+        np.subtract(Z[s:s + step], diff, out=diff)
+        dist[s:s + step] = np.einsum("nm,nm->n", diff, diff)
+    return dist
 
 
 _SCREEN_K = 64   # codes from which float32 screening pays (measured: 0.5-0.85x the time)
@@ -1632,9 +1639,7 @@ def _pl_bounds(Z, E, z_max):
     (not squared) to every other code, for the rows of ``Z``."""
     labels, d1, d2, eps = _nearest_bounded(Z, E, z_max)
     if _screens(Z, E):                                     # d1 good to float32 only: again,
-        diff = E[labels]                                   # directly, in float64
-        np.subtract(Z, diff, out=diff)
-        d1 = np.einsum("nm,nm->n", diff, diff)
+        d1 = _sq_dist_to(Z, E, labels)                     # directly, in float64
     return labels, d1.astype(np.float64), np.sqrt(np.maximum(d2 - eps, 0))
 
 
