@@ -286,9 +286,10 @@ def nearest(Z, E, second=False, with_dist=True):
     (``with_dist=False``: the labels alone). Works through cache-sized blocks of rows
     (no n x K matrix); the argmin drops ``||z||^2``, which every code shares.
 
-    From ``4 * _SCREEN_K`` float64 codes the labels are screened in float32 (the same
-    labels, see :func:`_nearest_bounded`) and ``dist`` is ``||z - e||^2`` computed
-    directly for the winning code (without the expansion's cancellation).
+    From ``4 * _SCREEN_K`` = 256 float64 codes (below, float64 alone is as fast) the
+    labels are screened in float32 (the same labels, see :func:`_nearest_bounded`) and
+    ``dist`` is ``||z - e||^2`` computed directly for the winning code (without the
+    expansion's cancellation).
     """
     if not second and _screens(Z, E, 4 * _SCREEN_K):
         labels = _nearest_bounded(Z, E, float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0)))[0]
@@ -457,10 +458,12 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
     always match the returned centres.
 
     Exact, but it skips work that cannot change anything. A point is looked at again
-    only when it could have changed (Hamerly's bound): it was ``g`` closer to its own centre than to any other, and since then its
-    own centre moved by ``a`` and the farthest-moving centre by ``b`` per update; while
-    the sums of ``a + b`` stay below ``g`` it keeps its centre (triangle inequality,
-    with the rounding error of the distances subtracted from ``g``). The centres are
+    only when it could have changed (Hamerly's bound): it was ``g`` closer to its own
+    centre than to any other, and since then its own centre moved by ``a`` and the
+    farthest-moving centre by ``b`` per update; while the sums of ``a + b`` stay below
+    ``g`` it keeps its centre (triangle inequality, with the rounding error of the
+    distances subtracted from ``g``). From 64 float64 centres the searches are screened
+    in float32, with float64's labels (:func:`_nearest_bounded`). The centres are
     recomputed from full sums every iteration, so they are bit for bit those of plain
     Lloyd (:func:`lloyd_plain`), up to exact ties (tested, float64 and float32).
     """
@@ -838,12 +841,12 @@ def _spilled(enabled, nbytes):
         yield lambda a: a
         return
     tmp = tempfile.mkdtemp(prefix="vq_compare_", dir=_scratch_dir(nbytes))
-    count = iter(range(1 << 30))
+    saved = []
 
     def put(a):
-        path = os.path.join(tmp, f"spill{next(count)}.npy")
-        np.save(path, a)
-        return _InFile(path)
+        saved.append(_InFile(os.path.join(tmp, f"{len(saved)}.npy")))
+        np.save(saved[-1].path, a)
+        return saved[-1]
     try:
         yield put
     finally:
@@ -1924,8 +1927,9 @@ def _read_only(a):
 def _run_methods(problem):
     """The methods of ``problem.cfg``, the gradient checks and, when not computed yet,
     the unconstrained reference: one batch of independent tasks, spread over worker
-    processes next to small data (each result is the same wherever it runs).
-    Returns (results by method, gradient checks)."""
+    processes next to small data (each result is the same wherever it runs), on
+    threads next to big data, with the population errors of the models done by then.
+    Returns (results by method, gradient checks, population columns computed)."""
     cfg = problem.cfg
     skip = {n: _fd_skip_reason(cfg) for n in cfg.methods if n == "fd_ste"}
     big = _data_bytes(cfg) > _BIG_DATA
@@ -1946,7 +1950,7 @@ def _run_methods(problem):
         # Population errors while the last methods train: a last task scores the models
         # done by the time it starts (on the thread that would idle); a method that
         # finishes after that scores its own. The same columns wherever they are computed.
-        finished, late, lock = {}, {}, threading.Lock()
+        finished, late, started, lock = {}, {}, [], threading.Lock()
         scored = cfg.n_pop > 0 and problem.reference is not None
 
         def columns(models):
@@ -1957,14 +1961,14 @@ def _run_methods(problem):
             out = _apply(*task)
             with lock:
                 finished[name] = out[0]
-                after = "started" in late
+                after = bool(started)
             if after and scored and out[0]["status"] == "ok":
                 late.update(columns({name: (out[0]["W"], out[0]["E"])}))
             return out
 
         def early_population():
             with lock:
-                late["started"] = None
+                started.append(True)
                 models = {n: (r["W"], r["E"]) for n, r in finished.items() if r["status"] == "ok"}
             if not scored:
                 return {}
@@ -1974,7 +1978,6 @@ def _run_methods(problem):
             return columns(models)
         out = run_threads(_apply, [(method, n, *t) for n, t in zip(names, tasks)] + ref_tasks
                           + [checks, (early_population,)], cfg.workers)
-        late.pop("started")
         early = {**out.pop(), **late}
     else:
         out = run_tasks(_apply, tasks + ref_tasks + [checks], cfg.workers)
