@@ -292,6 +292,10 @@ def test_float32_screening_gives_the_float64_labels_even_at_near_ties():
     assert np.array_equal(lab, labels)
     assert np.all(np.abs(b1 - d1) <= eps) and np.all(np.abs(b2 - d2) <= eps)
     assert eps < 1e-2 * np.median((d2 - d1)[n // 2:])      # bounds that still prune
+    # scales float32 cannot hold (overflow) or resolve (subnormals): float64 alone
+    for scale in (1e20, 1e-18, 1e-25):
+        labels = vq.nearest(Z * scale, E * scale, second=True)[0]
+        assert np.array_equal(vq.nearest(Z * scale, E * scale, with_dist=False), labels), scale
 
 
 def test_row_sums_by_label_are_np_add_at_bit_for_bit():

@@ -339,8 +339,11 @@ def _nearest_bounded(Z, E, z_max, idx=None):
     float64 argmin; for the others the float32 winner beats every other code by more
     than the float64 rounding, so float64 picks it too. Returns (labels, d1, d2, eps).
     ``idx``: only the rows ``Z[idx]`` (gathered a block at a time when screened).
+    Squared norms beyond 1e30 (float32 overflow) or all below 1e-30 (float32's
+    subnormals would round coarser than the bound) are not screened.
     """
-    if not _screens(Z, E):
+    scale = z_max + float(np.max(np.einsum("km,km->k", E, E), initial=0.0))
+    if not (_screens(Z, E) and 1e-30 < scale < 1e30):
         return (*nearest(Z if idx is None else Z[idx], E, second=True), _distance_eps(E, z_max))
     Ea = np.vstack([-2.0 * E.T, np.einsum("km,km->k", E, E)[None]]).astype(np.float32)
     eps32, eps64 = _distance_eps(E.astype(np.float32), z_max), _distance_eps(E, z_max)
