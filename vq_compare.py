@@ -174,24 +174,25 @@ def _mvn_draw(rng, factor, n):
     Drawing and multiplying block by block consumes the same stream and gives the same
     numbers (a test holds it to that) with one n x D array plus a block. Blocks are a
     multiple of 16 rows so the matrix product runs the same kernels on every row. A
-    thread writes each block's fresh pages first (0.1-1 s per 400 MB on first touch
-    here), while the previous block is drawn: what the draw itself does not use.
+    thread writes each block's fresh pages first (first touches cost 0.1-1 s per
+    400 MB here) while the block before it is multiplied and this one's normals are
+    drawn (on one core).
     """
     D = factor.shape[0]
     out = np.empty((n, D))
     mean = np.zeros(D)
     G = np.empty((min(_DRAW_ROWS, n), D))                 # one buffer: fresh pages cost here
 
-    def touch(a):                  # first writes to fresh pages cost 0.1-1 s per 400 MB here
+    def touch(a):
         out[a:a + _DRAW_ROWS] = 0.0
     ahead = threading.Thread(target=touch, args=(0,))
     ahead.start()
     for a in range(0, n, _DRAW_ROWS):
         c = min(_DRAW_ROWS, n - a)
         rng.standard_normal(out=G[:c])
-        ahead.join()                                       # the block is touched; the next one
-        if a + _DRAW_ROWS < n:                             # is, on another core, while this
-            ahead = threading.Thread(target=touch, args=(a + _DRAW_ROWS,))   # one is multiplied
+        ahead.join()                                       # this block is touched
+        if a + _DRAW_ROWS < n:
+            ahead = threading.Thread(target=touch, args=(a + _DRAW_ROWS,))
             ahead.start()
         block = np.matmul(G[:c], factor.T, out=out[a:a + c])
         np.add(mean, block, out=block)                     # as mean + ..., signed zeros too
