@@ -305,11 +305,11 @@ def nearest(Z, E, second=False, with_dist=True):
     expansion's cancellation).
     """
     if not second and _screens(Z, E, 4 * _SCREEN_K):
-        labels = _nearest_bounded(Z, E, float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0)))[0]
+        labels = _nearest_bounded(Z, E, _max_sq_norm(Z))[0]
         return (labels, _sq_dist_to(Z, E, labels)) if with_dist else labels
     n = Z.shape[0]
     dtype = np.result_type(Z, E)
-    Ea = np.vstack([-2.0 * E.T, np.einsum("km,km->k", E, E)[None]]).astype(dtype)   # (m+1, K)
+    Ea = _augmented(E, dtype)
     labels = np.empty(n, dtype=np.intp)
     dist = np.empty(n, dtype=dtype) if (with_dist or second) else None
     dist2 = np.empty(n, dtype=dtype) if second else None
@@ -321,6 +321,15 @@ def nearest(Z, E, second=False, with_dist=True):
         np.maximum(dist2, 0, out=dist2)
         return labels, dist, dist2
     return labels, dist
+
+
+def _augmented(E, dtype):
+    """``[-2 E^T; ||e||^2]`` (m+1, K) in ``dtype``: ``[z, 1] @ it`` is ``||e||^2 - 2 z.e``."""
+    return np.vstack([-2.0 * E.T, np.einsum("km,km->k", E, E)[None]]).astype(dtype)
+
+
+def _max_sq_norm(Z):
+    return float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0))
 
 
 def _sq_dist_to(Z, E, labels):
@@ -358,7 +367,7 @@ def _nearest_bounded(Z, E, z_max, idx=None):
     scale = z_max + float(np.max(np.einsum("km,km->k", E, E), initial=0.0))
     if not (_screens(Z, E) and 1e-30 < scale < 1e30):
         return (*nearest(Z if idx is None else Z[idx], E, second=True), _distance_eps(E, z_max))
-    Ea = np.vstack([-2.0 * E.T, np.einsum("km,km->k", E, E)[None]]).astype(np.float32)
+    Ea = _augmented(E, np.float32)
     eps32, eps64 = _distance_eps(E.astype(np.float32), z_max), _distance_eps(E, z_max)
     n = Z.shape[0] if idx is None else len(idx)
     labels = np.empty(n, dtype=np.intp)
@@ -485,7 +494,7 @@ def lloyd_run(Z, E_init, max_iter=300, tol=0.0):
     """
     E = np.array(E_init, dtype=np.result_type(Z, E_init), copy=True)
     n, K = Z.shape[0], E.shape[0]
-    z_max = float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0))
+    z_max = _max_sq_norm(Z)
     Zt = np.ascontiguousarray(Z.T)                         # columns for cluster_sums (a copy
     #                                                        unless Z is Fortran-ordered)
     labels = thresh = None
