@@ -16,6 +16,7 @@ Any other vq_compare flag sets the fixed value of the parameters not swept.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import io
@@ -112,26 +113,12 @@ def mean_ci(values, level=0.95):
 # Work units: one (sweep, cell, seed) each
 # ----------------------------------------------------------------------------
 
-_problems = {}   # per-process cache: cells that share data and start point share the problem
-
-
 _PROBLEM_KEYS = ("D", "rank", "m", "K", "n_train", "n_eval", "seed", "lmax", "lmin",
                  "n_init", "kmeans_iter", "dtype")   # what the data and the start point depend on
 
 
 def _problem_key(cfg):
     return tuple(getattr(cfg, k) for k in _PROBLEM_KEYS)
-
-
-def _problem(cfg, start=None):
-    key = _problem_key(cfg)
-    if key not in _problems:
-        if len(_problems) >= 4:
-            _problems.pop(next(iter(_problems)))
-        _problems[key] = vq.make_problem(cfg, start)
-    prob = _problems[key]
-    prob.cfg = cfg
-    return prob
 
 
 def _task_config(task):
@@ -144,29 +131,26 @@ def _task_config(task):
     return vq.make_config(**settings)
 
 
-def prepare_starts(tasks, jobs):
-    """Compute once, here, the start point and reference of each problem that several
-    tasks share (restarts spread over ``jobs`` processes) and hand them to those tasks
-    (``task["start"]``): otherwise cells of one problem running on different processes
-    would each run its k-means. A problem of one task is left to that task. Returns
-    the number of problems computed."""
+def prepare_starts(tasks, pool):
+    """Compute once, on ``pool``, the start point and reference of each problem that
+    several tasks share, and hand them to those tasks (``task["start"]``): otherwise
+    each cell of the problem would run the same k-means. A problem of one task is left
+    to that task. Returns the number of problems computed."""
     groups = {}
     for task in tasks:
         groups.setdefault(_problem_key(_task_config(task)), []).append(task)
     shared = [g for g in groups.values() if len(g) > 1]
     for group in shared:
-        cfg = dataclasses.replace(_task_config(group[0]), workers=jobs)
-        start = vq.make_problem(cfg).start()
+        start = vq.make_problem(_task_config(group[0]), pool=pool).start()
         for task in group:
             task["start"] = start
-    vq._shutdown_pool()                                    # idle from here on
     return len(shared)
 
 
 def run_task(task):
     """Run one (sweep, value, seed) and return its result lines (dicts)."""
-    cfg = _task_config(task)
-    problem = _problem(cfg, task.get("start"))
+    cfg = dataclasses.replace(_task_config(task), workers=1)   # the cells are the parallel work
+    problem = vq.make_problem(cfg, task.get("start"))
     sweep, value = task["sweep"], task["value"]
     base = {"sweep": sweep, "value": value, "seed": task["seed"]}
     if sweep == "verify":
@@ -283,15 +267,14 @@ def run_sweep(args, log=print):
     if len(tasks) < len(planned):
         log(f"resuming: {len(planned) - len(tasks)} of {len(planned)} runs already in {res_path}")
     t0 = time.perf_counter()
-    if args.jobs > 1 and len(tasks) > 1:
-        n_problems = prepare_starts(tasks, args.jobs)
+    n_done = 0
+    with vq.process_pool(args.jobs if len(tasks) > 1 else 1) as pool, open(res_path, "a") as fh:
+        n_problems = prepare_starts(tasks, pool)
         if n_problems:
             log(f"start points and references of {n_problems} shared problems: "
                 f"{time.perf_counter() - t0:.1f} s")
-    t_cells = time.perf_counter()
-    n_done = 0
-    with open(res_path, "a") as fh:
-        for task, lines in _execute(tasks, args.jobs):
+        t_cells = time.perf_counter()
+        for task, lines in _as_finished(pool, run_task, tasks):
             for line in lines:
                 fh.write(json.dumps(line, sort_keys=True) + "\n")
             fh.flush()
@@ -310,38 +293,21 @@ def run_sweep(args, log=print):
     return lines
 
 
+def _as_finished(pool, fn, tasks):
+    """Yield (task, fn(task)) as tasks finish: on the processes of ``pool``, or one
+    after the other in this process (so each result is saved as soon as it is known)."""
+    if not isinstance(pool, concurrent.futures.ProcessPoolExecutor):
+        for task in tasks:
+            yield task, fn(task)
+        return
+    futures = {pool.submit(fn, t): t for t in tasks}
+    for fut in concurrent.futures.as_completed(futures):
+        yield futures[fut], fut.result()
+
+
 def _write_lines(path, lines):
     data = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode()
     vq.write_atomic(path, lambda fh: fh.write(data))
-
-
-def _execute(tasks, jobs):
-    """Yield (task, lines) as tasks finish; in parallel processes when jobs > 1."""
-    if jobs <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            yield task, run_task(task)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    # Fresh interpreters with one BLAS thread each: forked children would inherit the
-    # parent's BLAS thread pool and fight over the cores.
-    saved = {k: os.environ.get(k) for k in _BLAS_ENV}
-    os.environ.update({k: "1" for k in _BLAS_ENV})
-    try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_task, t): t for t in tasks}
-            for fut in as_completed(futures):
-                yield futures[fut], fut.result()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-_BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-             "VQ_COMPARE_WORKER")                          # and no pools inside a worker
 
 
 # ----------------------------------------------------------------------------
@@ -471,8 +437,8 @@ def plot_sweep(rows, sweep):
         y = np.array([r["mean"] for r in mr])
         lo = np.array([r.get("ci_lo", np.nan) for r in mr], dtype=float)
         hi = np.array([r.get("ci_hi", np.nan) for r in mr], dtype=float)
-        color = vq._COLORS.get(method)
-        style = dict(marker="o", ms=4, color=color, label=vq.LABELS.get(method, method))
+        color = vq.color(method)
+        style = dict(marker="o", ms=4, color=color, label=vq.method_label(method))
         if method == "fd_ste":
             style.update(marker="x", ls="none", ms=7)
         ax0.plot(x, y, **style)
@@ -535,11 +501,11 @@ def build_parser():
                    help="beta grid")
     p.add_argument("--steps_max", type=int, default=500, help="steps sweep: training length")
     p.add_argument("--steps_every", type=int, default=25, help="steps sweep: metrics every this many steps")
-    p.add_argument("--methods", nargs="+", default=["pca_lloyd", "fd_ste", "manual_ste", "rotation",
-                                                    "ema_ste", "procrustes_lloyd"], metavar="NAME",
-                   help="methods (pca_lloyd is always run: it is the paired reference)")
+    p.add_argument("--methods", nargs="+", default=[], metavar="NAME",
+                   help="methods (default: every registered one; pca_lloyd is always run: "
+                        "it is the paired reference)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    return vq.add_config_flags(p, skip={"outdir", "methods", "quiet", "per_method_plots"}, defaults=False)
+    return vq.add_config_flags(p, skip={"outdir", "methods", "quiet"}, defaults=False)
 
 
 def parse_args(argv=None):
@@ -553,13 +519,13 @@ def parse_args(argv=None):
         for k, v in preset.items():
             if k not in explicit:
                 setattr(args, k, v)
-    methods = [m for item in args.methods for m in item.split(",") if m]
+    methods = [m for item in args.methods for m in item.split(",") if m] or list(vq.METHODS)
     for name in methods:
         if name not in vq.METHODS:
             raise SweepError(f"--methods {name}: unknown method (known: {', '.join(vq.METHODS)})")
     if "pca_lloyd" not in methods:
         methods.insert(0, "pca_lloyd")
-    methods = [m for m in vq.ALL_METHODS if m in methods]
+    methods = [m for m in vq.METHODS if m in methods]
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(vq.Config)
                 if getattr(args, f.name, None) is not None and f.name not in ("outdir", "quiet", "methods")}
     settings = {k: v for k, v in settings.items() if v is not False}
@@ -580,7 +546,7 @@ def parse_args(argv=None):
     for b in args.beta_values:
         vq.make_config(**{**settings, "beta": b, "outdir": None})
     vq.make_config(**{**settings, "seed": args.seed + args.seeds - 1, "outdir": None})
-    vq._check_outdir(args.outdir)
+    vq.check_outdir(args.outdir)
     res_path = os.path.join(args.outdir, RESULTS)
     if args.resume:
         cfg_path = os.path.join(args.outdir, CONFIG)
@@ -606,11 +572,7 @@ def main(argv=None):
     except (SweepError, vq.ConfigError) as e:
         sys.stderr.write(f"sweeps.py: error: {e}\n")
         return 2
-    loader = vq.load_plotting_in_background()
-    try:
-        return _run(args)
-    finally:
-        loader.join()
+    return _run(args)
 
 
 def _run(args):
