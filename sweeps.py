@@ -16,7 +16,6 @@ Any other vq_compare flag sets the fixed value of the parameters not swept.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import csv
 import dataclasses
 import io
@@ -132,25 +131,23 @@ def _task_config(task):
 
 
 def prepare_starts(tasks, pool):
-    """Compute once, on ``pool``, the start point and reference of each problem that
-    several tasks share, and hand them to those tasks (``task["start"]``): otherwise
-    each cell of the problem would run the same k-means. A problem of one task is left
-    to that task. Returns the number of problems computed."""
+    """Compute the start point and reference of every problem of ``tasks`` (cells that
+    share data and k-means settings share them), their k-means restarts spread over the
+    processes of ``pool``, and hand them to the tasks (``task["start"]``). Returns the
+    number of problems."""
     groups = {}
     for task in tasks:
         groups.setdefault(_problem_key(_task_config(task)), []).append(task)
-    shared = [g for g in groups.values() if len(g) > 1]
-    for group in shared:
+    for group in groups.values():
         start = vq.make_problem(_task_config(group[0]), pool=pool).start()
         for task in group:
             task["start"] = start
-    return len(shared)
+    return len(groups)
 
 
 def run_task(task):
     """Run one (sweep, value, seed) and return its result lines (dicts)."""
-    cfg = dataclasses.replace(_task_config(task), workers=1)   # the cells are the parallel work
-    problem = vq.make_problem(cfg, task.get("start"))
+    problem = vq.make_problem(_task_config(task), task.get("start"))
     sweep, value = task["sweep"], task["value"]
     base = {"sweep": sweep, "value": value, "seed": task["seed"]}
     if sweep == "verify":
@@ -268,13 +265,16 @@ def run_sweep(args, log=print):
         log(f"resuming: {len(planned) - len(tasks)} of {len(planned)} runs already in {res_path}")
     t0 = time.perf_counter()
     n_done = 0
-    with vq.process_pool(args.jobs if len(tasks) > 1 else 1) as pool, open(res_path, "a") as fh:
+    # The k-means restarts are the parallel work (small products, one BLAS thread each);
+    # the cells, whose larger products BLAS spreads over the cores itself, run here in turn.
+    with vq.process_pool(args.jobs) as pool:
         n_problems = prepare_starts(tasks, pool)
-        if n_problems:
-            log(f"start points and references of {n_problems} shared problems: "
-                f"{time.perf_counter() - t0:.1f} s")
-        t_cells = time.perf_counter()
-        for task, lines in _as_finished(pool, run_task, tasks):
+    if n_problems:
+        log(f"start points and references of {n_problems} problems: {time.perf_counter() - t0:.1f} s")
+    t_cells = time.perf_counter()
+    with open(res_path, "a") as fh:
+        for task in tasks:
+            lines = run_task(task)
             for line in lines:
                 fh.write(json.dumps(line, sort_keys=True) + "\n")
             fh.flush()
@@ -291,18 +291,6 @@ def run_sweep(args, log=print):
     lines = sorted(_read_lines(res_path), key=lambda ln: _order(ln, methods))
     _write_lines(res_path, lines)
     return lines
-
-
-def _as_finished(pool, fn, tasks):
-    """Yield (task, fn(task)) as tasks finish: on the processes of ``pool``, or one
-    after the other in this process (so each result is saved as soon as it is known)."""
-    if not isinstance(pool, concurrent.futures.ProcessPoolExecutor):
-        for task in tasks:
-            yield task, fn(task)
-        return
-    futures = {pool.submit(fn, t): t for t in tasks}
-    for fut in concurrent.futures.as_completed(futures):
-        yield futures[fut], fut.result()
 
 
 def _write_lines(path, lines):
@@ -491,7 +479,8 @@ def build_parser():
     p.add_argument("--sweep", choices=SWEEPS + ("all",), default="all", help="what to sweep")
     p.add_argument("--seeds", type=int, default=5, help="seeds per cell (seed, seed+1, ...)")
     p.add_argument("--jobs", type=int, default=0,
-                   help="parallel processes (0: one per core); results do not depend on it")
+                   help="processes for the k-means restarts (0: one per core); results do not "
+                        "depend on it")
     p.add_argument("--outdir", default="sweeps_out", help="output folder")
     p.add_argument("--resume", action="store_true", help="skip runs already in OUTDIR/results.jsonl")
     p.add_argument("--quick", action="store_true", help="a small grid: a smoke run in seconds")

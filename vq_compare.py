@@ -272,8 +272,8 @@ def nearest(Z, E, second=False):
         labels[s:s + rows] = lab
         dist[s:s + rows] = d[idx, lab] + z_sq
         if second:
-            d[idx, lab] = np.inf
-            dist2[s:s + rows] = d.min(axis=1) + z_sq
+            d[idx, lab] = np.inf                            # argmin is faster than min on short rows
+            dist2[s:s + rows] = d[idx, d.argmin(axis=1)] + z_sq
     np.maximum(dist, 0, out=dist)                           # rounding can dip below zero
     if second:
         return labels, dist, np.maximum(dist2, 0, out=dist2)
