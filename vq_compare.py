@@ -259,21 +259,20 @@ def nearest(Z, E, second=False):
     minus_2Et = (-2.0 * E.T).astype(dtype)                  # (m, K)
     e_sq = np.einsum("km,km->k", E, E).astype(dtype)        # (K,)
     labels = np.empty(n, dtype=np.intp)
-    dist = np.empty(n, dtype=dtype)
-    dist2 = np.empty(n, dtype=dtype) if second else None
+    dist = np.einsum("nm,nm->n", Z, Z).astype(dtype, copy=False)   # ||z||^2, the distance added
+    dist2 = dist.copy() if second else None
     rows = _block_rows(K * Z.shape[1])
+    idx = np.arange(min(rows, n))
     for s in range(0, n, rows):
-        Zb = Z[s:s + rows]                                  # (c, m)
-        d = Zb @ minus_2Et                                  # (c, K)
+        d = Z[s:s + rows] @ minus_2Et                       # (c, K)
         d += e_sq
         lab = d.argmin(axis=1)
-        idx = np.arange(len(lab))
-        z_sq = np.einsum("cm,cm->c", Zb, Zb)
+        i = idx[:len(lab)]
         labels[s:s + rows] = lab
-        dist[s:s + rows] = d[idx, lab] + z_sq
+        dist[s:s + rows] += d[i, lab]
         if second:
-            d[idx, lab] = np.inf                            # argmin is faster than min on short rows
-            dist2[s:s + rows] = d[idx, d.argmin(axis=1)] + z_sq
+            d[i, lab] = np.inf                              # argmin is faster than min on short rows
+            dist2[s:s + rows] += d[i, d.argmin(axis=1)]
     np.maximum(dist, 0, out=dist)                           # rounding can dip below zero
     if second:
         return labels, dist, np.maximum(dist2, 0, out=dist2)
@@ -381,6 +380,7 @@ def lloyd(Z, E_init, max_iter=300):
     """
     E = np.array(E_init, dtype=np.result_type(Z, E_init), copy=True)
     K = E.shape[0]
+    Zf = np.ascontiguousarray(Z.T).T   # a copy with contiguous columns, for the cluster sums
     z_max = float(np.max(np.einsum("nm,nm->n", Z, Z), initial=0.0))
     labels = gap = None
     own = np.zeros(K)                  # each centre's accumulated drift since the bounds were set
@@ -406,7 +406,7 @@ def lloyd(Z, E_init, max_iter=300):
         if np.bincount(labels, minlength=K).min() == 0:     # a relocation moves a point without a bound
             dist = np.sum((Z - E[labels]) ** 2, axis=1)
             gap = None
-        E_new = centroids(Z, labels, dist, E)
+        E_new = centroids(Zf, labels, dist, E)
         step = np.sqrt(np.sum((E_new.astype(np.float64) - E) ** 2, axis=1))   # (K,) moves
         own += step * (1 + _SAFE)
         drift += float(np.max(step)) * (1 + _SAFE)

@@ -45,7 +45,7 @@ def bench_kmeans(repeats):
     rng = np.random.default_rng(0)
     Z = rng.normal(size=(200_000, 8))
     E0 = Z[rng.choice(len(Z), 256, replace=False)]
-    t_ours, r = timed(lambda: vq.lloyd_run(Z, E0, max_iter=20, tol=0.0), repeats)
+    t_ours, r = timed(lambda: vq.lloyd(Z, E0, max_iter=20, tol=0.0), repeats)
     print(f"vq_compare.lloyd   {fmt(t_ours)}  inertia {r.inertia:.10e}")
     try:
         from sklearn.cluster import KMeans
@@ -119,7 +119,7 @@ def bench_memory(repeats):
             "rng = np.random.default_rng(0)\n"
             "Z = rng.normal(size=(1_000_000, 8))\n"
             "E0 = Z[rng.choice(len(Z), 1024, replace=False)]\n"
-            "t = time.perf_counter(); r = vq.lloyd_run(Z, E0, max_iter=10)\n"
+            "t = time.perf_counter(); r = vq.lloyd(Z, E0, max_iter=10)\n"
             "print(f'{time.perf_counter() - t:.2f} s, {r.n_iter} iterations')\n")
     peak, _, out = _peak_rss_mib(code)
     print(f"peak RSS {peak:.0f} MiB ({out}); the data alone are {1_000_000 * 8 * 8 / 2**20:.0f} MiB")
