@@ -46,7 +46,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from typing import Callable, NamedTuple
 
@@ -1378,7 +1377,7 @@ def start_point(cfg, X_train, U, pool):
     t0 = time.perf_counter()
     W0 = pca_encoder(X_train, cfg.m)
     pca_seconds = time.perf_counter() - t0
-    S_train = X_train.astype(np.float64) @ U                # (n, rank) coordinates of the data
+    S_train = X_train.astype(np.float64, copy=False) @ U               # (n, rank) coordinates of the data
     base = [pool.submit(kmeans_restart, *a) for a in restart_args(
         X_train @ W0.T, cfg.K, derived_rng(cfg.seed, "kmeans"), cfg.n_init, cfg.kmeans_iter)]
     ref = [pool.submit(kmeans_restart, *a) for a in restart_args(
@@ -1401,7 +1400,7 @@ def unconstrained_reference(problem):
     Returns (C (K, rank), its eval recon_mse, seconds of compute summed over processes).
     """
     C, seconds = problem.reference
-    S_eval = problem.X_eval.astype(np.float64) @ problem.U  # (n_eval, rank)
+    S_eval = problem.X_eval.astype(np.float64, copy=False) @ problem.U  # (n_eval, rank)
     out_of_span = problem.eval_sq - np.einsum("nr,nr->n", S_eval, S_eval)
     return C, float(np.mean(nearest(S_eval, C)[1] + out_of_span)), seconds
 
