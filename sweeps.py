@@ -1,5 +1,5 @@
 """sweeps: seeded sweeps of vq_compare over K, beta and training length, with confidence
-intervals, in parallel and resumable.
+intervals, resumable.
 
     python sweeps.py --sweep K --seeds 5 --jobs 2 --outdir sweeps_out
     python sweeps.py --quick                 # a small grid, a smoke run in seconds
@@ -8,7 +8,8 @@ intervals, in parallel and resumable.
 Every (cell, seed) is one vq_compare run: each seed draws new data and new batches. One
 line per finished (cell, seed, method) goes to ``DIR/results.jsonl`` as soon as it is
 known, so an interrupted sweep loses nothing and ``--resume`` finishes it; the file ends
-sorted, identical whatever ``--jobs`` and however often the sweep was resumed.
+sorted, the same however often the sweep was resumed. The k-means restarts of every
+problem run first, on ``--jobs`` processes; the cells then run in turn in this process.
 ``DIR/summary.csv`` aggregates per cell and method: mean, standard deviation, 95%
 confidence interval (Student t over seeds) and the paired difference to ``pca_lloyd``.
 Any other vq_compare flag sets the fixed value of the parameters not swept.
