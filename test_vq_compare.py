@@ -326,7 +326,8 @@ def test_procrustes_lloyd_never_increases_the_training_error():
 
 
 def _procrustes_lloyd_plain(X, W, E, max_rounds, tol):
-    """procrustes_lloyd as its docstring states it, the cluster sums recomputed every round."""
+    """procrustes_lloyd as its docstring states it: the cluster sums recomputed and every
+    point reassigned every round."""
     n, K = X.shape[0], E.shape[0]
     Z = X @ W.T
     labels, dist = vq.nearest(Z, E)
@@ -349,9 +350,10 @@ def _procrustes_lloyd_plain(X, W, E, max_rounds, tol):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_procrustes_lloyd_cluster_sums_follow_the_points(dtype):
-    # the sums are updated with the points that change cluster; the trajectory is that
-    # of sums recomputed from scratch (float64 sums: rounding far below the tolerance)
+def test_procrustes_lloyd_bounds_and_running_sums_change_nothing(dtype):
+    # only points whose bound has expired are searched again and the sums follow the
+    # points that move; the trajectory is that of full passes (the sums are float64, the
+    # own distances computed directly: rounding far below the tolerance)
     for seed, (D, r, m, K, n) in enumerate([(20, 5, 3, 16, 2000), (64, 6, 4, 32, 5000),
                                             (30, 8, 2, 50, 3000)]):
         X = vq.make_lowrank_data(D, r, n, 10, seed=seed)[0].astype(dtype)

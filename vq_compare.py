@@ -212,6 +212,17 @@ def subspace_angle_deg(W, U_m):
     return float(np.degrees(np.arcsin(min(1.0, np.linalg.norm(resid, 2)))))
 
 
+def latents(X, W):
+    """The latents ``Z = X W^T`` (n, m) of the rows of ``X`` (n, D), computed as
+    ``(W X^T)^T``: the same products, which BLAS runs faster for tall ``X`` (here it is a
+    pass over the data; the result is Fortran-ordered).
+
+    >>> latents(np.arange(6.0).reshape(3, 2), np.array([[1.0, -1.0]])).ravel()
+    array([-1., -1., -1.])
+    """
+    return (W @ X.T).T
+
+
 def pca_encoder(X, m):
     """Top-m eigenvectors of the second-moment matrix ``X^T X / n`` as rows (m, D).
 
@@ -544,16 +555,17 @@ def process_pool(workers):
 # Losses, the frozen surrogate and hand-derived gradients
 # ----------------------------------------------------------------------------
 
-def reconstruction_errors(x_sq, Z, E, W):
+def reconstruction_errors(x_sq, Z, E, W, assigned=None):
     """Per-sample ``||x - q W||^2`` (n,), labels (n,) and in-subspace ``||z - q||^2`` (n,)
-    of the model (W, E), from the latents ``Z = X W^T`` (n, m) and ``x_sq = ||x||^2`` (n,).
+    of the model (W, E), from the latents ``Z = X W^T`` (n, m) and ``x_sq = ||x||^2`` (n,);
+    ``assigned``: the (labels, squared distances) of the nearest codes, when known.
 
     ``||x - qW||^2 = ||x||^2 - 2 z.q + ||qW||^2 = ||x||^2 - ||z||^2 + ||z - q||^2
     + (||qW||^2 - ||q||^2)``; the last term is zero for orthonormal rows (rounding
     aside), so the error is the out-of-subspace residual plus the distortion, and no
     (n, D) reconstruction is formed.
     """
-    labels, dist = nearest(Z, E)
+    labels, dist = nearest(Z, E) if assigned is None else assigned
     EW = E @ W                                              # (K, D)
     corr = np.einsum("kd,kd->k", EW, EW) - np.einsum("km,km->k", E, E)   # (K,)
     return x_sq - np.einsum("nm,nm->n", Z, Z) + dist + corr[labels], labels, dist
@@ -575,7 +587,7 @@ class Grads(NamedTuple):
 def loss_terms(W, E, X, alpha, beta):
     """The VQ-VAE loss on a batch ``X`` (B, D), straight from its definition."""
     B = X.shape[0]
-    Z = X @ W.T                                             # (B, m)
+    Z = latents(X, W)                                       # (B, m)
     Q = E[assign(Z, E)]                                     # (B, m)
     recon = float(np.sum((X - Q @ W) ** 2)) / B
     vq = float(np.sum((Z - Q) ** 2)) / B
@@ -614,7 +626,7 @@ def freeze(W, E, X, estimator="ste"):
     """
     if estimator not in ("ste", "rotation"):
         raise ValueError(f"estimator={estimator!r} should be 'ste' or 'rotation'")
-    Z = X @ W.T                                             # (B, m)
+    Z = latents(X, W)                                       # (B, m)
     labels = assign(Z, E)
     Q = E[labels]                                           # (B, m)
     B = Z.shape[0]
@@ -1083,29 +1095,46 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10):
 
     One pass over X per round: with ``S`` the per-cluster sums of the rows of X (K, D),
     kept up to date as points change cluster, ``Q^T X = E^T S`` and the centroids of
-    ``Z = X W^T`` are ``S W^T / counts``.
+    ``Z = X W^T`` are ``S W^T / counts``. The reassignment searches only the points whose
+    bound says they might change code (as :func:`lloyd` does), with the labels of a full
+    search (tested).
 
     Returns W (m, D), E (K, m) and the training error before round 1 and after each round.
     """
     K = E.shape[0]
     x_sq = np.einsum("nd,nd->n", X, X, dtype=np.float64)
-    err, labels, _ = reconstruction_errors(x_sq, X @ W.T, E, W)
-    history = [float(err.mean())]
+    z_max = float(x_sq.max(initial=0.0))                    # ||z|| <= ||x||: W has orthonormal rows
+    Z = latents(X, W)                                       # (n, m)
+    labels, dist, d2 = nearest(Z, E, second=True)
+    low = np.sqrt(np.maximum(d2.astype(np.float64) - _distance_eps(E, z_max), 0))
+    history = [float(reconstruction_errors(x_sq, Z, E, W, (labels, dist))[0].mean())]
     counts = np.bincount(labels, minlength=K)
     S = np.zeros((K, X.shape[1]))
     np.add.at(S, labels, X)                                 # (K, D) float64 sums of x per cluster
     for _ in range(max_rounds):
         W = stiefel_project(E.astype(np.float64).T @ S).astype(X.dtype)   # (m, D) Procrustes
         has = counts > 0                                    # an empty cluster keeps its code
-        E = E.astype(np.float64)                            # (moving points would break descent)
+        E_old, E = E, E.astype(np.float64)                  # (moving points would break descent)
         E[has] = (S[has] @ W.T.astype(np.float64)) / counts[has, None]
         E = E.astype(X.dtype)
-        err, new, _ = reconstruction_errors(x_sq, X @ W.T, E, W)
-        moved = np.flatnonzero(new != labels)               # S follows the points that moved
+        Z_old, Z = Z, latents(X, W)
+        # reassignment: ``low`` bounds the distance to every other code; it falls by how
+        # far the point and the codes moved (triangle inequality). Only points whose own
+        # code might no longer be the nearest, with room for rounding, are searched.
+        code_move = np.sqrt(np.max(np.sum((E - E_old.astype(np.float64)) ** 2, axis=1)))
+        low -= (np.sqrt(np.einsum("nm,nm->n", Z - Z_old, Z - Z_old)) + code_move) * (1 + _SAFE)
+        diff = Z - E[labels]
+        dist = np.einsum("nm,nm->n", diff, diff)            # to the own code, directly
+        eps = _distance_eps(E, z_max)
+        cand = np.flatnonzero(dist + 2 * eps >= np.maximum(low, 0) ** 2)
+        new = labels.copy()
+        new[cand], dist[cand], d2 = nearest(Z[cand], E, second=True)
+        low[cand] = np.sqrt(np.maximum(d2.astype(np.float64) - eps, 0))
+        moved = cand[new[cand] != labels[cand]]             # S follows the points that moved
         np.subtract.at(S, labels[moved], X[moved])
         np.add.at(S, new[moved], X[moved])
         labels, counts = new, np.bincount(new, minlength=K)
-        history.append(float(err.mean()))
+        history.append(float(reconstruction_errors(x_sq, Z, E, W, (labels, dist))[0].mean()))
         if history[-2] - history[-1] <= tol * history[-2]:
             break
     return W, E, history
@@ -1170,7 +1199,7 @@ def metrics(W, E, X, x_sq=None):
     {'recon_mse': 1.0, 'in_sub_dist': 0.5, 'usage_entropy': 0.6931, 'perplexity': 2.0, 'dead_frac': 0.0}
     """
     x_sq = np.einsum("nd,nd->n", X, X, dtype=np.float64) if x_sq is None else x_sq
-    err, labels, dist = reconstruction_errors(x_sq, X @ W.T, E, W)
+    err, labels, dist = reconstruction_errors(x_sq, latents(X, W), E, W)
     return {"recon_mse": float(err.mean()), "in_sub_dist": float(dist.mean()),
             **usage_stats(labels, E.shape[0])}
 
@@ -1379,7 +1408,7 @@ def start_point(cfg, X_train, U, pool):
     pca_seconds = time.perf_counter() - t0
     S_train = X_train.astype(np.float64, copy=False) @ U               # (n, rank) coordinates of the data
     base = [pool.submit(kmeans_restart, *a) for a in restart_args(
-        X_train @ W0.T, cfg.K, derived_rng(cfg.seed, "kmeans"), cfg.n_init, cfg.kmeans_iter)]
+        latents(X_train, W0), cfg.K, derived_rng(cfg.seed, "kmeans"), cfg.n_init, cfg.kmeans_iter)]
     ref = [pool.submit(kmeans_restart, *a) for a in restart_args(
         S_train, cfg.K, derived_rng(cfg.seed, "unconstrained"), cfg.n_init, cfg.kmeans_iter)]
     base_runs = [f.result() for f in base]
