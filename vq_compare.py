@@ -154,7 +154,7 @@ def make_lowrank_data(D, rank, n_train, n_eval, seed, lmax=4.0, lmin=0.25):
     return _mvn_draw(rng, factor, n_train), _mvn_draw(rng, factor, n_eval), Sigma
 
 
-_DRAW_ROWS = 8192   # rows per block of the data draw
+_DRAW_ROWS = 2048   # rows per block of the data draw: a few MB, in cache
 
 
 def _mvn_draw(rng, factor, n):
