@@ -377,26 +377,96 @@ def test_ema_codebook_converges_to_cluster_means():
     E = centres + 1.0                                       # start away from the means
     state = vq.EmaState(np.zeros(3), np.zeros((3, 2)))
     for _ in range(300):
-        E, _ = vq.ema_codebook_update(E, state, Z, vq.assign(Z, E), decay=0.9, eps=0.0)
+        E = vq.ema_codebook_update(E, state, Z, vq.assign(Z, E), decay=0.9, eps=0.0)
     assert np.allclose(E, means, atol=1e-12)
     state = vq.EmaState(np.zeros(3), np.zeros((3, 2)))                         # with smoothing: within O(eps)
     E2 = centres.copy()
     for _ in range(300):
-        E2, _ = vq.ema_codebook_update(E2, state, Z, vq.assign(Z, E2), decay=0.9, eps=1e-5)
+        E2 = vq.ema_codebook_update(E2, state, Z, vq.assign(Z, E2), decay=0.9, eps=1e-5)
     assert np.allclose(E2, means, rtol=1e-5, atol=1e-5)
 
 
-def test_ema_dead_code_is_reseeded_from_the_batch():
-    rng = np.random.default_rng(12)
-    Z = rng.normal(size=(50, 2))
-    E = np.array([[0.0, 0.0], [100.0, 100.0]])              # code 1 is never used
-    state = vq.EmaState(np.zeros(2), np.zeros((2, 2)))
-    E_new, n = vq.ema_codebook_update(E, state, Z, vq.assign(Z, E), 0.9, 1e-5,
-                                      dead_threshold=1.0, rng=np.random.default_rng(0))
-    assert n == 1
-    assert any(np.array_equal(E_new[1], z) for z in Z)       # a latent of this batch
-    E_same, n0 = vq.ema_codebook_update(E, vq.EmaState(np.zeros(2), np.zeros((2, 2))), Z, vq.assign(Z, E), 0.9)
-    assert n0 == 0 and np.array_equal(E_same[1], E[1])       # off by default: kept
+def small_problem(**settings):
+    """A problem of TINY's data with the given settings (start point computed here)."""
+    return vq.make_problem(vq.make_config(**{**TINY, **settings}))
+
+
+def test_a_dead_code_is_reseeded_when_its_average_count_falls_below_the_threshold():
+    # the codes of a converged k-means all serve many points of every batch; a far one
+    # serves none: its average count 0.8^t (decay 0.8, from 1) falls below 0.5 at step 4
+    # exactly, and it then takes a latent of that step's batch (reset to the threshold,
+    # it dies again after a batch without hits: lucidrains' rule)
+    p = small_problem(dead_threshold=0.5, steps=6)
+    p.E0 = p.E0.copy()
+    far = int(np.argmax(np.linalg.norm(p.E0, axis=1)))
+    p.E0[far] = 1e3
+    seen = []
+    res = vq.train(p, lambda W, E, Xb, t: (0.0, W, E), lambda codes, values: seen.append((codes, values)))
+    assert res["logs"]["reseeded"][:4] == [0, 0, 0, 1]
+    assert all(list(codes) == [far] for codes, _ in seen) and len(seen) == sum(res["logs"]["reseeded"])
+    Z = vq.latents(p.X_train, p.W0)
+    assert np.any(np.all(Z == res["E"][far], axis=1))       # a latent of the training data
+    assert np.array_equal(np.delete(res["E"], far, 0), np.delete(p.E0, far, 0))
+    assert f"{len(seen)} codes re-seeded" in res["note"]
+
+
+def test_reseeding_restores_the_codes_of_a_shifted_start():
+    settings = dict(start="shifted", shift=6.0, train_encoder=0, steps=40, log_every=10,
+                    methods=["manual_ste", "ema_ste"])
+    plain = vq.run_comparison(**{**TINY, **settings})
+    reseeded = vq.run_comparison(**{**TINY, **settings, "dead_threshold": 1.0})
+    for name in ("manual_ste", "ema_ste"):
+        a, b = plain["results"][name], reseeded["results"][name]
+        assert sum(b["logs"]["reseeded"]) > 0 and "reseeded" not in a["note"]
+        assert b["dead_frac"] < a["dead_frac"] and b["pop_recon_mse"] < a["pop_recon_mse"]
+
+
+def test_start_regimes_are_drawn_as_documented():
+    base = small_problem()
+    assert base.W0 is base.W_pca and base.E0 is base.E_kmeans         # kmeans: pca_lloyd's model
+    rc, sh = small_problem(start="random_codes"), small_problem(start="shifted", shift=2.5)
+    s = vq.latents(base.X_train, base.W_pca).std(axis=0)
+    assert np.array_equal(rc.W0, base.W_pca) and np.array_equal(sh.W0, base.W_pca)
+    assert np.allclose(sh.E0 - rc.E0, 2.5 * s, rtol=1e-12, atol=1e-12)   # same draws, offset
+    wide = small_problem(start="random_codes", K=400)                      # 400 draws per coordinate:
+    assert abs(np.log(wide.E0.std(axis=0) / s)).max() < 0.25               # the latents' scale (sd 4%)
+    rnd = small_problem(start="random")
+    assert np.abs(rnd.W0 @ rnd.W0.T - np.eye(TINY["m"])).max() < 1e-12
+    assert vq.subspace_angle_deg(rnd.W0, base.U[:, :TINY["m"]]) > 5     # not the PCA encoder
+    out = vq.run_comparison(**{**TINY, "start": "random", "steps": 5,
+                               "methods": ["pca_lloyd", "manual_ste"]})
+    ref = vq.run_comparison(**{**TINY, "steps": 5, "methods": ["pca_lloyd", "manual_ste"]})
+    assert out["results"]["pca_lloyd"]["pop_recon_mse"] == ref["results"]["pca_lloyd"]["pop_recon_mse"]
+    assert out["results"]["manual_ste"]["pop_recon_mse"] != ref["results"]["manual_ste"]["pop_recon_mse"]
+
+
+def test_codebook_only_training_keeps_every_encoder_at_its_start():
+    out = vq.run_comparison(**{**TINY, "start": "random_codes", "train_encoder": 0,
+                               "methods": ["manual_ste", "rotation", "ema_ste", "procrustes_lloyd"]})
+    W0 = small_problem(start="random_codes").W0
+    for name, r in out["results"].items():
+        assert np.array_equal(r["W"], W0), name
+        assert not np.array_equal(r["E"], small_problem(start="random_codes").E0), name
+
+
+def test_learning_rate_schedules_and_tail_averaging():
+    cfg = vq.make_config(**{**TINY, "steps": 10})
+    for name, first, mid in (("constant", 1, 1), ("cosine", 1, 0.5), ("linear", 1, 0.5)):
+        c = vq.dataclasses.replace(cfg, lr_schedule=name)
+        assert vq.lr_factor(c, 1) == first and vq.lr_factor(c, 6) == pytest.approx(mid, abs=1e-15)
+        assert all(vq.lr_factor(c, t) >= vq.lr_factor(c, t + 1) > 0 for t in range(1, 10))
+    # a decaying rate moves the codes less than the constant one from the same start
+    runs = {s: vq.run_comparison(**{**TINY, "lr_schedule": s, "methods": ["manual_ste"]})
+            for s in ("constant", "cosine")}
+    moved = {s: np.abs(r["results"]["manual_ste"]["E"] - small_problem().E0).sum() for s, r in runs.items()}
+    assert moved["cosine"] < moved["constant"]
+    # tail averaging reports the mean of the last iterates (constant rate: a run of t
+    # steps is the first t steps of a longer one)
+    avg = vq.run_comparison(**{**TINY, "tail_average": 0.2, "methods": ["manual_ste"]})["results"]["manual_ste"]
+    last = [vq.run_comparison(**{**TINY, "steps": t, "methods": ["manual_ste"]})["results"]["manual_ste"]
+            for t in (13, 14, 15)]
+    assert np.allclose(avg["E"], np.mean([r["E"] for r in last], axis=0), rtol=0, atol=1e-12)
+    assert np.allclose(avg["W"], vq.stiefel_project(np.mean([r["W"] for r in last], axis=0)), atol=1e-12)
 
 
 # ---------------------------------------------------------------- floors and population
@@ -504,7 +574,11 @@ BAD = [(["--m", "70"], "--m 70"), (["--rank", "65"], "--rank 65"), (["--K", "0"]
        (["--lmin", "0"], "--lmin 0.0"), (["--lmin", "5"], "--lmin 5.0"),
        (["--seed", "-3"], "--seed -3"), (["--methods", "autograd"], "--methods autograd"),
        (["--K", "abc"], "--K"), (["--D", "0"], "--D 0"), (["--dtype", "float16"], "--dtype float16"),
-       (["--ema_decay", "1"], "--ema_decay 1.0")]
+       (["--ema_decay", "1"], "--ema_decay 1.0"), (["--start", "warm"], "--start warm"),
+       (["--shift", "-1"], "--shift -1.0"), (["--shift", "nan"], "--shift nan"),
+       (["--train_encoder", "2"], "--train_encoder 2"), (["--lr_schedule", "step"], "--lr_schedule step"),
+       (["--tail_average", "1"], "--tail_average 1.0"), (["--dead_decay", "1"], "--dead_decay 1.0"),
+       (["--dead_threshold", "-2"], "--dead_threshold -2.0")]
 
 
 @pytest.mark.parametrize("args,named", BAD)

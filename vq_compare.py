@@ -83,8 +83,20 @@ class Config:
     quiet: bool = _f(False, "print nothing")
     ema_decay: float = _f(0.99, "ema_ste: decay of the codebook moving averages")
     ema_eps: float = _f(1e-5, "ema_ste: Laplace smoothing of the cluster sizes")
-    dead_threshold: float = _f(0.0, "ema_ste: re-seed a code whose average count per batch "
-                                    "falls below this (0 disables)")
+    start: str = _f("kmeans", "start of every trained method: kmeans (PCA encoder, converged "
+                              "k-means codes), random_codes (PCA encoder, Gaussian codes at the "
+                              "latents' scale), shifted (the same, mean offset by --shift), "
+                              "random (random orthonormal encoder, Gaussian codes)")
+    shift: float = _f(4.0, "shifted start: offset of the codes' mean, in latent standard deviations "
+                           "per latent coordinate")
+    train_encoder: int = _f(1, "1: train the encoder W; 0: W stays at its start, only the codebook learns")
+    dead_threshold: float = _f(0.0, "re-seed a code whose moving-average count per batch falls below "
+                                    "this with a latent of the batch, every trained method (0 disables)")
+    dead_decay: float = _f(0.8, "decay of the moving-average code counts for --dead_threshold")
+    lr_schedule: str = _f("constant", "learning rates along training: constant, cosine or linear "
+                                      "(decay to zero over --steps)")
+    tail_average: float = _f(0.0, "report the average of the iterates over this last fraction of "
+                                  "the steps (0: the last iterate)")
     n_pop: int = _f(500_000, "fresh samples of the true distribution for the population error (0 disables)")
     n_init: int = _f(0, "k-means restarts, the lowest inertia kept (0: auto, 8 on small problems, "
                         "fewer as n_train x K grows)")
@@ -103,7 +115,7 @@ class Config:
 # One random stream per purpose, derived from the seed, so that adding a method or a
 # restart never changes the numbers of another.
 _STREAMS = {"kmeans": 1, "batches": 2, "population": 3, "unconstrained": 4,
-            "ema_reseed": 5, "gradcheck": 6}
+            "reseed": 5, "gradcheck": 6, "start": 7}
 
 
 def derived_rng(seed, purpose):
@@ -908,19 +920,51 @@ class Problem:
     X_eval: np.ndarray       # (n_eval, D)
     U: np.ndarray            # (D, rank) true eigenbasis
     lam: np.ndarray          # (rank,) true eigenvalues
-    W0: np.ndarray           # (m, D) PCA encoder
-    E0: np.ndarray           # (K, m) k-means codebook on the PCA latents
-    start_seconds: float     # time to build (W0, E0)
-    reference: tuple         # (C (K, rank), eval error, seconds): see unconstrained_reference
+    W_pca: np.ndarray        # (m, D) PCA encoder
+    E_kmeans: np.ndarray     # (K, m) k-means codebook on the PCA latents: pca_lloyd's model
+    start_seconds: float     # time to build (W_pca, E_kmeans)
+    reference: tuple         # (C (K, rank), seconds): see unconstrained_reference
+    W0: np.ndarray = None    # (m, D) start of every trained method (--start), see start_regime
+    E0: np.ndarray = None    # (K, m)
     eval_sq: np.ndarray = None   # (n_eval,) ||x||^2 of the eval samples
 
     def __post_init__(self):
+        if self.W0 is None:
+            self.W0, self.E0 = start_regime(self.cfg, self.X_train, self.W_pca, self.E_kmeans)
         if self.eval_sq is None:
             self.eval_sq = np.einsum("nd,nd->n", self.X_eval, self.X_eval, dtype=np.float64)
 
     def start(self):
         """What :func:`start_point` computed: to build another problem on the same data."""
-        return self.W0, self.E0, self.start_seconds, self.reference
+        return self.W_pca, self.E_kmeans, self.start_seconds, self.reference
+
+
+def start_regime(cfg, X_train, W_pca, E_kmeans):
+    """The start (W0, E0) of every trained method, by ``cfg.start``:
+
+    * ``kmeans``: the PCA encoder and the converged k-means codebook (pca_lloyd's model);
+    * ``random_codes``: the PCA encoder; codes ``e_j ~ N(0, diag(s^2))``, ``s`` the
+      standard deviations of the training latents, per coordinate;
+    * ``shifted``: the same with mean ``shift * s`` (every coordinate offset by ``shift``
+      of its standard deviations; for isotropic latents the shifted-Gaussian simulation
+      of Fang et al. 2025);
+    * ``random``: a random orthonormal encoder (polar factor of a Gaussian matrix) and
+      codes as ``random_codes`` at its latents' scale.
+
+    Drawn from the ``"start"`` stream: the same for every method, whatever else runs.
+    """
+    if cfg.start == "kmeans":
+        return W_pca, E_kmeans
+    rng = derived_rng(cfg.seed, "start")
+    m, D = W_pca.shape
+    W = W_pca
+    if cfg.start == "random":
+        W = stiefel_project(rng.standard_normal((m, D))).astype(W_pca.dtype)
+    s = latents(X_train, W).std(axis=0)                     # (m,) the latents' scale
+    E = rng.standard_normal((cfg.K, m)) * s
+    if cfg.start == "shifted":
+        E += cfg.shift * s
+    return W, E.astype(W_pca.dtype)
 
 
 def result(W, E, logs=None, status="ok", step=None, note=""):
@@ -939,55 +983,108 @@ def eval_metrics(problem, W, E):
     return row
 
 
-def train(problem, step_fn):
+START_REGIMES = ("kmeans", "random_codes", "shifted", "random")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(cfg, t):
+    """The learning-rate multiplier of step t = 1..steps (``cfg.lr_schedule``):
+    constant 1, or a decay from 1 towards 0: ``cos`` half-wave or linear."""
+    done = (t - 1) / max(cfg.steps, 1)
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * done))
+    return 1 - done if cfg.lr_schedule == "linear" else 1.0
+
+
+def train(problem, step_fn, on_reseed=None):
     """The training loop of every gradient method: the same batches, eval metrics logged.
 
-    ``step_fn(W, E, Xb) -> (loss, W_new, E_new)``. A non-finite loss or parameter, or
-    an eval error above ``DIVERGED`` times the start's, stops the run, which is then
-    reported as diverged at that step with its last finite parameters.
+    ``step_fn(W, E, Xb, t) -> (loss, W_new, E_new)`` at step t = 1..steps. Shared by
+    every method:
+
+    * dead codes (``dead_threshold > 0``): the rule of lucidrains' vector-quantize-pytorch
+      (``threshold_ema_dead_code``): each code's count per batch, at the point before the
+      step, is averaged, ``N_j <- d N_j + (1-d) n_j`` from ``N_j = 1``
+      (``d = dead_decay``); after the step a code with ``N_j < dead_threshold`` takes a
+      latent of the batch, drawn without replacement when the batch has enough, and
+      ``N_j`` is set to the threshold. ``on_reseed(codes, latents)`` lets a method reset
+      its own state for those codes; ``logs["reseeded"]`` counts them per step;
+    * tail averaging (``tail_average > 0``): the reported model is the mean of the
+      iterates over the last steps (W projected back onto the manifold).
+
+    A non-finite loss or parameter, or an eval error above ``DIVERGED`` times the
+    start's, stops the run, which is then reported as diverged at that step with its
+    last finite parameters.
     """
     cfg, X = problem.cfg, problem.X_train
     W, E = problem.W0.copy(), problem.E0.copy()
-    rng = derived_rng(cfg.seed, "batches")
-    logs = {"batch_loss": [], "eval": [{"step": 0, **eval_metrics(problem, W, E)}]}
+    rng, reseed_rng = derived_rng(cfg.seed, "batches"), derived_rng(cfg.seed, "reseed")
+    counts = np.ones(E.shape[0])
+    tail_from = cfg.steps - math.ceil(cfg.tail_average * cfg.steps) + 1
+    W_sum, E_sum = np.zeros(W.shape), np.zeros(E.shape)
+    logs = {"batch_loss": [], "reseeded": [], "eval": [{"step": 0, **eval_metrics(problem, W, E)}]}
     with np.errstate(all="ignore"):                         # overflow is detected, not warned about
         for t in range(1, cfg.steps + 1):
             Xb = X[rng.integers(0, X.shape[0], size=cfg.batch)]            # (B, D)
             try:
-                loss, W_new, E_new = step_fn(W, E, Xb)
+                loss, W_new, E_new = step_fn(W, E, Xb, t)
             except np.linalg.LinAlgError:
                 loss = math.nan
             if not (math.isfinite(loss) and np.isfinite(W_new).all() and np.isfinite(E_new).all()):
                 return result(W, E, logs, "diverged", t, f"non-finite loss or parameters at step {t}")
+            if cfg.dead_threshold > 0:
+                Z = latents(Xb, W)                          # the batch before the step
+                n_j = np.bincount(assign(Z, E), minlength=E.shape[0])
+                counts = cfg.dead_decay * counts + (1 - cfg.dead_decay) * n_j
+                dead = np.flatnonzero(counts < cfg.dead_threshold)
+                pick = reseed_rng.choice(len(Z), size=dead.size, replace=dead.size > len(Z))
+                E_new = E_new.copy()
+                E_new[dead] = Z[pick]
+                counts[dead] = cfg.dead_threshold
+                if dead.size and on_reseed is not None:
+                    on_reseed(dead, Z[pick])
+                logs["reseeded"].append(int(dead.size))
             W, E = W_new, E_new
             logs["batch_loss"].append(float(loss))
+            if t >= tail_from:
+                W_sum += W
+                E_sum += E
             if t % cfg.log_every == 0 or t == cfg.steps:
                 row = {"step": t, **eval_metrics(problem, W, E)}
                 if not row["recon_mse"] <= DIVERGED * logs["eval"][0]["recon_mse"]:
                     return result(W, E, logs, "diverged", t,
                                   f"eval error {row['recon_mse']:.3g} at step {t}, over {DIVERGED:g}x its start")
                 logs["eval"].append(row)
-    return result(W, E, logs)
+    if cfg.tail_average > 0 and cfg.steps > 0:
+        n_avg = cfg.steps - tail_from + 1
+        W = stiefel_project(W_sum / n_avg).astype(W.dtype)
+        E = (E_sum / n_avg).astype(E.dtype)
+    note = f"{sum(logs['reseeded'])} codes re-seeded" if cfg.dead_threshold > 0 else ""
+    return result(W, E, logs, note=note)
 
 
 def sgd(problem, grad_fn):
-    """The optimizer shared by every gradient method: Riemannian SGD on W, SGD on E.
+    """The optimizer shared by every gradient method: Riemannian SGD on W (unless
+    ``train_encoder`` is 0), SGD on E, both rates times :func:`lr_factor`.
 
     ``grad_fn(W, E, Xb) -> (loss, gW, gE)``, e.g. :func:`manual_grads`.
     """
     cfg = problem.cfg
 
-    def step(W, E, Xb):
+    def step(W, E, Xb, t):
         loss, gW, gE = grad_fn(W, E, Xb)
         if not (math.isfinite(loss) and np.isfinite(gW).all() and np.isfinite(gE).all()):
             return math.nan, W, E
-        return loss, riemannian_step(W, gW, cfg.lrW), E - cfg.lrE * gE
+        f = lr_factor(cfg, t)
+        W_new = riemannian_step(W, gW, f * cfg.lrW) if cfg.train_encoder else W
+        return loss, W_new, E - f * cfg.lrE * gE
     return train(problem, step)
 
 
 def method_pca_lloyd(problem):
-    """PCA encoder + k-means codebook: the shared start of every other method."""
-    return result(problem.W0.copy(), problem.E0.copy())
+    """PCA encoder + k-means codebook: the reference, and the start of every trained
+    method with ``--start kmeans``."""
+    return result(problem.W_pca.copy(), problem.E_kmeans.copy())
 
 
 def method_fd_ste(problem):
@@ -1021,7 +1118,7 @@ class EmaState:
     t: int = 0           # updates made (for debiasing)
 
 
-def ema_codebook_update(E, state, Z, labels, decay, eps=1e-5, dead_threshold=0.0, rng=None):
+def ema_codebook_update(E, state, Z, labels, decay, eps=1e-5):
     """One EMA codebook update (van den Oord et al. 2017, app. A.1), debiased and
     Laplace-smoothed as DeepMind Sonnet's ``VectorQuantizerEMA``.
 
@@ -1029,12 +1126,8 @@ def ema_codebook_update(E, state, Z, labels, decay, eps=1e-5, dead_threshold=0.0
     both divided by ``1 - decay^t``; the counts are Laplace-smoothed,
     ``N_j' = (N_j + eps) / (sum N + K eps) * sum N``, and ``e_j = M_j / N_j'``. While
     every code is used this is Sonnet's update; a code never used keeps its vector
-    (Sonnet's becomes exactly 0). With ``dead_threshold > 0`` a code whose debiased
-    count falls below it is re-seeded from a random latent of ``Z`` (its averages reset
-    so that ``e_j`` is that latent).
-
-    Returns the new codebook (K, m) and the number of re-seeded codes; ``state`` is
-    updated in place.
+    (Sonnet's becomes exactly 0). Returns the new codebook (K, m); ``state`` is updated
+    in place.
     """
     K = E.shape[0]
     n_j, s_j = cluster_sums(Z, labels, K)
@@ -1048,50 +1141,39 @@ def ema_codebook_update(E, state, Z, labels, decay, eps=1e-5, dead_threshold=0.0
     E_new = np.array(E, dtype=np.float64)
     used = N > 0
     E_new[used] = M[used] / smoothed[used, None]
-    dead = np.flatnonzero(N < dead_threshold) if dead_threshold > 0 else np.empty(0, dtype=int)
-    if dead.size:
-        pick = rng.integers(0, Z.shape[0], size=dead.size)
-        E_new[dead] = Z[pick]
-        # reset: debiased count = threshold, debiased sum = smoothed count * latent
-        N[dead] = dead_threshold
-        total = N.sum()
-        smoothed = (N + eps) / (total + K * eps) * total
-        state.counts[dead] = dead_threshold * debias
-        state.sums[dead] = smoothed[dead, None] * Z[pick] * debias
-    return E_new.astype(E.dtype, copy=False), int(dead.size)
+    return E_new.astype(E.dtype, copy=False)
 
 
 def method_ema_ste(problem):
-    """STE encoder (reconstruction + commitment) with an EMA codebook."""
+    """STE encoder (reconstruction + commitment) with an EMA codebook; a re-seeded dead
+    code restarts its averages at the latent it took (count: the threshold)."""
     c = problem.cfg
     K, m = problem.E0.shape
     state = EmaState(np.zeros(K), np.zeros((K, m)))
-    rng = derived_rng(c.seed, "ema_reseed")
-    reseeded = 0
 
-    def step(W, E, Xb):
-        nonlocal reseeded
+    def step(W, E, Xb, t):
         fr = freeze(W, E, Xb, "ste")                        # latents and codes before the step
         loss, gW, _ = manual_grads(W, E, Xb, 0.0, c.beta, "ste", frozen=fr)
         if not (math.isfinite(loss) and np.isfinite(gW).all()):
             return math.nan, W, E
-        E_new, r = ema_codebook_update(E, state, fr.Z0, fr.labels, c.ema_decay, c.ema_eps,
-                                       c.dead_threshold, rng)
-        reseeded += r
-        return loss, riemannian_step(W, gW, c.lrW), E_new
-    res = train(problem, step)
-    if c.dead_threshold > 0:
-        res["note"] = (res["note"] + f" {reseeded} codes re-seeded").strip()
-    return res
+        E_new = ema_codebook_update(E, state, fr.Z0, fr.labels, c.ema_decay, c.ema_eps)
+        W_new = riemannian_step(W, gW, lr_factor(c, t) * c.lrW) if c.train_encoder else W
+        return loss, W_new, E_new
+
+    def reset(codes, values):                               # debiased: count T, sum T * latent
+        debias = 1 - c.ema_decay ** state.t
+        state.counts[codes] = c.dead_threshold * debias
+        state.sums[codes] = c.dead_threshold * values * debias
+    return train(problem, step, reset)
 
 
-def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10):
+def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10, train_encoder=True):
     """Exact alternating minimisation of the training reconstruction error.
 
     Each round: W <- polar factor of ``Q^T X`` (orthogonal Procrustes, assignments and
     E fixed), then E <- the centroids of the latents, then reassignment. No step
     increases ``mean ||x - q W||^2``. Stops when the relative improvement of a round is
-    below ``tol`` or after ``max_rounds``.
+    below ``tol`` or after ``max_rounds``. With ``train_encoder`` false W stays: Lloyd.
 
     One pass over X per round: with ``S`` the per-cluster sums of the rows of X (K, D),
     kept up to date as points change cluster, ``Q^T X = E^T S`` and the centroids of
@@ -1112,7 +1194,8 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10):
     S = np.zeros((K, X.shape[1]))
     np.add.at(S, labels, X)                                 # (K, D) float64 sums of x per cluster
     for _ in range(max_rounds):
-        W = stiefel_project(E.astype(np.float64).T @ S).astype(X.dtype)   # (m, D) Procrustes
+        if train_encoder:
+            W = stiefel_project(E.astype(np.float64).T @ S).astype(X.dtype)   # (m, D) Procrustes
         has = counts > 0                                    # an empty cluster keeps its code
         E_old, E = E, E.astype(np.float64)                  # (moving points would break descent)
         E[has] = (S[has] @ W.T.astype(np.float64)) / counts[has, None]
@@ -1143,7 +1226,8 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10):
 def method_procrustes_lloyd(problem):
     """Alternating Lloyd / orthogonal-Procrustes steps from the PCA + k-means start."""
     c = problem.cfg
-    W, E, hist = procrustes_lloyd(problem.X_train, problem.W0, problem.E0, c.pl_rounds, c.pl_tol)
+    W, E, hist = procrustes_lloyd(problem.X_train, problem.W0, problem.E0, c.pl_rounds, c.pl_tol,
+                                  c.train_encoder)
     logs = {"train_recon_mse": hist, "eval": [{"step": len(hist) - 1, **eval_metrics(problem, W, E)}]}
     return result(W, E, logs)
 
@@ -1214,38 +1298,82 @@ def pca_floor(lam, m):
     return float(lam[m:].sum())
 
 
-def shannon_bound(lam, K):
-    """Gaussian distortion-rate bound at log2(K) bits (reverse water-filling).
+def distortion_rate(lam, bits):
+    """Gaussian distortion-rate function D(R) of N(0, diag(lam)) at ``bits`` (reverse
+    water-filling): ``D = sum_i min(theta, lam_i)`` with
+    ``sum_i max(0, log2(lam_i/theta)/2) = bits``. No quantizer whose index carries
+    ``bits`` bits (a K-point one: log2 K; one whose index has entropy H: H) does better.
 
-    No K-point quantizer of N(0, diag(lam)) has a smaller mean squared error:
-    ``D = sum_i min(theta, lam_i)`` with ``sum_i max(0, log2(lam_i/theta)/2) = log2 K``.
-
-    >>> shannon_bound([1.0], 2)                 # one component: lam / K^2
+    >>> distortion_rate([1.0], 1)               # one component: lam / 4^R
     0.25
-    >>> round(shannon_bound([4.0, 1.0], 4), 6)  # both components active: theta = 0.5
+    >>> round(distortion_rate([4.0, 1.0], 2), 6)  # both components active: theta = 0.5
     1.0
     """
     lam = np.asarray(lam, dtype=float)
     lam = lam[lam > 0]
-    rate = math.log2(K)
-    if rate == 0 or lam.size == 0:
+    if bits <= 0 or lam.size == 0:
         return float(lam.sum())
 
-    def bits(theta):
+    def rate(theta):
         return float(np.sum(np.maximum(0.0, 0.5 * np.log2(lam / theta))))
 
-    lo, hi = float(lam.max()) * 2.0 ** (-2 * rate), float(lam.max())   # bits(lo) >= rate >= bits(hi)
+    lo, hi = float(lam.max()) * 2.0 ** (-2 * bits), float(lam.max())   # rate(lo) >= bits >= rate(hi)
     for _ in range(200):                                    # bisection in log space
         mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if bits(mid) > rate else (lo, mid)
+        lo, hi = (mid, hi) if rate(mid) > bits else (lo, mid)
         if hi - lo <= 1e-15 * hi:
             break
     active = lam[lam > hi]
     if active.size == 0:
         active = lam[lam >= lo]
-    # closed form on the active set: sum log2(lam_i / theta) = 2 log2 K
-    theta = 2.0 ** ((np.sum(np.log2(active)) - 2 * rate) / active.size)
+    # closed form on the active set: sum log2(lam_i / theta) = 2 bits
+    theta = 2.0 ** ((np.sum(np.log2(active)) - 2 * bits) / active.size)
     return float(np.sum(np.minimum(theta, lam)))
+
+
+def shannon_bound(lam, K):
+    """The full-spectrum Shannon bound: no K-point quantizer of N(0, diag(lam)) has a
+    smaller mean squared error than ``distortion_rate(lam, log2 K)``."""
+    return distortion_rate(lam, math.log2(K))
+
+
+def rank_m_bound(lam, m, K=None, bits=None):
+    """The Shannon bound of a rank-m VQ-VAE: no decoder of rank m with K codes (or an
+    index of ``bits`` bits of entropy) beats the residual beyond the top m eigenvalues
+    plus the distortion-rate function of those m at log2 K bits. Tighter than
+    :func:`shannon_bound`, which lets the codes use every direction.
+
+    >>> lam = np.geomspace(4, 0.25, 6)
+    >>> round(rank_m_bound(lam, 4, K=32), 6), round(shannon_bound(lam, 32), 6)
+    (1.91642, 1.899385)
+    """
+    top = np.sort(np.asarray(lam, dtype=float))[::-1]
+    return pca_floor(top, m) + distortion_rate(top[:m], math.log2(K) if bits is None else bits)
+
+
+# Normalised second moments G_m of the best known lattice quantizers (Conway & Sloane):
+# dimensions without an entry have no tabulated lattice here; 1/(2 pi e) is the limit.
+LATTICE_G = {1: 1 / 12, 2: 0.080188, 3: 0.078543, 4: 0.076603, 5: 0.075625, 6: 0.074244,
+             7: 0.073113, 8: 0.071682, 12: 0.070034, 16: 0.068299, 24: 0.065771}
+
+
+def zador_approximation(lam, m, K):
+    """High-resolution (Zador) approximation of the error of the best rank-m quantizer
+    with K codes: the residual beyond the top m eigenvalues plus
+    ``m G_m 2 pi ((m+2)/m)^((m+2)/2) det(Sigma_m)^(1/m) K^(-2/m)``, with G_m of the best
+    known lattice (1/(2 pi e) beyond m = 24; None where no lattice is tabulated). An
+    approximation, not a bound: at small K it lies above the optimum.
+
+    >>> round(zador_approximation([1.0], 1, 16) * 16 ** 2, 4)   # Panter-Dite: sqrt(3) pi / 2
+    2.7207
+    """
+    G = LATTICE_G.get(m, 1 / (2 * math.pi * math.e) if m > 24 else None)
+    if G is None:
+        return None
+    top = np.sort(np.asarray(lam, dtype=float))[::-1]
+    log_det = float(np.sum(np.log(top[:m])))
+    part = m * G * 2 * math.pi * ((m + 2) / m) ** ((m + 2) / 2) * math.exp(log_det / m) * K ** (-2 / m)
+    return pca_floor(top, m) + part
 
 
 class Population(NamedTuple):
@@ -1340,11 +1468,16 @@ def validate(cfg):
     for flag in ("lrW", "lrE", "fd_h", "lmax", "lmin"):
         v = getattr(cfg, flag)
         need(math.isfinite(v) and v > 0, flag, "must be positive and finite")
-    for flag in ("alpha", "beta", "ema_eps", "dead_threshold", "pl_tol", "fd_max_evals"):
+    for flag in ("alpha", "beta", "ema_eps", "dead_threshold", "pl_tol", "fd_max_evals", "shift"):
         v = getattr(cfg, flag)
         need(math.isfinite(v) and v >= 0, flag, "must be finite and >= 0")
     need(cfg.lmin <= cfg.lmax, "lmin", f"must be <= lmax={cfg.lmax}")
     need(0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1)")
+    need(0 <= cfg.dead_decay < 1, "dead_decay", "must be in [0, 1)")
+    need(cfg.start in START_REGIMES, "start", "must be one of " + ", ".join(START_REGIMES))
+    need(cfg.train_encoder in (0, 1), "train_encoder", "must be 0 or 1")
+    need(cfg.lr_schedule in LR_SCHEDULES, "lr_schedule", "must be one of " + ", ".join(LR_SCHEDULES))
+    need(0 <= cfg.tail_average < 1, "tail_average", "must be in [0, 1)")
     need(cfg.dtype in ("float64", "float32"), "dtype", "must be float64 or float32")
     for name in cfg.methods:
         if name not in METHODS:
@@ -1495,8 +1628,13 @@ def bounds(problem, results):
     t0 = time.perf_counter()
     C, uncon_eval, ref_seconds = unconstrained_reference(problem)
     out = {"pca_floor": pca_floor(problem.lam, cfg.m), "shannon_bound": shannon_bound(problem.lam, cfg.K),
+           "rank_m_bound": rank_m_bound(problem.lam, cfg.m, cfg.K),
+           "zador_approximation": zador_approximation(problem.lam, cfg.m, cfg.K),
            "unconstrained_kmeans": None, "unconstrained_kmeans_se": None,
            "unconstrained_kmeans_eval": uncon_eval, "n_pop": cfg.n_pop}
+    for r in results.values():         # the bound at each model's measured index entropy
+        if r["status"] == "ok":
+            r["entropy_bound"] = rank_m_bound(problem.lam, cfg.m, bits=r["usage_entropy"] / math.log(2))
     if cfg.n_pop > 0:
         models = {n: (r["W"], r["E"]) for n, r in results.items() if r["status"] == "ok"}
         pop = population_errors({**models, "unconstrained_kmeans": C}, problem.U, problem.lam,
@@ -1528,7 +1666,7 @@ def gradient_checks(problem):
     W, E = problem.W0.astype(np.float64), problem.E0.astype(np.float64)
     Xb = problem.X_train[derived_rng(c.seed, "batches").integers(0, c.n_train, size=c.batch)]
     n_coords = None if W.size + E.size <= 2048 else 256
-    out = {"point": "pca_lloyd start, first training batch", "h": c.fd_h,
+    out = {"point": "the trained methods' start, first training batch", "h": c.fd_h,
            "measure": "max|fd - manual| / max|manual| per tensor"}
     for est in ("ste", "rotation"):
         out[est] = gradient_check(W, E, Xb.astype(np.float64), c.alpha, c.beta, est, c.fd_h,
@@ -1592,6 +1730,14 @@ def format_report(summary):
                  + (f"{b['unconstrained_kmeans']:.5f} ± {b['unconstrained_kmeans_se']:.4f} (pop), "
                     if b["unconstrained_kmeans"] is not None else "")
                  + f"{b['unconstrained_kmeans_eval']:.5f} (eval)")
+    z = b["zador_approximation"]
+    lines.append(f"Theory: rank-{summary['config']['m']} Shannon bound {b['rank_m_bound']:.5f} (no method "
+                 f"can beat it); Zador high-resolution approximation "
+                 + (f"{z:.5f} (an approximation, not a bound)" if z is not None else
+                    f"none (no lattice tabulated for m={summary['config']['m']})"))
+    ent = [f"{method_label(n)} {r['entropy_bound']:.4f}" for n, r in res.items() if "entropy_bound" in r]
+    if ent:
+        lines.append("Bound at each method's index entropy: " + "; ".join(ent))
     lines.append("vs best: 'tie' = within 2 paired standard errors of the best method (not "
                  "separable with this n_pop); vs Shan / vs unc: gap to the Shannon bound / the "
                  "unconstrained reference")
