@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import vq_compare as vq
 
@@ -467,6 +468,60 @@ def test_learning_rate_schedules_and_tail_averaging():
             for t in (13, 14, 15)]
     assert np.allclose(avg["E"], np.mean([r["E"] for r in last], axis=0), rtol=0, atol=1e-12)
     assert np.allclose(avg["W"], vq.stiefel_project(np.mean([r["W"] for r in last], axis=0)), atol=1e-12)
+
+
+# ---------------------------------------------------------------- theory lines
+
+@pytest.mark.parametrize("K,max_1960", [(2, 0.3634), (4, 0.1175), (8, 0.03455), (16, 0.009501)])
+def test_pca_lloyd_reproduces_the_lloyd_max_quantizer_of_the_unit_gaussian(K, max_1960):
+    # Max (1960), Table I: the optimal K-level quantizer of N(0, 1); k-means on 40,000
+    # samples lands on it, within 3 standard errors of the population estimate
+    out = vq.run_comparison(D=1, rank=1, m=1, lmax=1, lmin=1, K=K, n_train=40000, n_eval=1000,
+                            steps=0, n_pop=400_000, n_init=2, kmeans_iter=1000,
+                            methods=["pca_lloyd"], outdir=None, quiet=True, workers=1)
+    r = out["results"]["pca_lloyd"]
+    assert abs(r["pop_recon_mse"] - max_1960) <= 3 * r["pop_recon_se"] + 5e-5 * max_1960  # table's digits
+
+
+def test_rank_m_bound_closed_forms():
+    lam = np.geomspace(4, 0.25, 6)
+    assert vq.rank_m_bound(lam, 4, K=32) == pytest.approx(1.91642, abs=5e-6)
+    assert vq.rank_m_bound(lam, 4, K=64) == pytest.approx(1.555826, abs=5e-7)
+    assert vq.shannon_bound(lam, 64) == pytest.approx(1.5, rel=1e-12)
+    # m = rank: nothing outside the subspace, the full-spectrum bound
+    assert vq.rank_m_bound(lam, 6, K=32) == pytest.approx(vq.shannon_bound(lam, 32), rel=1e-12)
+    assert vq.rank_m_bound(lam, 4, bits=5.0) == vq.rank_m_bound(lam, 4, K=32)
+    # Zador: m = 2, hexagonal lattice, det^(1/2) = sqrt(l1 l2)
+    z = vq.zador_approximation([4.0, 1.0, 0.5], 2, 64)
+    assert z == pytest.approx(0.5 + 2 * 0.080188 * 2 * math.pi * 2 ** 2 * 2.0 / 64, rel=1e-12)
+    assert vq.zador_approximation(lam, 9, 32) is None       # no lattice tabulated for m = 9
+
+
+@settings(max_examples=60, deadline=None)
+@given(lam=st.lists(st.floats(0.01, 10), min_size=1, max_size=8), K=st.integers(1, 300),
+       m_frac=st.floats(0, 1))
+def test_property_rank_m_bound_lies_between_the_full_bound_and_the_error(lam, K, m_frac):
+    m = max(1, round(m_frac * len(lam)))
+    b = vq.rank_m_bound(lam, m, K=K)
+    assert b >= vq.shannon_bound(lam, K) * (1 - 1e-12)       # the rank restriction only adds
+    assert b >= vq.pca_floor(lam, m) * (1 - 1e-12)
+    assert vq.rank_m_bound(lam, m, K=K + 1) <= b * (1 + 1e-12)   # more codes, lower bound
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 1000), K=st.integers(2, 12), shape=st.sampled_from([(6, 3, 2), (5, 5, 3), (8, 2, 1)]),
+       start=st.sampled_from(vq.START_REGIMES))
+def test_property_no_method_scores_below_the_rank_m_bound(seed, K, shape, start):
+    D, rank, m = shape
+    out = vq.run_comparison(D=D, rank=rank, m=m, K=K, n_train=400, n_eval=200, steps=8, batch=64,
+                            n_pop=20000, n_init=2, seed=seed, start=start, outdir=None, quiet=True,
+                            workers=1, methods=["pca_lloyd", "manual_ste", "rotation", "ema_ste",
+                                                "procrustes_lloyd"])
+    b = out["bounds"]["rank_m_bound"]
+    for name, r in out["results"].items():
+        if r["status"] == "ok":
+            assert r["pop_recon_mse"] > b, name
+            assert r["entropy_bound"] >= b * (1 - 1e-12), name   # entropy <= log2 K bits
 
 
 # ---------------------------------------------------------------- floors and population
@@ -927,7 +982,6 @@ def test_the_readme_recipe_adds_a_method_everywhere(tmp_path):
 
 # ---------------------------------------------------------------- properties (hypothesis)
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None)
