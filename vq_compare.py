@@ -1874,33 +1874,51 @@ def plot_comparison(summary):
 
 
 def plot_training_curves(summary):
-    """Eval metrics along training, every trained method overlaid, one panel per metric."""
-    res = summary["results"]
+    """Eval metrics along training, every trained method overlaid, one panel per metric;
+    the last panel counts the codes re-seeded so far (``--dead_threshold``)."""
+    res, c = summary["results"], summary["config"]
     names = [n for n, r in res.items() if r.get("logs") and "batch_loss" in r["logs"]]
     panels = [("recon_mse", "eval recon MSE"), ("in_sub_dist", "eval in-subspace distortion"),
-              ("perplexity", "eval code perplexity"),
-              ("subspace_angle_deg", "largest angle to the true top-m eigenspace (deg)")]
-    fig, axes = _figure(11, 7, 2, 2)
+              ("subspace_angle_deg", "largest angle to the true top-m eigenspace (deg)"),
+              ("perplexity", "eval code perplexity"), ("codes_used", "fraction of codes used (eval set)")]
+    fig, axes = _figure(14, 7, 2, 3)
     for ax, (key, title) in zip(axes.ravel(), panels):
         for name in names:
             logs = res[name]["logs"]
             style = dict(color=color(name), label=method_label(name), lw=1.5)
             if name == "fd_ste":                           # drawn under manual_ste: markers stay visible
                 style.update(marker="o", ms=4, lw=0, markevery=max(1, len(logs["eval"]) // 12))
-            pts = [(e["step"], e[key]) for e in logs["eval"] if e.get(key) is not None]
+            pts = [(e["step"], 1 - e["dead_frac"] if key == "codes_used" else e[key])
+                   for e in logs["eval"] if key == "codes_used" or e.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), **style)
         for ref in ("pca_lloyd", "procrustes_lloyd"):
-            if ref in res and res[ref]["status"] == "ok" and res[ref].get(key) is not None:
-                ax.axhline(res[ref][key], color=color(ref), ls="--", lw=1, label=method_label(ref))
+            r = res.get(ref)
+            if r and r["status"] == "ok" and (key == "codes_used" or r.get(key) is not None):
+                ax.axhline(1 - r["dead_frac"] if key == "codes_used" else r[key], color=color(ref),
+                           ls="--", lw=1, label=method_label(ref) + " (final)")
+        lo, hi = ax.get_ylim()
+        if key in ("recon_mse", "in_sub_dist") and lo > 0 and hi > 20 * lo:
+            ax.set_yscale("log")                            # a far start would flatten the rest
         ax.set_title(title, fontsize=10)
+    ax = axes[1, 2]
+    for name in names:
+        counts = res[name]["logs"].get("reseeded") or []
+        if counts:
+            ax.plot(np.arange(1, len(counts) + 1), np.cumsum(counts), color=color(name), lw=1.5)
+    if c.get("dead_threshold", 0) == 0:
+        ax.text(0.5, 0.5, "no re-seeding\n(--dead_threshold 0)", ha="center", va="center",
+                transform=ax.transAxes, color="0.4")
+    ax.set_title("codes re-seeded so far", fontsize=10)
+    for ax in axes.ravel():
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=len(labels),
                fontsize=8, frameon=False)                  # above the panels: hides no curve
-    fig.suptitle("Training curves (same start, same batches; fd_ste markers sit on manual_ste)", fontsize=10)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.07, top=0.88, hspace=0.35, wspace=0.2)
+    fig.suptitle(f"Training curves from the {c.get('start', 'kmeans')} start (same batches for every "
+                 "method; fd_ste markers sit on manual_ste)", fontsize=10)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.88, hspace=0.35, wspace=0.2)
     return fig
 
 
