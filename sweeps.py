@@ -31,19 +31,30 @@ import numpy as np
 
 import vq_compare as vq
 
-SWEEPS = ("K", "beta", "steps", "verify")
+# The swept settings with a grid of values: flag --<name>_values, type, default grid, axis label.
+GRIDS = {"K": (int, [8, 16, 32, 64], "codebook size K"),
+         "beta": (float, [0.0, 0.1, 0.25, 0.5, 1.0], "commitment weight beta"),
+         "start": (str, list(vq.START_REGIMES), "start regime of the trained methods"),
+         "shift": (float, [0.0, 1.0, 2.0, 4.0, 8.0], "shift of the codes' start (latent sd)"),
+         "lr": (float, [1.0, 0.25, 0.0625], "scale on both learning rates")}
+SWEEPS = tuple(GRIDS) + ("steps", "verify")
 RESULTS, CONFIG, SUMMARY = "results.jsonl", "sweep_config.json", "summary.csv"
 SCORE_KEYS = ("recon_mse", "in_sub_dist", "usage_entropy", "dead_frac", "perplexity",
-              "subspace_angle_deg", "pop_recon_mse", "pop_recon_se")
+              "subspace_angle_deg", "pop_recon_mse", "pop_recon_se", "entropy_bound")
 
 QUICK = dict(K_values=[8, 16], beta_values=[0.0, 0.5], steps_max=60, steps_every=20, seeds=2,
              D=32, rank=5, m=3, K=16, n_train=3000, n_eval=1000, steps=60, batch=256,
              n_pop=50_000, n_init=2, methods=["pca_lloyd", "manual_ste", "rotation"])
 # The original framework's comprehensive run: K sweep and beta sweep at 300 steps, a
 # 500-step convergence run and an STE verification, one seed (42).
-ORIGINAL = dict(sweep="all", K_values=[8, 16, 32, 64], beta_values=[0.0, 0.1, 0.25, 0.5, 1.0],
+ORIGINAL = dict(sweep=["K", "beta", "steps", "verify"], K_values=[8, 16, 32, 64], beta_values=[0.0, 0.1, 0.25, 0.5, 1.0],
                 steps=300, steps_max=500, steps_every=25, seeds=1, seed=42,
                 methods=["pca_lloyd", "fd_ste", "manual_ste", "rotation"])
+# Codebook collapse (Fang et al. 2025's shifted-Gaussian simulation, in 8 dimensions):
+# isotropic latents, the encoder fixed, codes started off the data by --shift latent sd.
+COLLAPSE = dict(sweep=["shift"], shift_values=[0.0, 1.0, 2.0, 4.0, 8.0], seeds=5, start="shifted",
+                train_encoder=0, D=8, rank=8, m=8, lmax=1.0, lmin=1.0, K=256)
+PRESETS = {"original": ORIGINAL, "collapse": COLLAPSE}
 
 
 class SweepError(ValueError):
@@ -121,13 +132,22 @@ def _problem_key(cfg):
     return tuple(getattr(cfg, k) for k in _PROBLEM_KEYS)
 
 
-def _task_config(task):
-    settings = dict(task["settings"], seed=task["seed"], outdir=None, quiet=True)
-    sweep, value = task["sweep"], task["value"]
-    if sweep in ("K", "beta"):
+def cell_settings(settings, sweep, value):
+    """The vq_compare settings of one cell: the fixed ones with the swept one set."""
+    settings = dict(settings)
+    if sweep == "lr":                                       # a scale on both rates
+        base = vq.Config()
+        settings.update(lrW=value * settings.get("lrW", base.lrW), lrE=value * settings.get("lrE", base.lrE))
+    elif sweep in GRIDS or sweep == "steps":
         settings[sweep] = value
-    if sweep == "steps":
-        settings.update(steps=value, log_every=task["steps_every"])
+    return settings
+
+
+def _task_config(task):
+    settings = dict(cell_settings(task["settings"], task["sweep"], task["value"]),
+                    seed=task["seed"], outdir=None, quiet=True)
+    if task["sweep"] == "steps":
+        settings["log_every"] = task["steps_every"]
     return vq.make_config(**settings)
 
 
@@ -160,7 +180,7 @@ def run_task(task):
         line = {**base, "method": name, "status": r["status"],
                 **{k: r.get(k) for k in SCORE_KEYS},
                 "pca_floor": b["pca_floor"], "shannon_bound": b["shannon_bound"],
-                "unconstrained_kmeans": b["unconstrained_kmeans"]}
+                "rank_m_bound": b["rank_m_bound"], "unconstrained_kmeans": b["unconstrained_kmeans"]}
         if sweep == "steps" and r.get("logs") and "batch_loss" in r["logs"]:
             line["curve"] = [[e["step"], e["recon_mse"]] for e in r["logs"]["eval"]]
         lines.append(vq._json_ready(line))
@@ -199,12 +219,16 @@ def verify_trajectories(problem):
 # Planning, resuming, running
 # ----------------------------------------------------------------------------
 
+def plan_sweeps(args):
+    return [s for s in SWEEPS if s in args.sweep or "all" in args.sweep]
+
+
 def plan(args):
     """The ordered list of tasks of a sweep."""
-    sweeps = SWEEPS if args.sweep == "all" else (args.sweep,)
+    sweeps = plan_sweeps(args)
     seeds = [args.seed + i for i in range(args.seeds)]
-    values = {"K": args.K_values, "beta": args.beta_values, "steps": [args.steps_max],
-              "verify": [args.steps]}
+    values = {**{name: getattr(args, f"{name}_values") for name in GRIDS},
+              "steps": [args.steps_max], "verify": [args.steps]}
     tasks = []
     for sweep in sweeps:
         for value in values[sweep]:
@@ -218,8 +242,15 @@ def _task_key(line):
     return (line["sweep"], json.dumps(line["value"]), line["seed"])
 
 
+def _value_key(value):
+    """Grid values in order: numbers by size, start regimes as vq_compare lists them."""
+    if isinstance(value, str):
+        return (1, vq.START_REGIMES.index(value) if value in vq.START_REGIMES else 0, value)
+    return (0, float(value), "")
+
+
 def _order(line, methods):
-    return (SWEEPS.index(line["sweep"]), float(line["value"]), line["seed"],
+    return (SWEEPS.index(line["sweep"]), _value_key(line["value"]), line["seed"],
             methods.index(line["method"]) if line["method"] in methods else len(methods))
 
 
@@ -239,7 +270,7 @@ def _read_lines(path):
 def fingerprint(args):
     """Everything that determines the results of a sweep."""
     return {"sweep": args.sweep, "seeds": args.seeds, "seed": args.seed,
-            "K_values": args.K_values, "beta_values": args.beta_values,
+            **{f"{name}_values": getattr(args, f"{name}_values") for name in GRIDS},
             "steps_max": args.steps_max, "steps_every": args.steps_every,
             "settings": args.settings}
 
@@ -304,8 +335,9 @@ def _write_lines(path, lines):
 # ----------------------------------------------------------------------------
 
 CSV_FIELDS = ["sweep", "param", "value", "method", "n_seeds", "metric", "mean", "sd", "ci_lo", "ci_hi",
-              "diff_to_pca_lloyd", "diff_ci_lo", "diff_ci_hi", "eval_recon_mse", "pca_floor",
-              "shannon_bound", "unconstrained_kmeans", "diverged"]
+              "diff_to_pca_lloyd", "diff_ci_lo", "diff_ci_hi", "codes_used", "codes_used_ci_lo",
+              "codes_used_ci_hi", "eval_recon_mse", "pca_floor", "shannon_bound", "rank_m_bound",
+              "unconstrained_kmeans", "diverged"]
 
 
 def aggregate(lines):
@@ -334,7 +366,9 @@ def aggregate(lines):
             if ok:
                 row["mean"], row["sd"], row["ci_lo"], row["ci_hi"] = mean_ci([c[key] for c in ok])
                 row["eval_recon_mse"] = float(np.mean([c["recon_mse"] for c in ok]))
-                for f in ("pca_floor", "shannon_bound", "unconstrained_kmeans"):
+                used, _, lo, hi = mean_ci([1 - c["dead_frac"] for c in ok])   # on the eval set
+                row["codes_used"], row["codes_used_ci_lo"], row["codes_used_ci_hi"] = used, lo, hi
+                for f in ("pca_floor", "shannon_bound", "rank_m_bound", "unconstrained_kmeans"):
                     vals = [c[f] for c in ok if c.get(f) is not None]
                     row[f] = float(np.mean(vals)) if vals else None
                 base = {c["seed"]: c[key] for c in cell if c["method"] == "pca_lloyd" and c["status"] == "ok"}
@@ -386,23 +420,24 @@ def format_table(rows):
         if sweep == "steps":                               # the last checkpoint only
             last = max(r["value"] for r in rs)
             rs = [r for r in rs if r["value"] == last]
-        out.append(f"\n{sweep} sweep  ({rs[0]['metric']}; mean [95% CI] over seeds; "
-                   "diff = paired difference to pca_lloyd)")
+        out.append(f"\n{sweep} sweep  ({rs[0]['metric']}; mean [95% CI] over seeds; used = share of "
+                   "codes used on the eval set; diff = paired difference to pca_lloyd)")
         if sweep == "verify":
             for r in rs:
                 out.append(f"  steps={r['value']}: largest gradient rel. error {r['mean']:.1e}, "
                            f"largest eval recon rel. difference fd vs manual {r['eval_recon_mse']:.1e}")
             continue
-        out.append(f"  {rs[0]['param']:>6} {'method':<18}{'mean':>10}{'95% CI':>22}{'diff':>11}{'95% CI':>24}")
+        out.append(f"  {rs[0]['param']:>12} {'method':<18}{'mean':>10}{'95% CI':>20}{'used':>6}{'diff':>11}{'95% CI':>22}")
         for r in rs:
             if r.get("mean") is None:
-                out.append(f"  {r['value']:>6} {r['method']:<18}{'diverged':>10}")
+                out.append(f"  {r['value']!s:>12} {r['method']:<18}{'diverged':>10}")
                 continue
             ci = f"[{r['ci_lo']:.4f}, {r['ci_hi']:.4f}]" if not math.isnan(r.get("ci_lo", math.nan)) else "n/a (1 seed)"
             diff = f"{r['diff_to_pca_lloyd']:+.5f}" if r.get("diff_to_pca_lloyd") is not None else ""
             dci = (f"[{r['diff_ci_lo']:+.5f}, {r['diff_ci_hi']:+.5f}]"
                    if r.get("diff_ci_lo") is not None and not math.isnan(r["diff_ci_lo"]) else "")
-            out.append(f"  {r['value']:>6} {r['method']:<18}{r['mean']:>10.5f}{ci:>22}{diff:>11}{dci:>24}")
+            used = f"{r['codes_used']:.2f}" if r.get("codes_used") is not None else ""
+            out.append(f"  {r['value']!s:>12} {r['method']:<18}{r['mean']:>10.5f}{ci:>20}{used:>6}{diff:>11}{dci:>22}")
     return "\n".join(out)
 
 
@@ -420,9 +455,12 @@ def plot_sweep(rows, sweep):
         ax1.set_title("largest eval recon rel. difference along the run")
         return fig
     methods = list(dict.fromkeys(r["method"] for r in rs))
+    values = sorted({r["value"] for r in rs}, key=_value_key)
+    categorical = any(isinstance(v, str) for v in values)  # start regimes: one place each
+    position = {v: (i if categorical else float(v)) for i, v in enumerate(values)}
     for method in methods:
-        mr = sorted((r for r in rs if r["method"] == method), key=lambda r: r["value"])
-        x = np.array([r["value"] for r in mr], dtype=float)
+        mr = sorted((r for r in rs if r["method"] == method), key=lambda r: _value_key(r["value"]))
+        x = np.array([position[r["value"]] for r in mr], dtype=float)
         y = np.array([r["mean"] for r in mr])
         lo = np.array([r.get("ci_lo", np.nan) for r in mr], dtype=float)
         hi = np.array([r.get("ci_hi", np.nan) for r in mr], dtype=float)
@@ -443,15 +481,17 @@ def plot_sweep(rows, sweep):
                 ax1.fill_between(x, 100 * dlo / ref, 100 * dhi / ref, color=color, alpha=0.15)
     for key, label, ls in (("shannon_bound", "Shannon bound", "--"),
                            ("unconstrained_kmeans", "unconstrained k-means", "-.")):
-        pts = sorted({(r["value"], r[key]) for r in rs if r.get(key) is not None})
+        pts = sorted({(position[r["value"]], r[key]) for r in rs if r.get(key) is not None})
         if pts:
             ax0.plot(*zip(*pts), color="k", ls=ls, lw=1, label=label)
     ax1.axhline(0, color="k", lw=0.8)
-    xlabel = {"K": "codebook size K", "beta": "commitment weight beta", "steps": "step"}[sweep]
+    xlabel = GRIDS[sweep][2] if sweep in GRIDS else "step"
     for ax in (ax0, ax1):
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-        if sweep == "K":
+        if categorical:
+            ax.set_xticks(range(len(values)), values)
+        elif sweep in ("K", "lr"):
             ax.set_xscale("log", base=2)
     ax0.set_ylabel(rs[0]["metric"] if rs else "")
     ax0.set_title("mean over seeds with 95% CI (bands)", fontsize=10)
@@ -477,7 +517,8 @@ def _grid(kind):
 def build_parser():
     p = vq._Parser(prog="sweeps.py", description=__doc__.split("\n")[0],
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sweep", choices=SWEEPS + ("all",), default="all", help="what to sweep")
+    p.add_argument("--sweep", choices=SWEEPS + ("all",), nargs="+", default=["K", "beta", "steps", "verify"],
+                   help="what to sweep (one or more; all: every one)")
     p.add_argument("--seeds", type=int, default=5, help="seeds per cell (seed, seed+1, ...)")
     p.add_argument("--jobs", type=int, default=0,
                    help="processes for the k-means restarts (0: one per core); results do not "
@@ -485,10 +526,11 @@ def build_parser():
     p.add_argument("--outdir", default="sweeps_out", help="output folder")
     p.add_argument("--resume", action="store_true", help="skip runs already in OUTDIR/results.jsonl")
     p.add_argument("--quick", action="store_true", help="a small grid: a smoke run in seconds")
-    p.add_argument("--preset", choices=("original",), help="the original framework's comprehensive set")
-    p.add_argument("--K_values", type=_grid(int), nargs="+", default=[8, 16, 32, 64], help="K grid")
-    p.add_argument("--beta_values", type=_grid(float), nargs="+", default=[0.0, 0.1, 0.25, 0.5, 1.0],
-                   help="beta grid")
+    p.add_argument("--preset", choices=tuple(PRESETS),
+                   help="original: the original framework's comprehensive set; collapse: the "
+                        "shifted-start, codebook-only study over --shift_values, 5 seeds")
+    for name, (kind, grid, label) in GRIDS.items():
+        p.add_argument(f"--{name}_values", type=_grid(kind), nargs="+", default=grid, help=f"{label}: grid")
     p.add_argument("--steps_max", type=int, default=500, help="steps sweep: training length")
     p.add_argument("--steps_every", type=int, default=25, help="steps sweep: metrics every this many steps")
     p.add_argument("--methods", nargs="+", default=[], metavar="NAME",
@@ -504,7 +546,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     explicit = {a.dest for a in p._actions if any(o in (argv if argv is not None else sys.argv[1:])
                                                     for o in a.option_strings)}
-    presets = ([QUICK] if args.quick else []) + ([ORIGINAL] if args.preset == "original" else [])
+    presets = ([QUICK] if args.quick else []) + ([PRESETS[args.preset]] if args.preset else [])
     for preset in presets:
         for k, v in preset.items():
             if k not in explicit:
@@ -531,10 +573,12 @@ def parse_args(argv=None):
     base = vq.Config()
     args.seed = settings.get("seed", base.seed)
     args.steps = settings.get("steps", base.steps)
-    for k in args.K_values:                               # every cell's settings, checked up front
-        vq.make_config(**{**settings, "K": k, "outdir": None})
-    for b in args.beta_values:
-        vq.make_config(**{**settings, "beta": b, "outdir": None})
+    for sweep in plan_sweeps(args):                        # every cell's settings, checked up front
+        for value in getattr(args, f"{sweep}_values", []):
+            try:
+                vq.make_config(**{**cell_settings(settings, sweep, value), "outdir": None})
+            except vq.ConfigError as e:
+                raise SweepError(f"--{sweep}_values {value}: {e}")
     vq.make_config(**{**settings, "seed": args.seed + args.seeds - 1, "outdir": None})
     vq.check_outdir(args.outdir)
     res_path = os.path.join(args.outdir, RESULTS)

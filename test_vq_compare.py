@@ -727,8 +727,8 @@ def test_confidence_interval_of_a_known_sample():
 
 def test_tiny_sweep_end_to_end_and_jobs_do_not_change_results(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    pa = run_sweeps("--sweep", "all", "--outdir", str(a), "--jobs", "1", *SWEEP_ARGS)
-    pb = run_sweeps("--sweep", "all", "--outdir", str(b), "--jobs", "2", *SWEEP_ARGS)
+    pa = run_sweeps("--sweep", "K", "beta", "steps", "verify", "--outdir", str(a), "--jobs", "1", *SWEEP_ARGS)
+    pb = run_sweeps("--sweep", "K", "beta", "steps", "verify", "--outdir", str(b), "--jobs", "2", *SWEEP_ARGS)
     assert pa.returncode == 0 and pb.returncode == 0, pa.stderr + pb.stderr
     ra, rb = (a / "results.jsonl").read_text(), (b / "results.jsonl").read_text()
     lines = [json.loads(x) for x in ra.splitlines()]
@@ -769,7 +769,10 @@ def test_resume_after_interruption_gives_the_same_lines(tmp_path):
 SWEEP_BAD = [(["--K_values"], "--K_values"), (["--K_values", "x"], "--K_values"),
              (["--beta_values", "0", "abc"], "--beta_values"), (["--K_values", "99999"], "--K 99999"),
              (["--sweep", "gamma"], "--sweep"), (["--methods", "nope"], "--methods nope"),
-             (["--seeds", "0"], "--seeds 0"), (["--jobs", "-1"], "--jobs -1")]
+             (["--seeds", "0"], "--seeds 0"), (["--jobs", "-1"], "--jobs -1"),
+             (["--sweep", "start", "--start_values", "warm"], "--start_values warm"),
+             (["--sweep", "lr", "--lr_values", "0"], "--lr_values 0.0"),
+             (["--sweep", "shift", "--shift_values", "-2"], "--shift_values -2.0")]
 
 
 @pytest.mark.parametrize("args,named", SWEEP_BAD)
@@ -778,6 +781,38 @@ def test_sweep_bad_input_exits_2_and_writes_nothing(tmp_path, args, named):
     assert p.returncode == 2
     assert len(p.stderr.strip().splitlines()) == 1 and named in p.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_start_shift_and_lr_sweeps(tmp_path):
+    out = tmp_path / "s"
+    p = run_sweeps("--sweep", "start", "lr", "--lr_values", "1", "0.25", "--outdir", str(out), *SWEEP_ARGS)
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    starts = [ln["value"] for ln in lines if ln["sweep"] == "start"]
+    assert list(dict.fromkeys(starts)) == list(vq.START_REGIMES)           # in the documented order
+    for sweep, value in (("start", "kmeans"), ("lr", 1.0)):                  # the same cell twice
+        a = [ln for ln in lines if ln["sweep"] == sweep and ln["value"] == value]
+        assert len(a) == 2 * 3
+    same = {(ln["seed"], ln["method"]): ln["pop_recon_mse"] for ln in lines
+            if ln["sweep"] == "start" and ln["value"] == "kmeans"}
+    assert same == {(ln["seed"], ln["method"]): ln["pop_recon_mse"] for ln in lines
+                    if ln["sweep"] == "lr" and ln["value"] == 1.0}
+    assert (out / "sweep_start.png").stat().st_size > 1000
+    with open(out / "summary.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["sweep"] == "start"]
+    assert all(0 < float(r["codes_used"]) <= 1 for r in rows)
+    cfg = sweeps._task_config({"sweep": "lr", "value": 0.25, "seed": 0, "steps_every": 1,
+                               "settings": {"lrW": 0.4}})
+    assert cfg.lrW == 0.1 and cfg.lrE == 0.25 * vq.Config().lrE
+
+
+def test_collapse_preset_is_the_shifted_codebook_only_study(tmp_path):
+    args = sweeps.parse_args(["--preset", "collapse", "--outdir", str(tmp_path / "c")])
+    assert args.sweep == ["shift"] and args.shift_values == [0.0, 1.0, 2.0, 4.0, 8.0] and args.seeds == 5
+    s = args.settings
+    assert (s["start"], s["train_encoder"], s["D"], s["rank"], s["m"], s["lmax"], s["lmin"]) == \
+        ("shifted", 0, 8, 8, 8, 1.0, 1.0)
+    assert s["methods"] == list(vq.METHODS)                                   # every method
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
