@@ -479,7 +479,7 @@ def plot_sweep(rows, sweep):
             dhi = np.array([r.get("diff_ci_hi", np.nan) for r in mr], dtype=float)
             if np.isfinite(dlo).any():
                 ax1.fill_between(x, 100 * dlo / ref, 100 * dhi / ref, color=color, alpha=0.15)
-    for key, label, ls in (("shannon_bound", "Shannon bound", "--"),
+    for key, label, ls in (("rank_m_bound", "rank-m Shannon bound", "--"),
                            ("unconstrained_kmeans", "unconstrained k-means", "-.")):
         pts = sorted({(position[r["value"]], r[key]) for r in rs if r.get(key) is not None})
         if pts:
