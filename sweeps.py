@@ -458,9 +458,20 @@ def plot_sweep(rows, sweep):
     values = sorted({r["value"] for r in rs}, key=_value_key)
     categorical = any(isinstance(v, str) for v in values)  # start regimes: one place each
     position = {v: (i if categorical else float(v)) for i, v in enumerate(values)}
+
+    def band(ax, x, y, lo, hi, style):                      # the 95% interval: bars or a band
+        if categorical:
+            ax.errorbar(x, y, yerr=np.abs([y - lo, hi - y]) if np.isfinite(lo).any() else None,
+                        capsize=3, **{**style, "ls": "none"})
+            return
+        ax.plot(x, y, **style)
+        if np.isfinite(lo).any():
+            ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15)
     for method in methods:
         mr = sorted((r for r in rs if r["method"] == method), key=lambda r: _value_key(r["value"]))
         x = np.array([position[r["value"]] for r in mr], dtype=float)
+        if categorical:                # side by side within a category, no line across categories
+            x += 0.6 * (methods.index(method) / max(len(methods) - 1, 1) - 0.5)
         y = np.array([r["mean"] for r in mr])
         lo = np.array([r.get("ci_lo", np.nan) for r in mr], dtype=float)
         hi = np.array([r.get("ci_hi", np.nan) for r in mr], dtype=float)
@@ -468,21 +479,20 @@ def plot_sweep(rows, sweep):
         style = dict(marker="o", ms=4, color=color, label=vq.method_label(method))
         if method == "fd_ste":
             style.update(marker="x", ls="none", ms=7)
-        ax0.plot(x, y, **style)
-        if np.isfinite(lo).any():
-            ax0.fill_between(x, lo, hi, color=color, alpha=0.15)
+        band(ax0, x, y, lo, hi, style)
         if method != "pca_lloyd":
             d = np.array([r.get("diff_to_pca_lloyd", np.nan) for r in mr], dtype=float)
             ref = np.array([r["mean"] - (r.get("diff_to_pca_lloyd") or 0) for r in mr])
-            ax1.plot(x, 100 * d / ref, **style)
             dlo = np.array([r.get("diff_ci_lo", np.nan) for r in mr], dtype=float)
             dhi = np.array([r.get("diff_ci_hi", np.nan) for r in mr], dtype=float)
-            if np.isfinite(dlo).any():
-                ax1.fill_between(x, 100 * dlo / ref, 100 * dhi / ref, color=color, alpha=0.15)
+            band(ax1, x, 100 * d / ref, 100 * dlo / ref, 100 * dhi / ref, style)
     for key, label, ls in (("rank_m_bound", "rank-m Shannon bound", "--"),
                            ("unconstrained_kmeans", "unconstrained k-means", "-.")):
         pts = sorted({(position[r["value"]], r[key]) for r in rs if r.get(key) is not None})
-        if pts:
+        if pts and categorical:
+            for xv, yv in pts:
+                ax0.hlines(yv, xv - 0.4, xv + 0.4, color="k", ls=ls, lw=1, label=label if xv == pts[0][0] else None)
+        elif pts:
             ax0.plot(*zip(*pts), color="k", ls=ls, lw=1, label=label)
     ax1.axhline(0, color="k", lw=0.8)
     xlabel = GRIDS[sweep][2] if sweep in GRIDS else "step"
@@ -494,7 +504,7 @@ def plot_sweep(rows, sweep):
         elif sweep in ("K", "lr"):
             ax.set_xscale("log", base=2)
     ax0.set_ylabel(rs[0]["metric"] if rs else "")
-    ax0.set_title("mean over seeds with 95% CI (bands)", fontsize=10)
+    ax0.set_title("mean over seeds, 95% CI", fontsize=10)
     ax1.set_title("% difference to PCA + Lloyd (paired, 95% CI)", fontsize=10)
     ax0.legend(fontsize=8)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.2)
