@@ -272,7 +272,12 @@ def fingerprint(args):
     return {"sweep": args.sweep, "seeds": args.seeds, "seed": args.seed,
             **{f"{name}_values": getattr(args, f"{name}_values") for name in GRIDS},
             "steps_max": args.steps_max, "steps_every": args.steps_every,
-            "settings": args.settings}
+            "settings": {**effective_defaults(), **args.settings}}   # a default given or not: the same
+
+
+def effective_defaults():
+    """vq_compare's defaults of the settings a sweep fixes (outdir, quiet: not results)."""
+    return {k: v for k, v in dataclasses.asdict(vq.Config()).items() if k not in ("outdir", "quiet")}
 
 
 def run_sweep(args, log=print):
@@ -556,6 +561,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     explicit = {a.dest for a in p._actions if any(o in (argv if argv is not None else sys.argv[1:])
                                                     for o in a.option_strings)}
+    if args.quick and args.preset:
+        raise SweepError(f"--quick and --preset {args.preset}: choose one")
     presets = ([QUICK] if args.quick else []) + ([PRESETS[args.preset]] if args.preset else [])
     for preset in presets:
         for k, v in preset.items():

@@ -772,7 +772,8 @@ SWEEP_BAD = [(["--K_values"], "--K_values"), (["--K_values", "x"], "--K_values")
              (["--seeds", "0"], "--seeds 0"), (["--jobs", "-1"], "--jobs -1"),
              (["--sweep", "start", "--start_values", "warm"], "--start_values warm"),
              (["--sweep", "lr", "--lr_values", "0"], "--lr_values 0.0"),
-             (["--sweep", "shift", "--shift_values", "-2"], "--shift_values -2.0")]
+             (["--sweep", "shift", "--shift_values", "-2"], "--shift_values -2.0"),
+             (["--quick", "--preset", "original"], "--quick and --preset original")]
 
 
 @pytest.mark.parametrize("args,named", SWEEP_BAD)
@@ -821,8 +822,11 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     before = sorted(os.listdir(out))
     stamp = (out / "results.jsonl").read_text()
     p = run_sweeps("--sweep", "beta", "--outdir", str(out), "--resume", *SWEEP_ARGS, "--lrW", "0.01")
-    assert p.returncode == 2 and "lrW" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert p.returncode == 2 and "lrW: 0.08 -> 0.01" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "alpha" not in p.stderr and "None" not in p.stderr           # only what changed
     assert sorted(os.listdir(out)) == before and (out / "results.jsonl").read_text() == stamp
+    p = run_sweeps("--sweep", "beta", "--outdir", str(out), "--resume", *SWEEP_ARGS, "--alpha", "1.0")
+    assert p.returncode == 0, p.stderr                                   # a default, given: the same
     p = run_sweeps("--sweep", "beta", "--outdir", str(out), *SWEEP_ARGS)     # no --resume
     assert p.returncode == 2 and "--resume" in p.stderr
 

@@ -45,6 +45,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from typing import Callable, NamedTuple
@@ -1436,19 +1437,25 @@ class ConfigError(ValueError):
 
 
 def check_outdir(outdir, flag="outdir"):
-    """Raise ConfigError unless ``outdir`` exists as a writable folder or could be created."""
+    """Create ``outdir`` (if needed) and write and remove a probe file in it, so that a
+    folder that cannot take the results is refused before any work; raises ConfigError."""
     path = os.path.abspath(outdir)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise ConfigError(flag, outdir, "exists and is not a folder")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(flag, outdir, "is not writable")
-        return
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(flag, outdir, f"cannot be created ({parent} is not a writable folder)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(flag, outdir, "exists and is not a folder")
+    missing = path
+    while not os.path.exists(os.path.dirname(missing)) and os.path.dirname(missing) != missing:
+        missing = os.path.dirname(missing)                  # the first folder makedirs would create
+    created = not os.path.exists(path)
+    probe = os.path.join(path, f".probe-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb") as fh:
+            fh.write(b"x")
+        os.remove(probe)
+    except OSError as e:
+        if created and os.path.isdir(missing):
+            shutil.rmtree(missing, ignore_errors=True)      # nothing left behind
+        raise ConfigError(flag, outdir, f"cannot be written ({e.strerror or e})") from None
 
 
 def validate(cfg):
@@ -1934,21 +1941,23 @@ class _Parser(argparse.ArgumentParser):
 def add_config_flags(p, skip=(), defaults=True):
     """One flag per :class:`Config` field (its help is the field's), except ``skip``.
 
-    ``defaults=False`` leaves unset flags as None (a caller fills them in).
+    ``defaults=False`` leaves unset flags out of the parsed namespace (a caller fills
+    them in).
     """
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue
         flag, help_ = f"--{f.name}", f.metadata["help"]
         if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", help=help_)
+            p.add_argument(flag, action="store_true", help=help_,
+                           **({} if defaults else {"default": argparse.SUPPRESS}))
         elif f.name == "methods":
             p.add_argument(flag, nargs="+", default=list(f.default), metavar="NAME",
                            help=f"{help_}; registered: {', '.join(METHODS)}")
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=typ, default=f.default if defaults else None,
-                           help=help_ if defaults else f"{help_} (default {f.default})")
+            p.add_argument(flag, type=typ, default=f.default if defaults else argparse.SUPPRESS,
+                           help=help_ if defaults else f"{help_} (default: {f.default})")
     return p
 
 
