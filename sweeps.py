@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import glob
 import io
 import json
 import math
@@ -280,26 +281,56 @@ def effective_defaults():
     return {k: v for k, v in dataclasses.asdict(vq.Config()).items() if k not in ("outdir", "quiet")}
 
 
+def _shard_path(outdir, shard):
+    i, n = shard
+    return os.path.join(outdir, f"results.shard-{i}-of-{n}.jsonl")
+
+
+def _all_lines(outdir):
+    """The complete lines of ``results.jsonl`` and of every shard's file, each run once."""
+    paths = [os.path.join(outdir, RESULTS)] + sorted(glob.glob(os.path.join(outdir, "results.shard-*-of-*.jsonl")))
+    seen = {}
+    for path in paths:
+        for line in _read_lines(path):
+            seen.setdefault((*_task_key(line), line["method"]), line)
+    return list(seen.values())
+
+
+def _complete(lines, methods):
+    """Task keys all of whose result lines are present."""
+    per_task = Counter(_task_key(line) for line in lines)
+    return {k for k, v in per_task.items() if v == (1 if k[0] == "verify" else len(methods))}
+
+
+def shard_of(tasks, shard):
+    """The tasks of shard ``(i, n)``: problems (cells sharing data and start point) dealt
+    round-robin in plan order, so that no two shards compute the same k-means."""
+    keys = list(dict.fromkeys(_problem_key(_task_config(t)) for t in tasks))
+    mine = set(keys[shard[0]::shard[1]])
+    return [t for t in tasks if _problem_key(_task_config(t)) in mine]
+
+
 def run_sweep(args, log=print):
-    """Run (or resume) a sweep; returns the sorted result lines."""
-    os.makedirs(args.outdir, exist_ok=True)
-    cfg_path, res_path = os.path.join(args.outdir, CONFIG), os.path.join(args.outdir, RESULTS)
-    vq.write_json(cfg_path, fingerprint(args))
-    done_lines = _read_lines(res_path)
+    """Run (or resume) a sweep, or with ``args.shard`` one slice of it; returns the
+    sorted result lines of the whole sweep found so far."""
+    res_path = os.path.join(args.outdir, RESULTS) if not args.shard else _shard_path(args.outdir, args.shard)
     methods = args.settings["methods"]
-    expected = {"verify": 1}
-    done = {}
-    for line in done_lines:
-        done.setdefault(_task_key(line), []).append(line)
-    complete = {k for k, v in done.items() if len(v) == expected.get(k[0], len(methods))}
-    keep = [line for line in done_lines if _task_key(line) in complete]
-    _write_lines(res_path, sorted(keep, key=lambda ln: _order(ln, methods)))  # drop partial tasks
+    complete = _complete(_all_lines(args.outdir), methods)
     planned = plan(args)
+    if args.shard:
+        planned = shard_of(planned, args.shard)
     tasks = [t for t in planned if _task_key(t) not in complete]
+    if args.merge and tasks:
+        raise SweepError(f"--merge {args.outdir}: {len(tasks)} of {len(planned)} runs missing "
+                         "(run the shards that wrote them, or --resume to run them here)")
+    os.makedirs(args.outdir, exist_ok=True)
+    vq.write_json(os.path.join(args.outdir, CONFIG), fingerprint(args))
+    own = [line for line in _read_lines(res_path) if _task_key(line) in complete]
+    _write_lines(res_path, sorted(own, key=lambda ln: _order(ln, methods)))   # drop partial tasks
     total_cells = len({_task_key(t)[:2] for t in planned})
     remaining = Counter(_task_key(t)[:2] for t in tasks)  # runs left per cell
     if len(tasks) < len(planned):
-        log(f"resuming: {len(planned) - len(tasks)} of {len(planned)} runs already in {res_path}")
+        log(f"resuming: {len(planned) - len(tasks)} of {len(planned)} runs already in {args.outdir}")
     t0 = time.perf_counter()
     n_done = 0
     # The k-means restarts are the parallel work (small products, one BLAS thread each);
@@ -325,8 +356,10 @@ def run_sweep(args, log=print):
                 finished = total_cells - sum(1 for v in remaining.values() if v > 0)
                 log(f"[{finished}/{total_cells} cells] {task['sweep']}={task['value']} done "
                     f"({args.seeds} seeds): {elapsed:.1f} s elapsed, ~{left:.1f} s left")
-    lines = sorted(_read_lines(res_path), key=lambda ln: _order(ln, methods))
-    _write_lines(res_path, lines)
+    lines = sorted(_all_lines(args.outdir), key=lambda ln: _order(ln, methods))
+    if args.shard:
+        return lines
+    _write_lines(os.path.join(args.outdir, RESULTS), lines)
     return lines
 
 
@@ -539,7 +572,13 @@ def build_parser():
                    help="processes for the k-means restarts (0: one per core); results do not "
                         "depend on it")
     p.add_argument("--outdir", default="sweeps_out", help="output folder")
-    p.add_argument("--resume", action="store_true", help="skip runs already in OUTDIR/results.jsonl")
+    p.add_argument("--resume", action="store_true", help="skip runs already in OUTDIR (results.jsonl "
+                   "and the shards' files)")
+    p.add_argument("--shard", metavar="I/N", help="run only the I-th (0 to N-1) of N disjoint slices of "
+                   "the sweep, into OUTDIR/results.shard-I-of-N.jsonl; 'N' alone takes I from "
+                   "SLURM_ARRAY_TASK_ID")
+    p.add_argument("--merge", action="store_true", help="assemble results.jsonl, summary.csv and the "
+                   "plots from the shards' files in OUTDIR (nothing is computed)")
     p.add_argument("--quick", action="store_true", help="a small grid: a smoke run in seconds")
     p.add_argument("--preset", choices=tuple(PRESETS),
                    help="original: the original framework's comprehensive set; collapse: the "
@@ -563,6 +602,9 @@ def parse_args(argv=None):
                                                     for o in a.option_strings)}
     if args.quick and args.preset:
         raise SweepError(f"--quick and --preset {args.preset}: choose one")
+    args.shard = parse_shard(args.shard)
+    if args.shard and args.merge:
+        raise SweepError("--shard and --merge: the shards run first, then one --merge")
     presets = ([QUICK] if args.quick else []) + ([PRESETS[args.preset]] if args.preset else [])
     for preset in presets:
         for k, v in preset.items():
@@ -597,9 +639,12 @@ def parse_args(argv=None):
             except vq.ConfigError as e:
                 raise SweepError(f"--{sweep}_values {value}: {e}")
     vq.make_config(**{**settings, "seed": args.seed + args.seeds - 1, "outdir": None})
-    vq.check_outdir(args.outdir)
+    if args.merge and not os.path.exists(os.path.join(args.outdir, CONFIG)):
+        raise SweepError(f"--merge {args.outdir}: no sweep there ({CONFIG} missing)")
+    vq.check_outdir(args.outdir)                            # created and probed: the last check
+    #                                                         before results exist there
     res_path = os.path.join(args.outdir, RESULTS)
-    if args.resume:
+    if args.resume or args.merge or args.shard:
         cfg_path = os.path.join(args.outdir, CONFIG)
         if os.path.exists(cfg_path):
             with open(cfg_path) as fh:
@@ -612,9 +657,31 @@ def parse_args(argv=None):
                     diff = [f"{k}: {so.get(k)!r} -> {sn.get(k)!r}" for k in sorted(set(so) | set(sn))
                             if so.get(k) != sn.get(k)] + [d for d in diff if d != "settings"]
                 raise SweepError(f"--resume {args.outdir}: written with other settings ({'; '.join(map(str, diff))})")
-    elif os.path.exists(res_path) and os.path.getsize(res_path) > 0:
+    if args.shard and not args.resume and os.path.exists(_shard_path(args.outdir, args.shard)) \
+            and os.path.getsize(_shard_path(args.outdir, args.shard)) > 0:
+        raise SweepError(f"--shard {args.shard[0]}/{args.shard[1]}: its file in {args.outdir} holds "
+                         "results already; pass --resume")
+    elif not (args.resume or args.merge or args.shard) and os.path.exists(res_path) and os.path.getsize(res_path) > 0:
         raise SweepError(f"--outdir {args.outdir}: holds a sweep already; pass --resume or choose another folder")
     return args
+
+
+def parse_shard(text):
+    """``"I/N"`` -> (I, N); ``"N"`` -> (SLURM_ARRAY_TASK_ID, N); None -> None."""
+    if text is None:
+        return None
+    i_text, _, n_text = text.rpartition("/")
+    if not i_text and "/" not in text:
+        i_text = os.environ.get("SLURM_ARRAY_TASK_ID")
+        if i_text is None:
+            raise SweepError(f"--shard {text}: give I/N, or run inside a job array (SLURM_ARRAY_TASK_ID)")
+    try:
+        i, n = int(i_text), int(n_text)
+    except ValueError:
+        raise SweepError(f"--shard {text}: must be I/N with whole numbers, 0 <= I < N") from None
+    if not 0 <= i < n:
+        raise SweepError(f"--shard {text}: must be I/N with 0 <= I < N (I={i}, N={n})")
+    return i, n
 
 
 def main(argv=None):
@@ -623,12 +690,22 @@ def main(argv=None):
     except (SweepError, vq.ConfigError) as e:
         sys.stderr.write(f"sweeps.py: error: {e}\n")
         return 2
-    return _run(args)
+    try:
+        return _run(args)
+    except SweepError as e:                                 # --merge with runs missing
+        sys.stderr.write(f"sweeps.py: error: {e}\n")
+        return 2
 
 
 def _run(args):
     t0 = time.perf_counter()
     lines = run_sweep(args, log=(lambda *a: None) if args.quiet else print)
+    if args.shard:
+        if not args.quiet:
+            print(f"shard {args.shard[0]}/{args.shard[1]} done: {_shard_path(args.outdir, args.shard)}; "
+                  f"{time.perf_counter() - t0:.1f} s; when every shard is done: the same command "
+                  "with --merge instead of --shard")
+        return 0
     rows = aggregate(lines)
     write_csv(os.path.join(args.outdir, SUMMARY), rows)
     for sweep in dict.fromkeys(r["sweep"] for r in rows):

@@ -773,7 +773,9 @@ SWEEP_BAD = [(["--K_values"], "--K_values"), (["--K_values", "x"], "--K_values")
              (["--sweep", "start", "--start_values", "warm"], "--start_values warm"),
              (["--sweep", "lr", "--lr_values", "0"], "--lr_values 0.0"),
              (["--sweep", "shift", "--shift_values", "-2"], "--shift_values -2.0"),
-             (["--quick", "--preset", "original"], "--quick and --preset original")]
+             (["--quick", "--preset", "original"], "--quick and --preset original"),
+             (["--shard", "4/4"], "--shard 4/4"), (["--shard", "a/b"], "--shard a/b"),
+             (["--shard", "1/2", "--merge"], "--shard and --merge"), (["--merge"], "--merge")]
 
 
 @pytest.mark.parametrize("args,named", SWEEP_BAD)
@@ -814,6 +816,34 @@ def test_collapse_preset_is_the_shifted_codebook_only_study(tmp_path):
     assert (s["start"], s["train_encoder"], s["D"], s["rank"], s["m"], s["lmax"], s["lmin"]) == \
         ("shifted", 0, 8, 8, 8, 1.0, 1.0)
     assert s["methods"] == list(vq.METHODS)                                   # every method
+
+
+def test_shards_run_as_separate_processes_merge_into_the_one_machine_sweep(tmp_path):
+    args = ["--sweep", "K", "beta", *SWEEP_ARGS]
+    shards = [subprocess.Popen([sys.executable, os.path.join(HERE, "sweeps.py"), *args, "--outdir",
+                                str(tmp_path / "sh"), "--shard", f"{i}/4"], stderr=subprocess.PIPE, text=True)
+              for i in range(4)]
+    assert all(p.wait(timeout=300) == 0 for p in shards), [p.stderr.read() for p in shards]
+    files = sorted(os.listdir(tmp_path / "sh"))
+    assert files == ["results.shard-0-of-4.jsonl", "results.shard-1-of-4.jsonl", "results.shard-2-of-4.jsonl",
+                     "results.shard-3-of-4.jsonl", "sweep_config.json"]
+    keys = [{(ln["sweep"], ln["value"], ln["seed"]) for ln in map(json.loads, (tmp_path / "sh" / f).read_text().splitlines())}
+            for f in files[:4]]
+    assert sum(map(len, keys)) == len(set().union(*keys))                 # disjoint slices
+    assert run_sweeps(*args, "--outdir", str(tmp_path / "sh"), "--merge").returncode == 0
+    assert run_sweeps(*args, "--outdir", str(tmp_path / "one")).returncode == 0
+    merged = [json.loads(x) for x in (tmp_path / "sh" / "results.jsonl").read_text().splitlines()]
+    one = [json.loads(x) for x in (tmp_path / "one" / "results.jsonl").read_text().splitlines()]
+    assert_close_json(merged, one, 1e-12)                                  # other processes: last bits
+    with open(tmp_path / "sh" / "summary.csv") as fa, open(tmp_path / "one" / "summary.csv") as fb:
+        ra, rb = list(csv.DictReader(fa)), list(csv.DictReader(fb))
+    assert [(r["sweep"], r["value"], r["method"]) for r in ra] == [(r["sweep"], r["value"], r["method"]) for r in rb]
+    assert_close_json([{k: float(v) if v else v for k, v in r.items() if k not in ("sweep", "param", "method", "metric")} for r in ra],
+                      [{k: float(v) if v else v for k, v in r.items() if k not in ("sweep", "param", "method", "metric")} for r in rb], 1e-12)
+    (tmp_path / "sh" / "results.shard-2-of-4.jsonl").unlink()             # a shard lost: refused
+    os.remove(tmp_path / "sh" / "results.jsonl")
+    p = run_sweeps(*args, "--outdir", str(tmp_path / "sh"), "--merge")
+    assert p.returncode == 2 and "runs missing" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
