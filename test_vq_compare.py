@@ -10,6 +10,7 @@ import json
 import math
 import zlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -599,6 +600,22 @@ def test_same_settings_give_the_same_summary(tmp_path):
     assert np.all(np.diff(logs["train_recon_mse"]) <= 1e-12)
 
 
+def test_the_verdict_says_what_the_population_separates():
+    out = vq.run_comparison(**{**TINY, "lrE": 5.0, "steps": 30})           # a harmful codebook step
+    text = vq.format_report(out)
+    pairs = out["bounds"]["pop_pairs"]
+    for name, r in out["results"].items():
+        if name == "pca_lloyd":
+            continue
+        d, se = pairs[name]["pca_lloyd"]
+        assert d == pytest.approx(r["pop_diff_to_baseline"]) and se == pytest.approx(r["pop_diff_to_baseline_se"])
+        assert pairs["pca_lloyd"][name][0] == -d                          # antisymmetric
+    worse = vq.verdict(out).split("worse: ")[1].split(";")[0]            # the words, unwrapped
+    for name, (d, se) in ((n, pairs[n]["pca_lloyd"]) for n in pairs if n != "pca_lloyd"):
+        assert (vq.method_label(name) in worse) == (d > 2 * se), name
+    assert max(map(len, text.splitlines())) <= 100
+
+
 def test_another_method_does_not_change_a_methods_numbers():
     one = vq.run_comparison(**{**TINY, "methods": ["manual_ste"]})
     two = vq.run_comparison(**{**TINY, "methods": ["rotation", "manual_ste"]})
@@ -657,7 +674,9 @@ def test_cli_runs_and_writes_its_outputs(tmp_path):
                 "--n_eval", "300", "--steps", "10", "--batch", "64", "--n_pop", "10000",
                 "--n_init", "2", "--outdir", "res", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert "SUMMARY" in p.stdout and "Procrustes-Lloyd" in p.stdout
+    assert "Verdict" in p.stdout and "Procrustes-Lloyd" in p.stdout
+    assert max(map(len, p.stdout.splitlines())) <= 100                    # fits a terminal, a notebook
+    assert not re.search(r"-0\.0+(?![0-9])", p.stdout)                    # no signed zeros
     files = os.listdir(tmp_path / "res")
     assert "summary.json" in files and not any(f.startswith(".tmp") for f in files)
     with open(tmp_path / "res" / "comparison.png", "rb") as fh:

@@ -1652,6 +1652,9 @@ def bounds(problem, results):
                 results[name]["pop_recon_se"] = float(pop.se[i])
         j = pop.names.index("unconstrained_kmeans")
         out["unconstrained_kmeans"], out["unconstrained_kmeans_se"] = float(pop.mean[j]), float(pop.se[j])
+        # paired differences of every pair of models (a - b and its standard error)
+        out["pop_pairs"] = {a: {b_: [results[a]["pop_recon_mse"] - results[b_]["pop_recon_mse"],
+                                     pop.diff_se(a, b_)] for b_ in models if b_ != a} for a in models}
         if models:
             best = min(models, key=lambda n: results[n]["pop_recon_mse"])
             out["best_method"] = best
@@ -1699,65 +1702,100 @@ def agreement(results):
 # Reporting and plots
 # ----------------------------------------------------------------------------
 
-def _pct(x, ref):
-    return 100.0 * (x - ref) / ref
+def _fmt(x, spec):
+    """``format(x, spec)`` without a signed zero: -0.000 prints as 0.000."""
+    text = format(x, spec)
+    return text.replace("-", "", 1).replace("+", "", 1) if float(text.rstrip("%")) == 0 else text
+
+
+def _wrap(text, width=100, indent="  "):
+    import textwrap
+    return textwrap.wrap(text, width, subsequent_indent=indent)
 
 
 def format_report(summary):
-    """The console table: eval metrics, population error with its noise, gaps to floors."""
-    res, b = summary["results"], summary["bounds"]
-    base = res.get("pca_lloyd", {}).get("pop_recon_mse")
-    head = (f"{'Method':<28}{'Recon MSE':>10}{'In-Sub':>9}{'Ent':>7}{'Dead':>6}{'Perp':>7}"
-            f"{'Pop MSE ± se':>19}{'vs base':>9}{'vs best':>9}{'vs Shan':>9}{'vs unc':>8}{'Time s':>8}")
-    lines = ["=" * len(head), "SUMMARY  (recon = mean ||x - x_hat||^2; eval set of "
-             f"{summary['config']['n_eval']} samples; pop = {b['n_pop']:,} fresh samples)", "=" * len(head),
-             head, "-" * len(head)]
+    """The console report, at most 100 columns: a row per method, a legend for every
+    column, the floors (no method can beat them) apart from the references (methods
+    may), the gradient checks, and a verdict in words on what the population sample
+    separates."""
+    res, b, c = summary["results"], summary["bounds"], summary["config"]
+    base = res.get("pca_lloyd") if res.get("pca_lloyd", {}).get("pop_recon_mse") is not None else None
+    head = (f"{'method':<27}{'eval':>9}{'population ± se':>19}{'vs PCA + Lloyd':>19}"
+            f"{'used':>6}{'perp':>7}{'time s':>8}")
+    rule = "-" * len(head)
+    lines = _wrap(f"vq_compare: D={c['D']} rank={c['rank']} m={c['m']} K={c['K']}, {c['steps']} steps, "
+                  f"seed {c['seed']}, start {c['start']}; reconstruction error, lower is better")
+    lines += [rule, head, rule]
     for name, r in res.items():
-        label_ = method_label(name)
+        label_ = method_label(name)[:26]
         if r["status"] != "ok":
             what = r["status"] + (f" at step {r['diverged_at_step']}" if r["diverged_at_step"] else "")
-            note = r["note"].removeprefix("skipped: ")
-            lines.append(f"{label_:<28}{what}: {note}"[:200])
+            lines += _wrap(f"{label_:<27}{what}: {r['note']}", indent=" " * 27)
             continue
-        row = (f"{label_:<28}{r['recon_mse']:>10.5f}{r['in_sub_dist']:>9.4f}{r['usage_entropy']:>7.3f}"
-               f"{r['dead_frac']:>6.2f}{r['perplexity']:>7.2f}")
-        if "pop_recon_mse" in r:
-            p = r["pop_recon_mse"]
-            tie = abs(r["pop_diff_to_best"]) < 2 * r["pop_diff_to_best_se"] and r["pop_diff_to_best"] != 0
-            best = "best" if r["pop_diff_to_best"] == 0 else ("tie" if tie else f"{_pct(p, p - r['pop_diff_to_best']):+.2f}%")
-            row += (f"{p:>11.5f} ± {r['pop_recon_se']:.4f}"
-                    f"{(f'{_pct(p, base):+.2f}%' if base else '-'):>9}{best:>9}"
-                    f"{_pct(p, b['shannon_bound']):>+8.1f}%{_pct(p, b['unconstrained_kmeans']):>+7.2f}%")
+        pop = (f"{r['pop_recon_mse']:.5f} ± {r['pop_recon_se']:.4f}" if "pop_recon_mse" in r else "-")
+        if base is None or "pop_diff_to_baseline" not in r:
+            vs = "-"
+        elif name == "pca_lloyd":
+            vs = "(baseline)"
         else:
-            row += f"{'-':>19}{'-':>9}{'-':>9}{'-':>9}{'-':>8}"
-        lines.append(row + f"{r['seconds']:>8.2f}")
-    lines.append("-" * len(head))
-    lines.append(f"Floors: PCA floor {b['pca_floor']:.5f}   Shannon bound {b['shannon_bound']:.5f}   "
-                 "unconstrained k-means "
-                 + (f"{b['unconstrained_kmeans']:.5f} ± {b['unconstrained_kmeans_se']:.4f} (pop), "
-                    if b["unconstrained_kmeans"] is not None else "")
-                 + f"{b['unconstrained_kmeans_eval']:.5f} (eval)")
+            vs = (f"{_fmt(100 * r['pop_diff_to_baseline'] / base['pop_recon_mse'], '+.3f')} "
+                  f"± {200 * r['pop_diff_to_baseline_se'] / base['pop_recon_mse']:.3f}%")
+        lines.append(f"{label_:<27}{r['recon_mse']:>9.5f}{pop:>19}{vs:>19}{1 - r['dead_frac']:>6.2f}"
+                     f"{r['perplexity']:>7.2f}{r['seconds']:>8.2f}")
+    lines.append(rule)
+    lines += _wrap(f"eval: mean ||x - x_hat||^2 on the {c['n_eval']} eval samples; population: on "
+                   f"{b['n_pop']:,} fresh samples of the true distribution, ± its standard error; "
+                   "vs PCA + Lloyd: paired difference on those samples, ± 2 paired standard errors "
+                   "(about 95%); used: share of the codes used on the eval set; perp: perplexity "
+                   "of the code usage; time s: seconds of compute")
+    lines += _wrap(f"Floors (no method can beat them): PCA floor {b['pca_floor']:.5f}; Shannon "
+                   f"bound {b['shannon_bound']:.5f}; rank-{c['m']} Shannon bound {b['rank_m_bound']:.5f}"
+                   + "".join(f"; at {method_label(n)}'s index entropy {r['entropy_bound']:.4f}"
+                             for n, r in res.items() if "entropy_bound" in r and n == "pca_lloyd"))
     z = b["zador_approximation"]
-    lines.append(f"Theory: rank-{summary['config']['m']} Shannon bound {b['rank_m_bound']:.5f} (no method "
-                 f"can beat it); Zador high-resolution approximation "
-                 + (f"{z:.5f} (an approximation, not a bound)" if z is not None else
-                    f"none (no lattice tabulated for m={summary['config']['m']})"))
-    ent = [f"{method_label(n)} {r['entropy_bound']:.4f}" for n, r in res.items() if "entropy_bound" in r]
-    if ent:
-        lines.append("Bound at each method's index entropy: " + "; ".join(ent))
-    lines.append("vs best: 'tie' = within 2 paired standard errors of the best method (not "
-                 "separable with this n_pop); vs Shan / vs unc: gap to the Shannon bound / the "
-                 "unconstrained reference")
+    uncon = (f"{b['unconstrained_kmeans']:.5f} ± {b['unconstrained_kmeans_se']:.4f} population, "
+             if b["unconstrained_kmeans"] is not None else "")
+    lines += _wrap(f"References (methods may beat them): k-means in data space (no rank-m "
+                   f"restriction) {uncon}{b['unconstrained_kmeans_eval']:.5f} eval; Zador "
+                   "high-resolution approximation "
+                   + (f"{z:.5f}" if z is not None else f"none (no lattice tabulated for m={c['m']})"))
     g = summary["gradient_check"]
-    lines.append(f"Gradient check (manual vs finite differences, {g['measure']}): STE gW {g['ste']['gW_rel_err']:.1e} "
-                 f"gE {g['ste']['gE_rel_err']:.1e}; rotation gW {g['rotation']['gW_rel_err']:.1e} "
-                 f"gE {g['rotation']['gE_rel_err']:.1e}")
+    check = (f"Gradient check, hand-derived vs finite differences (largest difference / largest "
+             f"entry): STE {max(g['ste']['gW_rel_err'], g['ste']['gE_rel_err']):.1e}, rotation "
+             f"{max(g['rotation']['gW_rel_err'], g['rotation']['gE_rel_err']):.1e}")
     a = summary["fd_vs_manual"]
     if a:
-        lines.append(f"fd_ste vs manual_ste after training: largest relative metric difference "
-                     f"{a['max_rel_metric_diff']:.1e}, largest |W| difference {a['max_abs_W_diff']:.1e}")
+        check += f"; fd_ste vs manual_ste after training: metrics within {a['max_rel_metric_diff']:.1e}"
+    lines += _wrap(check)
+    lines += _wrap(verdict(summary))
     lines.append(f"Total {summary['total_seconds']:.2f} s")
     return "\n".join(lines)
+
+
+def verdict(summary):
+    """In words: which methods the population sample separates from the baseline and
+    from the best method, at about 95% (two paired standard errors)."""
+    res, pairs = summary["results"], summary["bounds"].get("pop_pairs")
+    if not pairs:
+        return "Verdict: no population sample (--n_pop 0): nothing is separated."
+    out = []
+    if "pca_lloyd" in pairs:
+        better, worse, tied = [], [], []
+        for name in pairs:
+            if name == "pca_lloyd":
+                continue
+            d, se = pairs[name]["pca_lloyd"]
+            pct = f"{method_label(name)} ({_fmt(100 * d / res['pca_lloyd']['pop_recon_mse'], '+.3f')}%)"
+            (better if d < -2 * se else worse if d > 2 * se else tied).append(pct)
+        out.append("Verdict (population, paired, about 95%): better than PCA + Lloyd: "
+                   + (", ".join(better) or "none") + "; worse: " + (", ".join(worse) or "none")
+                   + "; not separable from it: " + (", ".join(tied) or "none") + ".")
+    best = summary["bounds"].get("best_method")
+    if best and len(pairs) > 1:
+        ties = [method_label(n) for n in pairs if n != best and abs(pairs[n][best][0]) <= 2 * pairs[n][best][1]]
+        out.append(f"Lowest error: {method_label(best)}"
+                   + (f", not separable from {', '.join(ties)}." if ties else ", separable from every other."))
+    return " ".join(out)
 
 
 def _json_ready(obj):
