@@ -616,6 +616,33 @@ def test_the_verdict_says_what_the_population_separates():
     assert max(map(len, text.splitlines())) <= 100
 
 
+def test_progress_lines_for_long_phases_and_silence_when_quiet(tmp_path):
+    import io
+    buf = io.StringIO()
+    p = small_problem(steps=40)
+    p.progress, p.training = vq.Progress(after=0, every=0, stream=buf), "manual_ste"
+    vq.method_manual_ste(p)
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 39 and "training manual_ste: 1 of 40" in lines[0] and "s left" in lines[0]
+    assert "39 of 40" in lines[-1]
+    silent = io.StringIO()
+    p.progress = vq.Progress(enabled=False, after=0, every=0, stream=silent)
+    vq.method_manual_ste(p)
+    assert silent.getvalue() == ""
+    run = run_cli("--D", "8", "--rank", "3", "--m", "2", "--K", "4", "--n_train", "300", "--n_eval", "100",
+                  "--steps", "3", "--batch", "32", "--n_pop", "1000", "--quiet", "--outdir", "o", cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout == "" and run.stderr == ""
+
+
+def test_memory_estimate_grows_with_the_data_and_refuses_what_cannot_fit():
+    small, big = vq.make_config(outdir=None), vq.make_config(outdir=None, n_train=200000)
+    assert vq.memory_estimate(big) - vq.memory_estimate(small) >= 8 * 180000 * 64   # the data alone
+    have = vq.available_memory()
+    if have is not None:                                   # Linux: refused, naming both figures
+        with pytest.raises(vq.ConfigError, match="available"):
+            vq.make_config(outdir=None, D=64, n_train=int(have // (8 * 64)) + 1)
+
+
 def test_another_method_does_not_change_a_methods_numbers():
     one = vq.run_comparison(**{**TINY, "methods": ["manual_ste"]})
     two = vq.run_comparison(**{**TINY, "methods": ["rotation", "manual_ste"]})
@@ -650,7 +677,9 @@ BAD = [(["--m", "70"], "--m 70"), (["--rank", "65"], "--rank 65"), (["--K", "0"]
        (["--shift", "-1"], "--shift -1.0"), (["--shift", "nan"], "--shift nan"),
        (["--train_encoder", "2"], "--train_encoder 2"), (["--lr_schedule", "step"], "--lr_schedule step"),
        (["--tail_average", "1"], "--tail_average 1.0"), (["--dead_decay", "1"], "--dead_decay 1.0"),
-       (["--dead_threshold", "-2"], "--dead_threshold -2.0")]
+       (["--dead_threshold", "-2"], "--dead_threshold -2.0"),
+       (["--D", "100000", "--n_train", "10000000"], "--n_train 10000000 --n_eval 4000 --D 100000"),
+       (["--workers", "-1"], "--workers -1"), (["--steps", "1.5"], "--steps")]
 
 
 @pytest.mark.parametrize("args,named", BAD)

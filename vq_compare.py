@@ -124,6 +124,38 @@ def derived_rng(seed, purpose):
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_STREAMS[purpose],)))
 
 
+class Progress:
+    """Progress lines on stderr, with the elapsed time and an estimate of what is left,
+    for every phase that runs longer than ``after`` seconds (at most one line every
+    ``every`` seconds); ``Progress(False)`` is silent. Called as ``progress(phase, done,
+    total)`` by the long loops, ``progress(text)`` before a long single step."""
+
+    def __init__(self, enabled=True, after=2.0, every=2.0, stream=None):
+        self.enabled, self.after, self.every, self.stream = enabled, after, every, stream
+        self.t0 = time.perf_counter()
+        self.phase = None
+
+    def __call__(self, phase, done=None, total=None):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if done is None:
+            print(f"[{now - self.t0:7.1f} s] {phase}", file=self.stream or sys.stderr, flush=True)
+            return
+        if phase != self.phase:
+            self.phase, self.start, self.last = phase, now, now
+        if now - self.start < self.after or now - self.last < self.every or done == 0:
+            return
+        self.last = now
+        left = (now - self.start) / done * (total - done)
+        print(f"[{now - self.t0:7.1f} s] {phase}: {done} of {total}, about {left:.0f} s left",
+              file=self.stream or sys.stderr, flush=True)
+
+
+def quiet(*_):
+    """A progress callback that says nothing."""
+
+
 # ----------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------
@@ -140,7 +172,7 @@ def lowrank_factor(D, rank, seed, lmax=4.0, lmin=0.25, rng=None):
     return U, lam
 
 
-def make_lowrank_data(D, rank, n_train, n_eval, seed, lmax=4.0, lmin=0.25):
+def make_lowrank_data(D, rank, n_train, n_eval, seed, lmax=4.0, lmin=0.25, progress=quiet):
     """Zero-mean Gaussian data with a rank-``rank`` covariance (the original recipe).
 
     Draws exactly what the original framework drew, in the same order
@@ -162,15 +194,17 @@ def make_lowrank_data(D, rank, n_train, n_eval, seed, lmax=4.0, lmin=0.25):
     rng = np.random.default_rng(seed)
     U, lam = lowrank_factor(D, rank, seed, lmax, lmin, rng)
     Sigma = (U * lam) @ U.T                                 # (D, D)
+    if D >= 1024:
+        progress(f"singular value decomposition of the {D} x {D} covariance (O(D^3): minutes for D in the thousands)")
     u, s, _ = np.linalg.svd(Sigma)                          # multivariate_normal's factor
     factor = u * np.sqrt(s)                                 # (D, D)
-    return _mvn_draw(rng, factor, n_train), _mvn_draw(rng, factor, n_eval), Sigma
+    return (_mvn_draw(rng, factor, n_train, progress), _mvn_draw(rng, factor, n_eval, progress), Sigma)
 
 
 _DRAW_ROWS = 2048   # rows per block of the data draw: a few MB, in cache
 
 
-def _mvn_draw(rng, factor, n):
+def _mvn_draw(rng, factor, n, progress=quiet):
     """``rng.multivariate_normal(zeros(D), Sigma, size=n)`` in blocks of rows.
 
     NumPy draws all n x D standard normals, then multiplies: two n x D arrays at once.
@@ -183,6 +217,7 @@ def _mvn_draw(rng, factor, n):
     for a in range(0, n, _DRAW_ROWS):
         c = min(_DRAW_ROWS, n - a)
         np.matmul(rng.standard_normal((c, D)), factor.T, out=out[a:a + c])
+        progress(f"drawing {n:,} samples", a + c, n)
     out += 0.0                                              # as NumPy's mean + ...: no -0.0
     return out
 
@@ -928,6 +963,8 @@ class Problem:
     W0: np.ndarray = None    # (m, D) start of every trained method (--start), see start_regime
     E0: np.ndarray = None    # (K, m)
     eval_sq: np.ndarray = None   # (n_eval,) ||x||^2 of the eval samples
+    progress: Callable = quiet   # progress(phase, done, total), see Progress
+    training: str = ""           # the method being trained, for the progress lines
 
     def __post_init__(self):
         if self.W0 is None:
@@ -1026,6 +1063,7 @@ def train(problem, step_fn, on_reseed=None):
     logs = {"batch_loss": [], "reseeded": [], "eval": [{"step": 0, **eval_metrics(problem, W, E)}]}
     with np.errstate(all="ignore"):                         # overflow is detected, not warned about
         for t in range(1, cfg.steps + 1):
+            problem.progress(f"training {problem.training}", t - 1, cfg.steps)
             Xb = X[rng.integers(0, X.shape[0], size=cfg.batch)]            # (B, D)
             try:
                 loss, W_new, E_new = step_fn(W, E, Xb, t)
@@ -1392,7 +1430,7 @@ class Population(NamedTuple):
         return math.sqrt(max(v, 0.0) / self.n)
 
 
-def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16):
+def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16, progress=quiet):
     """Reconstruction error of each model on ``n_pop`` fresh samples of N(0, U diag(lam) U^T).
 
     Works in the rank-``rank`` coordinates ``s`` (x = s U^T), chunk by chunk, so neither
@@ -1409,6 +1447,7 @@ def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16):
     sd = np.sqrt(lam)
     total, cross = np.zeros(len(names)), np.zeros((len(names), len(names)))
     for a in range(0, n_pop, chunk):
+        progress("population error", a, n_pop)
         S = rng.standard_normal((min(chunk, n_pop - a), len(lam))) * sd    # (c, rank)
         s_sq = np.einsum("cr,cr->c", S, S)
         errs = np.empty((S.shape[0], len(names)))           # (c, models)
@@ -1489,8 +1528,42 @@ def validate(cfg):
     for name in cfg.methods:
         if name not in METHODS:
             raise ConfigError("methods", name, "unknown method (known: " + ", ".join(METHODS) + ")")
+    need_bytes, have_bytes = memory_estimate(cfg), available_memory()
+    if have_bytes is not None and need_bytes > have_bytes:
+        raise ConfigError("n_train", f"{cfg.n_train} --n_eval {cfg.n_eval} --D {cfg.D} --K {cfg.K}",
+                          f"needs about {_bytes(need_bytes)} of memory at its peak; this machine has "
+                          f"{_bytes(have_bytes)} available")
     if cfg.outdir:
         check_outdir(cfg.outdir)
+
+
+def memory_estimate(cfg):
+    """Bytes a comparison needs at its peak, roughly, from its settings: the data drawn
+    in float64 (and a float32 copy), the D x D covariance, its factors and the PCA's
+    second moment, the latents and coordinates for the k-means, a population chunk, and
+    the interpreters (this one and the pool's)."""
+    n, D = cfg.n_train + cfg.n_eval, cfg.D
+    data = 8 * n * D * (1.5 if cfg.dtype == "float32" else 1)
+    square = 6 * 8 * D * D
+    latents = 3 * 8 * cfg.n_train * (cfg.m + cfg.rank)
+    population = 2 * 8 * 65536 * (cfg.rank + cfg.m + cfg.K)
+    return int(data + square + latents + population + 3 * 150e6)
+
+
+def available_memory():
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            return next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def make_config(**settings):
@@ -1518,25 +1591,26 @@ def auto_restarts(n, K, budget=1 << 22):
     return int(min(8, max(1, round(8 * budget / (n * K)))))
 
 
-def make_problem(cfg, start=None, pool=None):
+def make_problem(cfg, start=None, pool=None, progress=quiet):
     """The data, the true spectrum and the shared start point of a comparison.
 
     ``start``: the :meth:`Problem.start` of a problem with the same data settings, to
     reuse its start point and reference instead of computing them again; ``pool``: an
-    executor for the k-means restarts (default: one opened and closed here).
+    executor for the k-means restarts (default: one opened and closed here); ``progress``:
+    see :class:`Progress`.
     """
     dtype = np.dtype(cfg.dtype)
     X_train, X_eval, _ = make_lowrank_data(cfg.D, cfg.rank, cfg.n_train, cfg.n_eval,
-                                           cfg.seed, cfg.lmax, cfg.lmin)
+                                           cfg.seed, cfg.lmax, cfg.lmin, progress)
     U, lam = lowrank_factor(cfg.D, cfg.rank, cfg.seed, cfg.lmax, cfg.lmin)
     X_train, X_eval = X_train.astype(dtype, copy=False), X_eval.astype(dtype, copy=False)
     if start is None:
         with process_pool(cfg.workers) if pool is None else contextlib.nullcontext(pool) as ex:
-            start = start_point(cfg, X_train, U, ex)
-    return Problem(cfg, X_train, X_eval, U, lam, *start)
+            start = start_point(cfg, X_train, U, ex, progress)
+    return Problem(cfg, X_train, X_eval, U, lam, *start, progress=progress)
 
 
-def start_point(cfg, X_train, U, pool):
+def start_point(cfg, X_train, U, pool, progress=quiet):
     """The PCA encoder W0, the k-means codebook E0 on its latents, and the unconstrained
     reference (:func:`unconstrained_reference`): their k-means restarts are independent,
     so they run as one batch of tasks on ``pool``.
@@ -1544,6 +1618,8 @@ def start_point(cfg, X_train, U, pool):
     Returns (W0 (m, D), E0 (K, m), seconds of the start point, reference).
     """
     t0 = time.perf_counter()
+    if cfg.D >= 1024:
+        progress(f"PCA: eigendecomposition of the {cfg.D} x {cfg.D} second moment")
     W0 = pca_encoder(X_train, cfg.m)
     pca_seconds = time.perf_counter() - t0
     S_train = X_train.astype(np.float64, copy=False) @ U               # (n, rank) coordinates of the data
@@ -1551,11 +1627,19 @@ def start_point(cfg, X_train, U, pool):
         latents(X_train, W0), cfg.K, derived_rng(cfg.seed, "kmeans"), cfg.n_init, cfg.kmeans_iter)]
     ref = [pool.submit(kmeans_restart, *a) for a in restart_args(
         S_train, cfg.K, derived_rng(cfg.seed, "unconstrained"), cfg.n_init, cfg.kmeans_iter)]
-    base_runs = [f.result() for f in base]
+    n_runs = len(base) + len(ref) + 1
+
+    def results(futures, done):
+        out = []
+        for f in futures:
+            out.append(f.result())
+            progress("k-means restarts (start point and reference)", done + len(out), n_runs)
+        return out
+    base_runs = results(base, 0)
     E0 = best_run(base_runs).E
     lifted = E0.astype(np.float64) @ (W0.astype(np.float64) @ U)   # (K, rank) E0 in data space
     ref.append(pool.submit(kmeans_restart, S_train, cfg.K, None, cfg.kmeans_iter, lifted))
-    ref_runs = [f.result() for f in ref]
+    ref_runs = results(ref, len(base_runs))
     return (W0, E0, pca_seconds + sum(r.seconds for r in base_runs),
             (best_run(ref_runs).E, sum(r.seconds for r in ref_runs)))
 
@@ -1585,7 +1669,7 @@ def run_comparison(**settings):
     """
     t0 = time.perf_counter()
     cfg = make_config(**settings)
-    problem = make_problem(cfg)                             # data and the shared start point
+    problem = make_problem(cfg, progress=Progress(not cfg.quiet))   # data, the shared start point
     summary = compare(problem)                              # every method from that start
     summary["total_seconds"] = time.perf_counter() - t0
     if cfg.outdir:
@@ -1607,6 +1691,7 @@ def compare(problem):
     results = {}
     for name in cfg.methods:
         t0 = time.perf_counter()
+        problem.training = name
         res = METHODS[name].fn(problem)
         res["seconds"] = time.perf_counter() - t0 + (problem.start_seconds if name == "pca_lloyd" else 0.0)
         results[name] = score(problem, res)
@@ -1645,7 +1730,7 @@ def bounds(problem, results):
     if cfg.n_pop > 0:
         models = {n: (r["W"], r["E"]) for n, r in results.items() if r["status"] == "ok"}
         pop = population_errors({**models, "unconstrained_kmeans": C}, problem.U, problem.lam,
-                                cfg.n_pop, derived_rng(cfg.seed, "population"))
+                                cfg.n_pop, derived_rng(cfg.seed, "population"), progress=problem.progress)
         for i, name in enumerate(pop.names):
             if name in results:
                 results[name]["pop_recon_mse"] = float(pop.mean[i])
