@@ -479,8 +479,22 @@ def format_table(rows):
     return "\n".join(out)
 
 
-def plot_sweep(rows, sweep):
-    """Mean with 95% CI per method; floors where known; right: paired difference (%)."""
+METRIC_LABELS = {"pop_recon_mse": "population reconstruction error\n(lower is better)",
+                 "recon_mse": "eval-set reconstruction error\n(lower is better)",
+                 "recon_mse (eval)": "eval-set reconstruction error\n(lower is better)"}
+
+
+def describe(settings):
+    """The fixed settings that differ from vq_compare's defaults, in a few words."""
+    defaults = effective_defaults()
+    return ", ".join(f"{k}={v}" for k, v in settings.items()
+                     if k != "methods" and defaults.get(k) != v) or "vq_compare's defaults"
+
+
+def plot_sweep(rows, sweep, note=""):
+    """Left: mean over seeds with its 95% interval per method, with the rank-m bound and
+    the k-means reference. Right: the paired difference to pca_lloyd (%), with its 95%
+    interval. ``note``: the fixed settings, for the title."""
     rs = [r for r in rows if r["sweep"] == sweep and r.get("mean") is not None]
     fig, axes = vq._figure(12, 4.2, 1, 2)
     ax0, ax1 = axes[0]
@@ -504,7 +518,7 @@ def plot_sweep(rows, sweep):
             return
         ax.plot(x, y, **style)
         if np.isfinite(lo).any():
-            ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15)
+            ax.fill_between(x, lo, hi, color=style["color"], alpha=0.22, lw=0)
     for method in methods:
         mr = sorted((r for r in rs if r["method"] == method), key=lambda r: _value_key(r["value"]))
         x = np.array([position[r["value"]] for r in mr], dtype=float)
@@ -513,10 +527,7 @@ def plot_sweep(rows, sweep):
         y = np.array([r["mean"] for r in mr])
         lo = np.array([r.get("ci_lo", np.nan) for r in mr], dtype=float)
         hi = np.array([r.get("ci_hi", np.nan) for r in mr], dtype=float)
-        color = vq.color(method)
-        style = dict(marker="o", ms=4, color=color, label=vq.method_label(method))
-        if method == "fd_ste":
-            style.update(marker="x", ls="none", ms=7)
+        style = dict(vq.style(method), ms=5)
         band(ax0, x, y, lo, hi, style)
         if method != "pca_lloyd":
             d = np.array([r.get("diff_to_pca_lloyd", np.nan) for r in mr], dtype=float)
@@ -541,11 +552,16 @@ def plot_sweep(rows, sweep):
             ax.set_xticks(range(len(values)), values)
         elif sweep in ("K", "lr"):
             ax.set_xscale("log", base=2)
-    ax0.set_ylabel(rs[0]["metric"] if rs else "")
-    ax0.set_title("mean over seeds, 95% CI", fontsize=10)
-    ax1.set_title("% difference to PCA + Lloyd (paired, 95% CI)", fontsize=10)
+    metric = rs[0]["metric"] if rs else ""
+    ax0.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax1.set_ylabel("% difference to PCA + Lloyd, paired\n(lower is better)")
+    seeds = max((r.get("n_seeds") or 0) for r in rs) if rs else 0
+    ax0.set_title("mean over seeds, 95% interval", fontsize=10)
+    ax1.set_title("paired difference, 95% interval (crossing 0: not separable)", fontsize=10)
     ax0.legend(fontsize=8)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.9, wspace=0.2)
+    ax1.legend(fontsize=8)
+    fig.suptitle(f"{sweep} sweep, {seeds} seeds per point; {note}"[:150], fontsize=10)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.86, wspace=0.25)
     return fig
 
 
@@ -709,7 +725,8 @@ def _run(args):
     rows = aggregate(lines)
     write_csv(os.path.join(args.outdir, SUMMARY), rows)
     for sweep in dict.fromkeys(r["sweep"] for r in rows):
-        vq.save_figure(plot_sweep(rows, sweep), os.path.join(args.outdir, f"sweep_{sweep}.png"))
+        vq.save_figure(plot_sweep(rows, sweep, describe(args.settings)),
+                       os.path.join(args.outdir, f"sweep_{sweep}.png"))
     if not args.quiet:
         print(format_table(rows))
         print(f"\n{len(lines)} result lines in {args.outdir}/{RESULTS}; table in {SUMMARY}; "

@@ -116,7 +116,7 @@ class Config:
 # One random stream per purpose, derived from the seed, so that adding a method or a
 # restart never changes the numbers of another.
 _STREAMS = {"kmeans": 1, "batches": 2, "population": 3, "unconstrained": 4,
-            "reseed": 5, "gradcheck": 6, "start": 7}
+            "reseed": 5, "gradcheck": 6, "start": 7, "curves": 8}
 
 
 def derived_rng(seed, purpose):
@@ -965,6 +965,7 @@ class Problem:
     eval_sq: np.ndarray = None   # (n_eval,) ||x||^2 of the eval samples
     progress: Callable = quiet   # progress(phase, done, total), see Progress
     training: str = ""           # the method being trained, for the progress lines
+    curve: tuple = None          # (S, ||s||^2, the start's errors) of curve_point's sample
 
     def __post_init__(self):
         if self.W0 is None:
@@ -1021,6 +1022,25 @@ def eval_metrics(problem, W, E):
     return row
 
 
+N_CURVE = 20_000    # fresh samples on which the training curves are scored (paired)
+
+
+def curve_point(problem, W, E):
+    """What the report scores, along training: the paired difference of the model's error
+    to the start's on a fixed sample of ``min(N_CURVE, n_pop)`` fresh samples (its own
+    stream), with its standard error; empty with ``n_pop=0``."""
+    n = min(N_CURVE, problem.cfg.n_pop)
+    if n == 0:
+        return {}
+    if problem.curve is None:
+        S = derived_rng(problem.cfg.seed, "curves").standard_normal((n, len(problem.lam))) * np.sqrt(problem.lam)
+        s_sq = np.einsum("nr,nr->n", S, S)
+        problem.curve = (S, s_sq, sample_errors((problem.W0, problem.E0), S, s_sq, problem.U))
+    S, s_sq, start = problem.curve
+    d = sample_errors((W, E), S, s_sq, problem.U) - start
+    return {"pop_diff_to_start": float(d.mean()), "pop_diff_to_start_se": float(d.std(ddof=1) / math.sqrt(n))}
+
+
 START_REGIMES = ("kmeans", "random_codes", "shifted", "random")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -1060,7 +1080,8 @@ def train(problem, step_fn, on_reseed=None):
     counts = np.ones(E.shape[0])
     tail_from = cfg.steps - math.ceil(cfg.tail_average * cfg.steps) + 1
     W_sum, E_sum = np.zeros(W.shape), np.zeros(E.shape)
-    logs = {"batch_loss": [], "reseeded": [], "eval": [{"step": 0, **eval_metrics(problem, W, E)}]}
+    logs = {"batch_loss": [], "reseeded": [],
+            "eval": [{"step": 0, **eval_metrics(problem, W, E), **curve_point(problem, W, E)}]}
     with np.errstate(all="ignore"):                         # overflow is detected, not warned about
         for t in range(1, cfg.steps + 1):
             problem.progress(f"training {problem.training}", t - 1, cfg.steps)
@@ -1089,7 +1110,7 @@ def train(problem, step_fn, on_reseed=None):
                 W_sum += W
                 E_sum += E
             if t % cfg.log_every == 0 or t == cfg.steps:
-                row = {"step": t, **eval_metrics(problem, W, E)}
+                row = {"step": t, **eval_metrics(problem, W, E), **curve_point(problem, W, E)}
                 if not row["recon_mse"] <= DIVERGED * logs["eval"][0]["recon_mse"]:
                     return result(W, E, logs, "diverged", t,
                                   f"eval error {row['recon_mse']:.3g} at step {t}, over {DIVERGED:g}x its start")
@@ -1430,6 +1451,16 @@ class Population(NamedTuple):
         return math.sqrt(max(v, 0.0) / self.n)
 
 
+def sample_errors(model, S, s_sq, U):
+    """Per-sample errors (c,) of a model on samples ``S`` (c, rank) in the coordinates of
+    ``U`` (x = s U^T, ``s_sq = ||s||^2``): ``(W, E)`` a VQ model (``z = s (W U)^T``), or a
+    codebook C (K, rank) in those coordinates."""
+    if isinstance(model, tuple):
+        W, E = (np.asarray(a, dtype=np.float64) for a in model)
+        return reconstruction_errors(s_sq, S @ (W @ U).T, E, W)[0]
+    return nearest(S, np.asarray(model, dtype=np.float64))[1]
+
+
 def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16, progress=quiet):
     """Reconstruction error of each model on ``n_pop`` fresh samples of N(0, U diag(lam) U^T).
 
@@ -1450,13 +1481,7 @@ def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16, progress=quiet)
         progress("population error", a, n_pop)
         S = rng.standard_normal((min(chunk, n_pop - a), len(lam))) * sd    # (c, rank)
         s_sq = np.einsum("cr,cr->c", S, S)
-        errs = np.empty((S.shape[0], len(names)))           # (c, models)
-        for j, name in enumerate(names):
-            if isinstance(models[name], tuple):
-                W, E = (np.asarray(p, dtype=np.float64) for p in models[name])
-                errs[:, j] = reconstruction_errors(s_sq, S @ (W @ U).T, E, W)[0]
-            else:
-                errs[:, j] = nearest(S, np.asarray(models[name], dtype=np.float64))[1]
+        errs = np.stack([sample_errors(models[name], S, s_sq, U) for name in names], axis=1)  # (c, models)
         total += errs.sum(axis=0)
         cross += errs.T @ errs
     mean = total / n_pop
@@ -1949,106 +1974,122 @@ def color(name):
     return _PALETTE[names.index(name) % len(_PALETTE)] if name in names else "k"
 
 
+def style(name):
+    """Colour, marker and line style of a method: methods that overlap stay apart."""
+    i = list(METHODS).index(name) if name in METHODS else 0
+    return dict(color=color(name), marker="osD^vP*Xhp"[i % 10], ls=("-", "--", "-.", ":")[i % 4],
+                label=method_label(name))
+
+
 def plot_comparison(summary):
-    """Left: every method against the floors. Right: % difference to the baseline, zoomed."""
-    res, b = summary["results"], summary["bounds"]
-    names = [n for n, r in res.items() if r["status"] == "ok"]
-    use_pop = all("pop_recon_mse" in res[n] for n in names) and names
-    key = "pop_recon_mse" if use_pop else "recon_mse"
-    vals = np.array([res[n][key] for n in names])
-    ses = np.array([res[n].get("pop_recon_se", 0.0) for n in names]) if use_pop else np.zeros(len(names))
-    fig, ax = _figure(12, 1.2 + 0.45 * max(len(names), 3), 1, 2)
+    """Left: how far each method is from the best any rank-m quantizer could do. Right:
+    whether it differs from the baseline, with the noise of that difference."""
+    res, b, c = summary["results"], summary["bounds"], summary["config"]
+    names = [n for n, r in res.items() if r["status"] == "ok" and "pop_recon_mse" in r]
+    fig, ax = _figure(12, 1.6 + 0.45 * max(len(names), 3), 1, 2)
     ax0, ax1 = ax[0]
+    fig.suptitle(f"Population error on {b['n_pop']:,} fresh samples: D={c['D']} rank={c['rank']} m={c['m']} "
+                 f"K={c['K']}, {c['steps']} steps, seed {c['seed']}, start {c['start']}", fontsize=10)
+    if not names:
+        ax0.text(0.5, 0.5, "no population sample (--n_pop 0)", ha="center", transform=ax0.transAxes)
+        return fig
     y = np.arange(len(names))[::-1]
-    colors = [color(n) for n in names]
-    ax0.scatter(vals, y, c=colors, zorder=3)
-    refs = [("PCA floor", b["pca_floor"], ":"), ("Shannon bound", b["shannon_bound"], "--")]
-    uncon = b["unconstrained_kmeans"] if use_pop else b["unconstrained_kmeans_eval"]
-    refs.append(("unconstrained k-means", uncon, "-."))
-    for label, v, ls in refs:
-        ax0.axvline(v, color="k", ls=ls, lw=1, label=f"{label} {v:.4f}")
-    ax0.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    bound = b["rank_m_bound"]
+    gap = np.array([100 * (res[n]["pop_recon_mse"] / bound - 1) for n in names])
+    ax0.barh(y, gap, color=[color(n) for n in names], height=0.6)
+    for yi, g in zip(y, gap):
+        ax0.annotate(f"{g:.1f}%", (g, yi), xytext=(3, -3), textcoords="offset points", fontsize=8)
+    if b["unconstrained_kmeans"] is not None:
+        ax0.axvline(100 * (b["unconstrained_kmeans"] / bound - 1), color="k", ls="-.", lw=1,
+                    label="k-means in data space (reference)")
+    if b["zador_approximation"] is not None:
+        ax0.axvline(100 * (b["zador_approximation"] / bound - 1), color="k", ls=":", lw=1,
+                    label="Zador approximation")
     ax0.set_yticks(y, [method_label(n) for n in names])
-    ax0.set_xlim(0, max(vals.max(), uncon) * 1.08)
-    ax0.set_ylim(-0.7, len(names) + 1.6)
-    ax0.set_xlabel(("population" if use_pop else "eval-set") + " reconstruction MSE (with floors)")
+    ax0.set_xlabel(f"% above the rank-{c['m']} Shannon bound {bound:.4f}\n(0: the best possible; lower is better)")
+    ax0.set_xlim(0, 1.45 * max(float(gap.max()), *(l.get_xdata()[0] for l in ax0.get_lines())))
+    ax0.legend(loc="center right", fontsize=8, framealpha=1)
     ax0.grid(axis="x", alpha=0.3)
+    ax0.set_title("How far from the best possible?", fontsize=10)
     if "pca_lloyd" in names:
-        ref = res["pca_lloyd"][key]
-        pct = 100 * (vals - ref) / ref
-        err = 200 * np.array([res[n].get("pop_diff_to_baseline_se", 0.0) for n in names]) / ref \
-            if use_pop else None
-        ax1.barh(y, pct, xerr=err, color=colors, capsize=3, height=0.6)
-        if use_pop:
-            ax1.axvline(100 * (uncon - ref) / ref, color="k", ls="-.", lw=1, label="unconstrained k-means")
-            ax1.legend(loc="upper right", fontsize=8)
-        eval_pct = 100 * (np.array([res[n]["recon_mse"] for n in names]) - res["pca_lloyd"]["recon_mse"]) \
-            / res["pca_lloyd"]["recon_mse"]
-        ax1.scatter(eval_pct, y, marker="x", color="k", zorder=3, label="eval set")
-        extra = [100 * (uncon - ref) / ref] if use_pop else []
-        span = max(np.abs(np.concatenate([pct, eval_pct, extra])).max(), 0.05)
-        for yi, p in zip(y, pct):
-            ax1.annotate(f"{p:+.2f}%", (p, yi), xytext=(4 if p >= 0 else -4, 6), textcoords="offset points",
-                         ha="left" if p >= 0 else "right", fontsize=8)
-        ax1.set_xlim(-1.35 * span, 1.35 * span)
-        ax1.set_ylim(ax0.get_ylim())                       # each method on one line across both panels
+        ref = res["pca_lloyd"]["pop_recon_mse"]
+        pct = np.array([100 * res[n].get("pop_diff_to_baseline", 0.0) / ref for n in names])
+        err = np.array([200 * res[n].get("pop_diff_to_baseline_se", 0.0) / ref for n in names])
+        for yi, n, pc, e in zip(y, names, pct, err):
+            ax1.errorbar(pc, yi, xerr=e, fmt=style(n)["marker"], color=color(n), capsize=4, ms=6)
+            ax1.annotate("baseline" if n == "pca_lloyd" else f"{_fmt(pc, '+.3f')} ± {e:.3f}%", (pc, yi),
+                         xytext=(0, 7), textcoords="offset points", ha="center", fontsize=8)
+        span = max(float(np.max(np.abs(pct) + err)), 1e-3)
+        ax1.set_xlim(-1.3 * span, 1.3 * span)
         ax1.axvline(0, color="k", lw=0.8)
         ax1.set_yticks(y, [""] * len(names))
-        ax1.set_xlabel("% vs PCA + Lloyd" + (" (bars: population, ±2 paired se; x: eval set)" if use_pop else ""))
+        ax1.set_ylim(ax0.get_ylim())                        # each method on one line across both panels
+        ax1.set_xlabel("% difference to PCA + Lloyd, paired, ± 2 standard errors\n(lower is better)")
+        ax1.set_title("Different from the baseline? (bars crossing 0: not separable)", fontsize=10)
         ax1.grid(axis="x", alpha=0.3)
-    c = summary["config"]
-    fig.suptitle(f"D={c['D']} rank={c['rank']} m={c['m']} K={c['K']} steps={c['steps']} seed={c['seed']}",
-                 fontsize=10)
-    fig.subplots_adjust(left=0.2, right=0.98, bottom=0.14, top=0.9, wspace=0.05)
+    fig.subplots_adjust(left=0.2, right=0.98, bottom=0.2, top=0.86, wspace=0.05)
     return fig
 
 
 def plot_training_curves(summary):
-    """Eval metrics along training, every trained method overlaid, one panel per metric;
-    the last panel counts the codes re-seeded so far (``--dead_threshold``)."""
+    """Along training, every trained method: what the report scores (the paired
+    difference to the start on a fixed fresh sample, with its noise), code usage, the
+    encoder's angle to the true subspace, re-seeded codes and the batch loss."""
     res, c = summary["results"], summary["config"]
     names = [n for n, r in res.items() if r.get("logs") and "batch_loss" in r["logs"]]
-    panels = [("recon_mse", "eval recon MSE"), ("in_sub_dist", "eval in-subspace distortion"),
-              ("subspace_angle_deg", "largest angle to the true top-m eigenspace (deg)"),
-              ("perplexity", "eval code perplexity"), ("codes_used", "fraction of codes used (eval set)")]
-    fig, axes = _figure(14, 7, 2, 3)
+    fig, axes = _figure(14, 7.5, 2, 3)
+    panels = [("pop_diff_to_start", "error minus the start's, fresh samples (lower is better)"),
+              ("codes_used", "share of codes used (eval set)"), ("perplexity", "code perplexity (eval set)"),
+              ("subspace_angle_deg", "largest angle to the true top-m subspace (degrees)")]
     for ax, (key, title) in zip(axes.ravel(), panels):
         for name in names:
-            logs = res[name]["logs"]
-            style = dict(color=color(name), label=method_label(name), lw=1.5)
-            if name == "fd_ste":                           # drawn under manual_ste: markers stay visible
-                style.update(marker="o", ms=4, lw=0, markevery=max(1, len(logs["eval"]) // 12))
-            pts = [(e["step"], 1 - e["dead_frac"] if key == "codes_used" else e[key])
-                   for e in logs["eval"] if key == "codes_used" or e.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), **style)
-        for ref in ("pca_lloyd", "procrustes_lloyd"):
-            r = res.get(ref)
-            if r and r["status"] == "ok" and (key == "codes_used" or r.get(key) is not None):
-                ax.axhline(1 - r["dead_frac"] if key == "codes_used" else r[key], color=color(ref),
-                           ls="--", lw=1, label=method_label(ref) + " (final)")
-        lo, hi = ax.get_ylim()
-        if key in ("recon_mse", "in_sub_dist") and lo > 0 and hi > 20 * lo:
-            ax.set_yscale("log")                            # a far start would flatten the rest
-        ax.set_title(title, fontsize=10)
-    ax = axes[1, 2]
+            rows = res[name]["logs"]["eval"]
+            pts = [(e["step"], 1 - e["dead_frac"] if key == "codes_used" else e.get(key)) for e in rows]
+            pts = [(s, v) for s, v in pts if v is not None]
+            if not pts:
+                continue
+            x, v = map(np.array, zip(*pts))
+            ax.plot(x, v, lw=1.4, ms=4, markevery=max(1, len(x) // 8), **style(name))
+            if key == "pop_diff_to_start":
+                se = np.array([e["pop_diff_to_start_se"] for e in rows if e.get(key) is not None])
+                ax.fill_between(x, v - 2 * se, v + 2 * se, color=color(name), alpha=0.15, lw=0)
+        if key == "codes_used":
+            ax.set_ylim(0, 1.05)
+        if key == "perplexity":
+            ax.set_ylim(0, 1.05 * c["K"])                   # out of K: eval-set noise stays small
+        if key == "pop_diff_to_start":
+            ax.axhline(0, color="k", lw=0.8)
+            n_curve = min(N_CURVE, c["n_pop"])
+            title = f"error minus the start's on {n_curve:,} fresh samples\n(paired, band ± 2 se; lower is better)"
+        ax.set_title(title, fontsize=9)
+    ax = axes[1, 1]
     for name in names:
         counts = res[name]["logs"].get("reseeded") or []
         if counts:
-            ax.plot(np.arange(1, len(counts) + 1), np.cumsum(counts), color=color(name), lw=1.5)
+            ax.plot(np.arange(1, len(counts) + 1), np.cumsum(counts), lw=1.4, markevery=max(1, len(counts) // 8),
+                    ms=4, **style(name))
     if c.get("dead_threshold", 0) == 0:
         ax.text(0.5, 0.5, "no re-seeding\n(--dead_threshold 0)", ha="center", va="center",
                 transform=ax.transAxes, color="0.4")
-    ax.set_title("codes re-seeded so far", fontsize=10)
+    ax.set_title("codes re-seeded so far", fontsize=9)
+    ax = axes[1, 2]
+    for name in names:
+        loss = res[name]["logs"]["batch_loss"]
+        if loss:
+            ax.plot(np.arange(1, len(loss) + 1), loss, lw=0.8, markevery=max(1, len(loss) // 8), ms=4, **style(name))
+    if all(np.isfinite(res[n]["logs"]["batch_loss"]).all() and min(res[n]["logs"]["batch_loss"] or [1]) > 0
+           for n in names):
+        ax.set_yscale("log")
+    ax.set_title("training loss on each batch (log scale; EMA's has no codebook term)", fontsize=9)
     for ax in axes.ravel():
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=len(labels),
+    handles, labels = axes[0, 1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=max(1, len(labels)),
                fontsize=8, frameon=False)                  # above the panels: hides no curve
-    fig.suptitle(f"Training curves from the {c.get('start', 'kmeans')} start (same batches for every "
-                 "method; fd_ste markers sit on manual_ste)", fontsize=10)
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.88, hspace=0.35, wspace=0.2)
+    fig.suptitle(f"Training from the {c['start']} start, the same batches for every method: D={c['D']} "
+                 f"rank={c['rank']} m={c['m']} K={c['K']}, seed {c['seed']}", fontsize=10)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.86, hspace=0.42, wspace=0.22)
     return fig
 
 
