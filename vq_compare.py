@@ -2077,8 +2077,8 @@ def plot_training_curves(summary):
         loss = res[name]["logs"]["batch_loss"]
         if loss:
             ax.plot(np.arange(1, len(loss) + 1), loss, lw=0.8, markevery=max(1, len(loss) // 8), ms=4, **style(name))
-    if all(np.isfinite(res[n]["logs"]["batch_loss"]).all() and min(res[n]["logs"]["batch_loss"] or [1]) > 0
-           for n in names):
+    losses = np.concatenate([res[n]["logs"]["batch_loss"] for n in names] + [[1.0]])
+    if losses.min() > 0 and losses.max() < 1e100:           # a diverged run: linear axis
         ax.set_yscale("log")
     ax.set_title("training loss on each batch (log scale; EMA's has no codebook term)", fontsize=9)
     for ax in axes.ravel():
