@@ -144,7 +144,7 @@ class Progress:
             return
         if phase != self.phase:
             self.phase, self.start, self.last = phase, now, now
-        if now - self.start < self.after or now - self.last < self.every or done == 0:
+        if now - self.start < self.after or now - self.last < self.every or not 0 < done < total:
             return
         self.last = now
         left = (now - self.start) / done * (total - done)
@@ -1986,7 +1986,7 @@ def plot_comparison(summary):
     whether it differs from the baseline, with the noise of that difference."""
     res, b, c = summary["results"], summary["bounds"], summary["config"]
     names = [n for n, r in res.items() if r["status"] == "ok" and "pop_recon_mse" in r]
-    fig, ax = _figure(12, 1.6 + 0.45 * max(len(names), 3), 1, 2)
+    fig, ax = _figure(12, 2.2 + 0.45 * max(len(names), 3), 1, 2)
     ax0, ax1 = ax[0]
     fig.suptitle(f"Population error on {b['n_pop']:,} fresh samples: D={c['D']} rank={c['rank']} m={c['m']} "
                  f"K={c['K']}, {c['steps']} steps, seed {c['seed']}, start {c['start']}", fontsize=10)
@@ -2008,7 +2008,7 @@ def plot_comparison(summary):
     ax0.set_yticks(y, [method_label(n) for n in names])
     ax0.set_xlabel(f"% above the rank-{c['m']} Shannon bound {bound:.4f}\n(0: the best possible; lower is better)")
     ax0.set_xlim(0, 1.45 * max(float(gap.max()), *(l.get_xdata()[0] for l in ax0.get_lines())))
-    ax0.legend(loc="center right", fontsize=8, framealpha=1)
+    ax0.legend(loc="upper center", bbox_to_anchor=(0.5, -0.24), ncol=2, fontsize=8, frameon=False)
     ax0.grid(axis="x", alpha=0.3)
     ax0.set_title("How far from the best possible?", fontsize=10)
     if "pca_lloyd" in names:
@@ -2027,7 +2027,7 @@ def plot_comparison(summary):
         ax1.set_xlabel("% difference to PCA + Lloyd, paired, ± 2 standard errors\n(lower is better)")
         ax1.set_title("Different from the baseline? (bars crossing 0: not separable)", fontsize=10)
         ax1.grid(axis="x", alpha=0.3)
-    fig.subplots_adjust(left=0.2, right=0.98, bottom=0.2, top=0.86, wspace=0.05)
+    fig.subplots_adjust(left=0.2, right=0.98, bottom=0.28, top=0.88, wspace=0.05)
     return fig
 
 
