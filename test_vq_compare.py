@@ -823,7 +823,11 @@ SWEEP_BAD = [(["--K_values"], "--K_values"), (["--K_values", "x"], "--K_values")
              (["--sweep", "shift", "--shift_values", "-2"], "--shift_values -2.0"),
              (["--quick", "--preset", "original"], "--quick and --preset original"),
              (["--shard", "4/4"], "--shard 4/4"), (["--shard", "a/b"], "--shard a/b"),
-             (["--shard", "1/2", "--merge"], "--shard and --merge"), (["--merge"], "--merge")]
+             (["--shard", "1/2", "--merge"], "--shard and --merge"), (["--merge"], "--merge"),
+             (["--steps_max", "0"], "--steps_max 0"), (["--sweep", "K", "--K_values", "0"], "--K_values 0"),
+             (["--D", "100000", "--n_train", "10000000"], "--n_train 10000000"),
+             (["--sweep", "beta", "--beta_values", "-1"], "--beta_values -1.0"),
+             (["--start", "nope"], "--start nope"), (["--dtype", "float16"], "--dtype float16")]
 
 
 @pytest.mark.parametrize("args,named", SWEEP_BAD)
