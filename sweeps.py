@@ -715,7 +715,8 @@ def main(argv=None):
 
 def _run(args):
     t0 = time.perf_counter()
-    lines = run_sweep(args, log=(lambda *a: None) if args.quiet else print)
+    lines = run_sweep(args, log=(lambda *a: None) if args.quiet else
+                      (lambda text: print(text, file=sys.stderr, flush=True)))   # progress: stderr
     if args.shard:
         if not args.quiet:
             print(f"shard {args.shard[0]}/{args.shard[1]} done: {_shard_path(args.outdir, args.shard)}; "
