@@ -458,24 +458,26 @@ def format_table(rows):
         if sweep == "steps":                               # the last checkpoint only
             last = max(r["value"] for r in rs)
             rs = [r for r in rs if r["value"] == last]
-        out.append(f"\n{sweep} sweep  ({rs[0]['metric']}; mean [95% CI] over seeds; used = share of "
-                   "codes used on the eval set; diff = paired difference to pca_lloyd)")
+        out.append("")
+        out += vq._wrap(f"{sweep} sweep ({rs[0]['metric']}; mean [95% CI] over seeds; used: share of "
+                        "codes used on the eval set; diff: paired difference to pca_lloyd [95% CI])")
         if sweep == "verify":
             for r in rs:
-                out.append(f"  steps={r['value']}: largest gradient rel. error {r['mean']:.1e}, "
-                           f"largest eval recon rel. difference fd vs manual {r['eval_recon_mse']:.1e}")
+                out.append(f"  steps={r['value']}: largest gradient rel. error {r['mean']:.1e}; "
+                           f"fd vs manual, eval error: {r['eval_recon_mse']:.1e} apart at most")
             continue
-        out.append(f"  {rs[0]['param']:>12} {'method':<18}{'mean':>10}{'95% CI':>20}{'used':>6}{'diff':>11}{'95% CI':>22}")
+        w = max(6, *(len(str(r["value"])) for r in rs))
+        out.append(f"  {rs[0]['param']:>{w}} {'method':<18}{'mean':>10}{'95% CI':>20}{'used':>6}{'diff':>11}{'95% CI':>22}")
         for r in rs:
             if r.get("mean") is None:
-                out.append(f"  {r['value']!s:>12} {r['method']:<18}{'diverged':>10}")
+                out.append(f"  {r['value']!s:>{w}} {r['method']:<18}{'diverged':>10}")
                 continue
             ci = f"[{r['ci_lo']:.4f}, {r['ci_hi']:.4f}]" if not math.isnan(r.get("ci_lo", math.nan)) else "n/a (1 seed)"
             diff = f"{r['diff_to_pca_lloyd']:+.5f}" if r.get("diff_to_pca_lloyd") is not None else ""
             dci = (f"[{r['diff_ci_lo']:+.5f}, {r['diff_ci_hi']:+.5f}]"
                    if r.get("diff_ci_lo") is not None and not math.isnan(r["diff_ci_lo"]) else "")
             used = f"{r['codes_used']:.2f}" if r.get("codes_used") is not None else ""
-            out.append(f"  {r['value']!s:>12} {r['method']:<18}{r['mean']:>10.5f}{ci:>20}{used:>6}{diff:>11}{dci:>22}")
+            out.append(f"  {r['value']!s:>{w}} {r['method']:<18}{r['mean']:>10.5f}{ci:>20}{used:>6}{diff:>11}{dci:>22}")
     return "\n".join(out)
 
 
