@@ -642,13 +642,22 @@ def loss_terms(W, E, X, alpha, beta):
     return LossTerms(recon, alpha * vq, beta * vq, recon + (alpha + beta) * vq)
 
 
+ESTIMATORS = ("ste", "rotation", "rotation_unit", "nsvq", "diveq")
+
+
 class Frozen(NamedTuple):
     """Everything the surrogate treats as a constant (stop-gradient), for one batch.
 
-    The estimator's output is ``q~ = lam * R z + C`` with
-    ``R v = v - 2 r (r.v) + 2 q_hat (z_hat.v)``. For STE ``lam = 1``, ``r = q_hat =
-    z_hat = 0`` (R = I) and ``C = q - z``; for the rotation trick ``lam = ||q||/||z||``
-    and ``C = 0``, except on degenerate samples, which fall back to STE.
+    The estimator's output ``q~``, with ``R v = v - 2 r (r.v) + 2 q_hat (z_hat.v)``:
+
+    * ``ste``: ``q~ = z + C``, ``C = sg(q - z)`` (``lam = 1``, R = I);
+    * ``rotation`` (Fifty et al. 2025, their Table-1 code and lucidrains' ``rotate_to``):
+      ``q~ = sg(lam R) z``, ``lam = ||q||/||z||``;
+    * ``rotation_unit`` (their VQGAN code): ``q~ = sg(||q|| R) z/||z||``, the gradient
+      flowing through the normalised latent;
+    * ``nsvq``, ``diveq``: ``q~ = z + ||z - q|| u`` with the direction ``u`` frozen.
+
+    Where the rotation is undefined a sample falls back to STE (``C`` its offset).
     """
     labels: np.ndarray   # (B,) assignments k
     Z0: np.ndarray       # (B, m) sg(z)
@@ -659,28 +668,45 @@ class Frozen(NamedTuple):
     z_hat: np.ndarray    # (B, m)
     C: np.ndarray        # (B, m) constant offset
     n_fallback: int      # samples using STE (all of them for estimator='ste')
+    kind: str = "ste"    # the estimator
+    u: np.ndarray = None  # (B, m) unit directions of nsvq / diveq
 
 
 _DEGENERATE = 1e-8   # ||z_hat + q_hat|| below this: rotation undefined, STE fallback
 
 
-def freeze(W, E, X, estimator="ste"):
+def freeze(W, E, X, estimator="ste", rng=None, noise=1e-3):
     """The frozen quantities of the surrogate at (W, E) for the batch ``X`` (B, D).
 
     Rotation trick (Fifty et al. 2025, eq. 4): ``q~ = sg(lam R) z`` with
     ``lam = ||q||/||z||`` and ``R = I - 2 r r^T + 2 q_hat z_hat^T``, so ``lam R z = q``.
     Where ``z = 0``, ``q = 0`` or ``q_hat = -z_hat`` (to within 1e-8) the rotation is
     undefined and that sample uses STE.
+
+    NSVQ (Vali and Backstrom 2022; ``NSVQ.forward`` in MHVali/Noise-Substitution-in-Vector-
+    Quantization): ``u = v/(||v|| + 1e-12)``, ``v ~ N(0, I)`` from ``rng``, fresh per
+    sample. DiVeQ (Vali, Backstrom and Solin; ``DIVEQ.forward`` in AaltoML/DiVeQ):
+    ``u = sg(d + eps)/||d + eps||``, ``d = q - z``, ``eps ~ N(0, noise^2 I)``; the authors'
+    ``noise_var = 1e-3`` is used as a standard deviation, as their code does;
+    ``noise=0`` is their DiVeQ-Detach.
     """
-    if estimator not in ("ste", "rotation"):
-        raise ValueError(f"estimator={estimator!r} should be 'ste' or 'rotation'")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} should be one of {', '.join(ESTIMATORS)}")
     Z = latents(X, W)                                       # (B, m)
     labels = assign(Z, E)
     Q = E[labels]                                           # (B, m)
     B = Z.shape[0]
     zeros = np.zeros_like(Z)
-    if estimator == "ste":
-        return Frozen(labels, Z, Q, np.ones(B, Z.dtype), zeros, zeros, zeros, Q - Z, B)
+    if estimator in ("ste", "nsvq", "diveq"):
+        u = None
+        if estimator == "nsvq":
+            v = rng.standard_normal(Z.shape)
+            u = v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
+        elif estimator == "diveq":
+            v = Q - Z + (noise * rng.standard_normal(Z.shape) if noise > 0 else 0.0)
+            u = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        return Frozen(labels, Z, Q, np.ones(B, Z.dtype), zeros, zeros, zeros, Q - Z, B, estimator,
+                      None if u is None else u.astype(Z.dtype))
     z_norm = np.linalg.norm(Z, axis=1)
     q_norm = np.linalg.norm(Q, axis=1)
     ok = (z_norm > 0) & (q_norm > 0)
@@ -693,7 +719,7 @@ def freeze(W, E, X, estimator="ste"):
     lam = np.divide(q_norm, z_norm, out=np.ones_like(z_norm), where=ok)
     fb = ~ok[:, None]
     return Frozen(labels, Z, Q, lam, np.where(fb, 0, r), np.where(fb, 0, q_hat),
-                  np.where(fb, 0, z_hat), np.where(fb, Q - Z, 0), int((~ok).sum()))
+                  np.where(fb, 0, z_hat), np.where(fb, Q - Z, 0), int((~ok).sum()), estimator)
 
 
 def rotation_matrices(fr):
@@ -724,19 +750,33 @@ def surrogate_loss(W, E, X, fr, alpha, beta):
     Ws = W.reshape((-1,) + W.shape[-2:])                    # (P, m, D)
     P, m, _ = Ws.shape
     Z = (X @ Ws.reshape(P * m, D).T).reshape(B, P, m)       # (B, P, m): one product for all P
-    A = Z @ np.swapaxes(rotation_matrices(fr), 1, 2) + fr.C[:, None, :]   # (B, P, m) q~
+    Es = E.reshape((-1,) + E.shape[-2:])                    # (P_E, K, m)
+    Q = np.swapaxes(Es[:, fr.labels, :], 0, 1)              # (B, P_E, m) live codes
+    if fr.kind in ("ste", "rotation"):
+        A = Z @ np.swapaxes(rotation_matrices(fr), 1, 2) + fr.C[:, None, :]   # (B, P, m) q~
+    elif fr.kind == "rotation_unit":                        # ||q0|| R z/||z||, STE where degenerate
+        R = rotation_matrices(fr) / fr.lam[:, None, None]
+        q_norm = np.linalg.norm(fr.Q0, axis=1)[:, None, None]
+        A = np.where(fr.r.any(axis=1)[:, None, None],
+                     q_norm * (Z / np.linalg.norm(Z, axis=2, keepdims=True)) @ np.swapaxes(R, 1, 2),
+                     Z + fr.C[:, None, :])
+    else:                                                   # nsvq, diveq: z + ||z - q|| u
+        A = Z + np.linalg.norm(Z - Q, axis=2, keepdims=True) * fr.u[:, None, :]
+    Zb = np.broadcast_to(Z, A.shape)
     # sum_b ||x - a W||^2 = ||X||^2 - 2 sum_b (x W^T).a + <A^T A, W W^T>: no (B, P, D) array
     AtA = np.transpose(A, (1, 2, 0)) @ np.transpose(A, (1, 0, 2))      # (P, m, m)
     WWt = Ws @ np.swapaxes(Ws, 1, 2)                        # (P, m, m)
-    recon = (np.sum(X * X) - 2 * np.einsum("bpm,bpm->p", Z, A)
+    recon = (np.sum(X * X) - 2 * np.einsum("bpm,bpm->p", Zb, A)
              + np.sum(AtA * WWt, axis=(1, 2))) / B          # (P,)
     commit = np.sum((Z - fr.Q0[:, None, :]) ** 2, axis=(0, 2)) / B
     codebook = np.sum((fr.Z0 - E[..., fr.labels, :]) ** 2, axis=(-2, -1)) / B
-    out = np.reshape(recon + beta * commit, W.shape[:-2]) + alpha * codebook
-    return float(out) if np.ndim(out) == 0 else out
+    out = recon + beta * commit + alpha * np.reshape(codebook, -1)
+    if W.ndim == 2 and E.ndim == 2:
+        return float(out[0])
+    return out
 
 
-def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None):
+def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None, rng=None):
     """Loss and hand-derived Euclidean gradients of the batch surrogate at (W, E).
 
     Forward, then backward through the named intermediates in reverse::
@@ -755,33 +795,54 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None):
     Parameters
     ----------
     W : ndarray of shape (m, D); E : ndarray of shape (K, m); X : ndarray of shape (B, D)
-    alpha, beta : float; estimator : "ste" or "rotation"
+    alpha, beta : float; estimator : one of :data:`ESTIMATORS` (see :class:`Frozen`)
     frozen : the :func:`freeze` of (W, E, X, estimator) when the caller has it already
+    rng : the noise of nsvq and diveq, when ``frozen`` is not given
+
+    With ``F`` the forward value of q~ (``Q``, or ``z + ||z - q|| u`` for nsvq and diveq)
+    and ``g`` the gradient reaching it, every estimator sends ``g J`` to z and ``g H`` to
+    its code (``J = dq~/dz``, ``H = dq~/dq``): STE ``J = I``; rotation ``lam R``;
+    rotation_unit ``lam R (I - z_hat z_hat^T)``; nsvq and diveq ``J = I + u w^T``,
+    ``H = -u w^T``, ``w = (z - q)/||z - q||`` (``H = 0`` where ``z = q``).
 
     Returns
     -------
     Grads(loss, gW (m, D), gE (K, m)), a named tuple, in the dtype of the inputs.
     """
-    fr = freeze(W, E, X, estimator) if frozen is None else frozen
+    fr = freeze(W, E, X, estimator, rng) if frozen is None else frozen
     B = X.shape[0]
-    Z, Q = fr.Z0, fr.Q0                                     # (B, m), forward q~ = Q
-    QG = Q @ (W @ W.T)                                      # (B, m)
+    Z, Q = fr.Z0, fr.Q0                                     # (B, m)
     dZQ = Z - Q                                             # (B, m)
-    recon = np.einsum("bd,bd->", X, X) - 2 * np.einsum("bm,bm->", Z, Q) + np.einsum("bm,bm->", QG, Q)
+    F = Q                                                   # forward value of q~
+    if fr.kind in ("nsvq", "diveq"):
+        n = np.linalg.norm(dZQ, axis=1, keepdims=True)      # (B, 1)
+        F = Z + n * fr.u                                    # a point at distance ||z - q|| from z
+    FG = F @ (W @ W.T)                                      # (B, m)
+    recon = np.einsum("bd,bd->", X, X) - 2 * np.einsum("bm,bm->", Z, F) + np.einsum("bm,bm->", FG, F)
     loss = (float(recon) + (alpha + beta) * float(np.einsum("bm,bm->", dZQ, dZQ))) / B
-    dQt = (-2.0 / B) * (Z - QG)                             # (B, m) gradient reaching q~
-    if estimator == "ste":
-        dZ = dQt                                            # straight through
-    else:                                                   # lam R^T g = lam (g - 2r(r.g) + 2 z_hat(q_hat.g))
-        rg = np.sum(fr.r * dQt, axis=1, keepdims=True)
-        qg = np.sum(fr.q_hat * dQt, axis=1, keepdims=True)
-        dZ = fr.lam[:, None] * (dQt - 2 * fr.r * rg + 2 * fr.z_hat * qg)
+    g = (-2.0 / B) * (Z - FG)                               # (B, m) gradient reaching q~
+    c = None                                                # (B, m) its share reaching e_k
+    if fr.kind == "ste":
+        dZ = g                                              # straight through
+    elif fr.kind in ("rotation", "rotation_unit"):          # lam R^T g = lam (g - 2r(r.g) + 2 z_hat(q_hat.g))
+        rg = np.sum(fr.r * g, axis=1, keepdims=True)
+        qg = np.sum(fr.q_hat * g, axis=1, keepdims=True)
+        # through z/||z||: the radial part is projected out, J = lam R (I - z_hat z_hat^T)
+        dZ = fr.lam[:, None] * (g - 2 * fr.r * rg + (1 if fr.kind == "rotation_unit" else 2) * fr.z_hat * qg)
+        if fr.kind == "rotation_unit" and fr.n_fallback:    # STE where the rotation is undefined
+            dZ = np.where(fr.r.any(axis=1)[:, None], dZ, g)
+    else:                                                   # J = I + u w^T, H = -u w^T, w = (z-q)/n
+        w = np.divide(dZQ, n, out=np.zeros_like(dZQ), where=n > 0)
+        gu = np.sum(g * fr.u, axis=1, keepdims=True)
+        dZ, c = g + gu * w, -gu * w
     dZ = dZ + (2.0 * beta / B) * dZQ
-    # decoder + encoder paths: Q^T dX_t + dZ^T X = (dZ - 2/B Q)^T X + 2/B Q^T Q W
-    gW = (dZ - (2.0 / B) * Q).T @ X + ((2.0 / B) * (Q.T @ Q)) @ W      # (m, D)
+    # decoder + encoder paths: F^T dX_t + dZ^T X = (dZ - 2/B F)^T X + 2/B F^T F W
+    gW = (dZ - (2.0 / B) * F).T @ X + ((2.0 / B) * (F.T @ F)) @ W      # (m, D)
     counts, sums = cluster_sums(Z, fr.labels, E.shape[0])
-    gE = ((2.0 * alpha / B) * (counts[:, None] * E - sums)).astype(E.dtype, copy=False)
-    return Grads(float(loss), gW, gE)
+    gE = (2.0 * alpha / B) * (counts[:, None] * E - sums)
+    if c is not None:
+        gE = gE + cluster_sums(c, fr.labels, E.shape[0])[1]
+    return Grads(float(loss), gW, gE.astype(E.dtype, copy=False))
 
 
 # ----------------------------------------------------------------------------
@@ -858,7 +919,7 @@ def ste_surrogate_W_entries(W, E, st, alpha, beta, idx, delta):
     return _ste_loss_from_products(M2, N2, G2, wq, E, st, alpha, beta)
 
 
-def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None):
+def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, frozen=None):
     """Central finite differences of the frozen surrogate over entries of W and E.
 
     The stand-in for autograd: assignments (and the STE offset or the rotation) are
@@ -873,6 +934,7 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None):
     W : (m, D); E : (K, m); X : (B, D); estimator : "ste" or "rotation"; h : step
     coords : None for every entry, or (w_idx, e_idx), flat indices into W and E; the
         other entries of the returned gradients are NaN.
+    frozen : the frozen quantities to use (the noise of nsvq and diveq included)
 
     Returns
     -------
@@ -880,9 +942,9 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None):
     """
     out_dtype = np.result_type(W, E)
     W, E, X = (np.asarray(a, dtype=np.float64) for a in (W, E, X))   # differences need float64
-    fr = freeze(W, E, X, estimator)
+    fr = freeze(W, E, X, estimator) if frozen is None else frozen
     w_idx, e_idx = (np.arange(W.size), np.arange(E.size)) if coords is None else map(np.asarray, coords)
-    if estimator == "ste":
+    if fr.kind == "ste":
         st = ste_stats(X, fr, E.shape[0])
         loss = float(ste_surrogate(W, E, st, alpha, beta))
 
