@@ -606,7 +606,7 @@ def build_parser():
     p.add_argument("--steps_max", type=int, default=500, help="steps sweep: training length")
     p.add_argument("--steps_every", type=int, default=25, help="steps sweep: metrics every this many steps")
     p.add_argument("--methods", nargs="+", default=[], metavar="NAME",
-                   help="methods (default: every registered one; pca_lloyd is always run: "
+                   help="methods (default: every registered one not marked opt-in; pca_lloyd is always run: "
                         "it is the paired reference)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return vq.add_config_flags(p, skip={"outdir", "methods", "quiet"}, defaults=False)
@@ -628,7 +628,7 @@ def parse_args(argv=None):
         for k, v in preset.items():
             if k not in explicit:
                 setattr(args, k, v)
-    methods = [m for item in args.methods for m in item.split(",") if m] or list(vq.METHODS)
+    methods = [m for item in args.methods for m in item.split(",") if m] or list(vq.default_methods())
     for name in methods:
         if name not in vq.METHODS:
             raise SweepError(f"--methods {name}: unknown method (known: {', '.join(vq.METHODS)})")

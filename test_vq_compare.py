@@ -116,6 +116,68 @@ def test_manual_gradients_match_finite_differences(shape, estimator, alpha, beta
     assert abs(fd.loss - man.loss) <= 1e-12 * abs(man.loss)
 
 
+@pytest.mark.parametrize("estimator", [e for e in vq.ESTIMATORS if e not in ("ste", "rotation")])
+@pytest.mark.parametrize("orthonormal", [True, False])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.25), (0.0, 0.0)])
+def test_new_estimators_match_finite_differences_with_their_noise_fixed(estimator, orthonormal, alpha, beta):
+    rng = np.random.default_rng(zlib.crc32(repr((estimator, orthonormal, alpha, beta)).encode()))
+    for shape in SHAPES:
+        W, E, X = random_point(rng, *shape, orthonormal=orthonormal)
+        fr = vq.freeze(W, E, X, estimator, np.random.default_rng(7))
+        man = vq.manual_grads(W, E, X, alpha, beta, estimator, frozen=fr)
+        fd = vq.fd_grads(W, E, X, alpha, beta, estimator, frozen=fr)
+        assert vq.rel_err(fd.gW, man.gW) <= 1e-6 and vq.rel_err(fd.gE, man.gE) <= 1e-6
+        assert abs(fd.loss - man.loss) <= 1e-12 * abs(man.loss)
+
+
+def test_noise_substitution_keeps_the_distance_and_averages_to_the_latent():
+    rng = np.random.default_rng(31)
+    W, E, X = random_point(rng, 20, 6, 3, 4)
+    X = np.repeat(X, 4000, axis=0)                          # every sample 4000 times
+    fr = vq.freeze(W, E, X, "nsvq", np.random.default_rng(2))
+    F = fr.Z0 + np.linalg.norm(fr.Z0 - fr.Q0, axis=1, keepdims=True) * fr.u
+    assert np.allclose(np.linalg.norm(F - fr.Z0, axis=1), np.linalg.norm(fr.Q0 - fr.Z0, axis=1), rtol=1e-12)
+    mean = F.reshape(20, 4000, 3).mean(axis=1)              # E[u] = 0: the mean is z, to 4 sigma
+    spread = np.linalg.norm(fr.Q0 - fr.Z0, axis=1)[::4000, None] / np.sqrt(3 * 4000)
+    assert np.all(np.abs(mean - fr.Z0[::4000]) <= 4 * spread + 1e-12)
+    d = vq.freeze(W, E, X[:20], "diveq", np.random.default_rng(3), noise=0.0)   # DiVeQ-Detach: F = q
+    Fd = d.Z0 + np.linalg.norm(d.Z0 - d.Q0, axis=1, keepdims=True) * d.u
+    assert np.allclose(Fd, d.Q0, rtol=0, atol=1e-12)
+
+
+def _tangent(W, G):
+    sym = G @ W.T
+    return G - 0.5 * (sym + sym.T) @ W
+
+
+@pytest.mark.parametrize("estimator", ["nsvq", "diveq"])
+def test_tied_orthonormal_nsvq_and_diveq_are_ste_with_alpha_1_beta_1(estimator):
+    # With q~ = z + n u and W W^T = I: the code receives (2/B)(q - z), whatever u, and the
+    # encoder's gradient differs from STE(1, 1)'s by a symmetric matrix times W, which the
+    # Riemannian step removes: the same trajectory (METHODS.md, section 9)
+    rng = np.random.default_rng(33)
+    W, E, X = random_point(rng, 300, 10, 3, 7)
+    for seed in range(3):
+        g = vq.manual_grads(W, E, X, 0.0, 0.0, estimator, rng=np.random.default_rng(seed))
+        s = vq.manual_grads(W, E, X, 1.0, 1.0, "ste")
+        # the same sums in another order: rounding of B = 300 terms, far below 1e-10
+        assert np.allclose(g.gE, s.gE, rtol=0, atol=1e-10 * np.abs(s.gE).max())
+        assert np.allclose(_tangent(W, g.gW), _tangent(W, s.gW), rtol=0, atol=1e-10 * np.abs(s.gW).max())
+        assert not np.allclose(g.gW, s.gW)                   # the Euclidean gradients differ
+    out = vq.run_comparison(**{**TINY, "alpha": 1.0, "beta": 1.0, "methods": ["manual_ste", estimator]})
+    a, b = out["results"]["manual_ste"], out["results"][estimator]
+    assert np.abs(a["W"] - b["W"]).max() < 1e-9 and np.abs(a["E"] - b["E"]).max() < 1e-9
+
+
+def test_new_methods_are_opt_in_and_checked_when_run():
+    assert not {"rotation_unit", "nsvq", "diveq"} & set(vq.default_methods())
+    out = vq.run_comparison(**{**TINY, "methods": ["rotation_unit", "nsvq", "diveq"]})
+    for name in ("rotation_unit", "nsvq", "diveq"):
+        assert out["results"][name]["status"] == "ok"
+        chk = out["gradient_check"][vq.METHODS[name].estimator]
+        assert chk["gW_rel_err"] < 1e-6 and chk["gE_rel_err"] < 1e-6
+
+
 def test_gradient_check_fails_on_a_wrong_gradient():
     """The comparison can fail: the original framework's codebook gradient (per-cluster
     mean instead of batch mean, NOTES.md defect 1) is caught."""
@@ -591,8 +653,8 @@ def test_same_settings_give_the_same_summary(tmp_path):
     assert ja["config"].pop("outdir") != jb["config"].pop("outdir")
     assert _strip_times(ja) == _strip_times(jb)
     assert sorted(os.listdir(a)) == sorted(["summary.json", "comparison.png", "training_curves.png"]
-                                           + [f"{m}_logs.json" for m in list(vq.METHODS)[1:]])
-    assert list(ja["results"]) == list(vq.METHODS)
+                                           + [f"{m}_logs.json" for m in vq.default_methods()[1:]])
+    assert list(ja["results"]) == list(vq.default_methods())
     for r in ja["results"].values():
         assert {"recon_mse", "in_sub_dist", "usage_entropy", "dead_frac", "perplexity",
                 "seconds", "pop_recon_mse", "pop_recon_se", "subspace_angle_deg"} <= set(r)
@@ -867,7 +929,7 @@ def test_collapse_preset_is_the_shifted_codebook_only_study(tmp_path):
     s = args.settings
     assert (s["start"], s["train_encoder"], s["D"], s["rank"], s["m"], s["lmax"], s["lmin"]) == \
         ("shifted", 0, 8, 8, 8, 1.0, 1.0)
-    assert s["methods"] == list(vq.METHODS)                                   # every method
+    assert s["methods"] == list(vq.default_methods())                         # every method
 
 
 def test_shards_run_as_separate_processes_merge_into_the_one_machine_sweep(tmp_path):

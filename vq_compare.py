@@ -80,7 +80,7 @@ class Config:
     outdir: str = _f("results_out", "output folder ('' writes nothing)")
     lmax: float = _f(4.0, "largest covariance eigenvalue")
     lmin: float = _f(0.25, "smallest non-zero covariance eigenvalue")
-    methods: tuple = _f((), "methods to run and report (empty: every registered method)")
+    methods: tuple = _f((), "methods to run and report (empty: every registered method not marked opt-in)")
     quiet: bool = _f(False, "print nothing")
     ema_decay: float = _f(0.99, "ema_ste: decay of the codebook moving averages")
     ema_eps: float = _f(1e-5, "ema_ste: Laplace smoothing of the cluster sizes")
@@ -116,7 +116,7 @@ class Config:
 # One random stream per purpose, derived from the seed, so that adding a method or a
 # restart never changes the numbers of another.
 _STREAMS = {"kmeans": 1, "batches": 2, "population": 3, "unconstrained": 4,
-            "reseed": 5, "gradcheck": 6, "start": 7, "curves": 8}
+            "reseed": 5, "gradcheck": 6, "start": 7, "curves": 8, "noise": 9}
 
 
 def derived_rng(seed, purpose):
@@ -995,12 +995,13 @@ def gradient_check(W, E, X, alpha, beta, estimator="ste", h=1e-5, n_coords=None,
 
     ``n_coords``: check only this many random entries of W and of E (for large models).
     """
-    man = manual_grads(W, E, X, alpha, beta, estimator)
+    fr = freeze(W, E, X, estimator, rng)                   # nsvq, diveq: their noise, fixed
+    man = manual_grads(W, E, X, alpha, beta, estimator, frozen=fr)
     coords = None
     if n_coords is not None and (W.size > n_coords or E.size > n_coords):
         coords = (rng.choice(W.size, min(n_coords, W.size), replace=False),
                   rng.choice(E.size, min(n_coords, E.size), replace=False))
-    fd = fd_grads(W, E, X, alpha, beta, estimator, h, coords)
+    fd = fd_grads(W, E, X, alpha, beta, estimator, h, coords, frozen=fr)
     return {"gW_rel_err": rel_err(fd.gW, man.gW), "gE_rel_err": rel_err(fd.gE, man.gE),
             "loss_rel_err": abs(fd.loss - man.loss) / abs(man.loss),
             "coords": "all" if coords is None else int(len(coords[0]) + len(coords[1]))}
@@ -1354,22 +1355,63 @@ def method_procrustes_lloyd(problem):
     return result(W, E, logs)
 
 
+def method_rotation_unit(problem):
+    """The rotation trick as in the authors' VQGAN experiments (cfifty/rotation_trick,
+    ``exp_weights_and_configs/table_3/rot_vqgan.py``, ``VQModel.get_rotation``): the
+    gradient flows through ``z/||z||``, so the reconstruction sends nothing along z."""
+    c = problem.cfg
+    return sgd(problem, lambda W, E, Xb: manual_grads(W, E, Xb, c.alpha, c.beta, "rotation_unit"))
+
+
+def method_nsvq(problem):
+    """NSVQ (Vali and Backstrom, IEEE Access 2022; MHVali/Noise-Substitution-in-Vector-
+    Quantization, ``NSVQ.forward``): ``q~ = z + ||z - q|| u``, u a random unit vector per
+    sample and step (its own stream). No VQ loss terms, as the authors' code says
+    (``alpha = beta = 0`` whatever the flags): the codebook learns through ``||z - q||``.
+    Scored with the nearest code, as ``NSVQ.inference``."""
+    rng = derived_rng(problem.cfg.seed, "noise")
+    return sgd(problem, lambda W, E, Xb: manual_grads(W, E, Xb, 0.0, 0.0, "nsvq", rng=rng))
+
+
+def method_diveq(problem):
+    """DiVeQ (Vali, Backstrom and Solin, ICLR 2026; AaltoML/DiVeQ, ``DIVEQ.forward``):
+    ``q~ = z + ||q - z|| sg(normalize(q - z + eps))``, eps of standard deviation 1e-3
+    (the code's ``noise_var``, used as a standard deviation). No VQ loss terms, as the
+    authors' (``alpha = beta = 0``); their dead-code replacement is not included (the
+    shared ``--dead_threshold`` rule is)."""
+    rng = derived_rng(problem.cfg.seed, "noise")
+    return sgd(problem, lambda W, E, Xb: manual_grads(W, E, Xb, 0.0, 0.0, "diveq", rng=rng))
+
+
 class Method(NamedTuple):
     """A registered method: ``fn(problem) -> result(...)`` and how reports name it."""
     fn: Callable[[Problem], dict]
     label: str
+    estimator: str = None    # the gradient estimator it trains with (for the gradient check)
+    paper: str = ""          # where it comes from
+    stochastic: bool = False  # draws noise while training (its own stream)
+    in_default: bool = True   # run when no --methods are named
 
 
 # The one registry: a method is a function of the problem, registered by one line.
 # Reports, plots, summary.json and the sweeps list the methods in this order.
 METHODS: dict[str, Method] = {
-    "pca_lloyd": Method(method_pca_lloyd, "PCA + Lloyd"),
-    "fd_ste": Method(method_fd_ste, "FD STE (autograd stand-in)"),
-    "manual_ste": Method(method_manual_ste, "Manual STE"),
-    "rotation": Method(method_rotation, "Rotation trick"),
-    "ema_ste": Method(method_ema_ste, "EMA STE"),
-    "procrustes_lloyd": Method(method_procrustes_lloyd, "Procrustes-Lloyd"),
+    "pca_lloyd": Method(method_pca_lloyd, "PCA + Lloyd", None, "Lloyd 1982; k-means++: Arthur and Vassilvitskii 2007"),
+    "fd_ste": Method(method_fd_ste, "FD STE (autograd stand-in)", "ste", "Bengio et al. 2013"),
+    "manual_ste": Method(method_manual_ste, "Manual STE", "ste", "Bengio et al. 2013; van den Oord et al. 2017"),
+    "rotation": Method(method_rotation, "Rotation trick", "rotation", "Fifty et al., ICLR 2025 (Table-1 code)"),
+    "ema_ste": Method(method_ema_ste, "EMA STE", "ste", "van den Oord et al. 2017, app. A.1; DeepMind Sonnet"),
+    "procrustes_lloyd": Method(method_procrustes_lloyd, "Procrustes-Lloyd", None, "alternating exact minimisation"),
+    "rotation_unit": Method(method_rotation_unit, "Rotation trick (unit z)", "rotation_unit",
+                            "Fifty et al., ICLR 2025 (VQGAN code)", in_default=False),
+    "nsvq": Method(method_nsvq, "NSVQ", "nsvq", "Vali and Backstrom, IEEE Access 2022", True, False),
+    "diveq": Method(method_diveq, "DiVeQ", "diveq", "Vali, Backstrom and Solin, ICLR 2026", True, False),
 }
+
+
+def default_methods():
+    """The methods run when none are named: every registered one not marked opt-in."""
+    return tuple(name for name, m in METHODS.items() if m.in_default)
 
 
 def method_label(name):
@@ -1661,7 +1703,7 @@ def make_config(**settings):
     """
     cfg = Config(**settings)
     methods = (cfg.methods,) if isinstance(cfg.methods, str) else tuple(cfg.methods)
-    cfg.methods = methods or tuple(METHODS)
+    cfg.methods = methods or default_methods()
     validate(cfg)
     cfg.n_init = cfg.n_init or auto_restarts(cfg.n_train, cfg.K)
     cfg.log_every = cfg.log_every or max(1, cfg.steps // 20)
@@ -1850,7 +1892,8 @@ def gradient_checks(problem):
     n_coords = None if W.size + E.size <= 2048 else 256
     out = {"point": "the trained methods' start, first training batch", "h": c.fd_h,
            "measure": "max|fd - manual| / max|manual| per tensor"}
-    for est in ("ste", "rotation"):
+    used = {METHODS[n].estimator for n in c.methods if n in METHODS}
+    for est in ("ste", "rotation") + tuple(e for e in ESTIMATORS if e in used and e not in ("ste", "rotation")):
         out[est] = gradient_check(W, E, Xb.astype(np.float64), c.alpha, c.beta, est, c.fd_h,
                                   n_coords, derived_rng(c.seed, "gradcheck"))
     return out
@@ -1932,9 +1975,9 @@ def format_report(summary):
                    "high-resolution approximation "
                    + (f"{z:.5f}" if z is not None else f"none (no lattice tabulated for m={c['m']})"))
     g = summary["gradient_check"]
-    check = (f"Gradient check, hand-derived vs finite differences (largest difference / largest "
-             f"entry): STE {max(g['ste']['gW_rel_err'], g['ste']['gE_rel_err']):.1e}, rotation "
-             f"{max(g['rotation']['gW_rel_err'], g['rotation']['gE_rel_err']):.1e}")
+    check = ("Gradient check, hand-derived vs finite differences (largest difference / largest "
+             "entry): " + ", ".join(f"{est} {max(g[est]['gW_rel_err'], g[est]['gE_rel_err']):.1e}"
+                                    for est in ESTIMATORS if est in g))
     a = summary["fd_vs_manual"]
     if a:
         check += f"; fd_ste vs manual_ste after training: metrics within {a['max_rel_metric_diff']:.1e}"
