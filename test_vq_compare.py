@@ -169,10 +169,54 @@ def test_tied_orthonormal_nsvq_and_diveq_are_ste_with_alpha_1_beta_1(estimator):
     assert np.abs(a["W"] - b["W"]).max() < 1e-9 and np.abs(a["E"] - b["E"]).max() < 1e-9
 
 
+def test_synchronized_commitment_matches_finite_differences_and_is_ste_with_alpha_plus_nu():
+    rng = np.random.default_rng(35)
+    for orthonormal in (True, False):
+        W, E, X = random_point(rng, 120, 9, 3, 6, orthonormal=orthonormal)
+        fr = vq.freeze(W, E, X, "ste", nu=0.7)
+        man, fd = vq.manual_grads(W, E, X, 0.4, 0.3, frozen=fr), vq.fd_grads(W, E, X, 0.4, 0.3, frozen=fr)
+        assert vq.rel_err(fd.gW, man.gW) <= 1e-6 and vq.rel_err(fd.gE, man.gE) <= 1e-6
+        if orthonormal:                                     # tied, W W^T = I: alpha -> alpha + nu
+            ste = vq.manual_grads(W, E, X, 0.4 + 0.7, 0.3)
+            assert np.allclose(man.gE, ste.gE, rtol=0, atol=1e-12) and np.allclose(man.gW, ste.gW, rtol=0, atol=1e-12)
+
+
+def _fd(f, P, h=1e-6):
+    """Central differences of the scalar f over every entry of P."""
+    g = np.zeros(P.size)
+    for i in range(P.size):
+        d = np.zeros(P.size)
+        d[i] = h
+        g[i] = (f(P + d.reshape(P.shape)) - f(P - d.reshape(P.shape))) / (2 * h)
+    return g.reshape(P.shape)
+
+
+def test_affine_and_simvq_codebook_gradients_by_the_chain_rule():
+    rng = np.random.default_rng(37)
+    W, C, X = random_point(rng, 100, 8, 3, 6)
+    a, s, t = 2.0, 0.1 * rng.normal(size=3), 0.1 * rng.normal(size=3)
+    E = vq.affine_codebook(C, s, t, a)
+    fr = vq.freeze(W, E, X, "ste", nu=2.0)                  # assignments frozen at the point
+    loss = lambda E_: vq.surrogate_loss(W, E_, X, fr, 1.0, 0.25)
+    gC, gs, gt = vq.affine_grads(vq.manual_grads(W, E, X, 1.0, 0.25, frozen=fr).gE, C, s, a)
+    assert vq.rel_err(_fd(lambda C_: loss(vq.affine_codebook(C_, s, t, a)), C), gC) < 1e-6
+    assert vq.rel_err(_fd(lambda s_: loss(vq.affine_codebook(C, s_, t, a)), s), gs) < 1e-6
+    assert vq.rel_err(_fd(lambda t_: loss(vq.affine_codebook(C, s, t_, a)), t), gt) < 1e-6
+    P, b = np.eye(3) + 0.1 * rng.normal(size=(3, 3)), 0.1 * rng.normal(size=3)   # SimVQ: E = C P^T + b
+    E = C @ P.T + b
+    fr = vq.freeze(W, E, X, "ste")
+    G = vq.manual_grads(W, E, X, 1.0, 0.25, frozen=fr).gE
+    assert vq.rel_err(_fd(lambda P_: vq.surrogate_loss(W, C @ P_.T + b, X, fr, 1.0, 0.25), P), G.T @ C) < 1e-6
+    assert vq.rel_err(_fd(lambda b_: vq.surrogate_loss(W, C @ P.T + b_, X, fr, 1.0, 0.25), b), G.sum(0)) < 1e-6
+    # at s = t = 0 (P = I, b = 0) both forward the plain codebook: the start is shared
+    assert np.array_equal(vq.affine_codebook(C, np.zeros(3), np.zeros(3), a), C)
+
+
 def test_new_methods_are_opt_in_and_checked_when_run():
-    assert not {"rotation_unit", "nsvq", "diveq"} & set(vq.default_methods())
-    out = vq.run_comparison(**{**TINY, "methods": ["rotation_unit", "nsvq", "diveq"]})
-    for name in ("rotation_unit", "nsvq", "diveq"):
+    new = ("rotation_unit", "nsvq", "diveq", "affine_ste", "simvq")
+    assert not set(new) & set(vq.default_methods())
+    out = vq.run_comparison(**{**TINY, "methods": list(new), "dead_threshold": 1.0})
+    for name in new:
         assert out["results"][name]["status"] == "ok"
         chk = out["gradient_check"][vq.METHODS[name].estimator]
         assert chk["gW_rel_err"] < 1e-6 and chk["gE_rel_err"] < 1e-6

@@ -655,7 +655,10 @@ class Frozen(NamedTuple):
       ``q~ = sg(lam R) z``, ``lam = ||q||/||z||``;
     * ``rotation_unit`` (their VQGAN code): ``q~ = sg(||q|| R) z/||z||``, the gradient
       flowing through the normalised latent;
-    * ``nsvq``, ``diveq``: ``q~ = z + ||z - q|| u`` with the direction ``u`` frozen.
+    * ``nsvq``, ``diveq``: ``q~ = z + ||z - q|| u`` with the direction ``u`` frozen;
+    * with ``nu`` (STE only): ``q~ = z + sg(q - z) + nu q - sg(nu q)``, the synchronized
+      commitment of Huh et al. (ICML 2023; vqtorch ``VectorQuant.straight_through_approximation``):
+      forward value q, the code receives ``nu`` times the gradient reaching q~.
 
     Where the rotation is undefined a sample falls back to STE (``C`` its offset).
     """
@@ -670,12 +673,13 @@ class Frozen(NamedTuple):
     n_fallback: int      # samples using STE (all of them for estimator='ste')
     kind: str = "ste"    # the estimator
     u: np.ndarray = None  # (B, m) unit directions of nsvq / diveq
+    nu: float = 0.0      # synchronized commitment: q~ += nu (q - sg(q)), Huh et al. 2023
 
 
 _DEGENERATE = 1e-8   # ||z_hat + q_hat|| below this: rotation undefined, STE fallback
 
 
-def freeze(W, E, X, estimator="ste", rng=None, noise=1e-3):
+def freeze(W, E, X, estimator="ste", rng=None, noise=1e-3, nu=0.0):
     """The frozen quantities of the surrogate at (W, E) for the batch ``X`` (B, D).
 
     Rotation trick (Fifty et al. 2025, eq. 4): ``q~ = sg(lam R) z`` with
@@ -706,7 +710,7 @@ def freeze(W, E, X, estimator="ste", rng=None, noise=1e-3):
             v = Q - Z + (noise * rng.standard_normal(Z.shape) if noise > 0 else 0.0)
             u = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
         return Frozen(labels, Z, Q, np.ones(B, Z.dtype), zeros, zeros, zeros, Q - Z, B, estimator,
-                      None if u is None else u.astype(Z.dtype))
+                      None if u is None else u.astype(Z.dtype), nu if estimator == "ste" else 0.0)
     z_norm = np.linalg.norm(Z, axis=1)
     q_norm = np.linalg.norm(Q, axis=1)
     ok = (z_norm > 0) & (q_norm > 0)
@@ -754,6 +758,8 @@ def surrogate_loss(W, E, X, fr, alpha, beta):
     Q = np.swapaxes(Es[:, fr.labels, :], 0, 1)              # (B, P_E, m) live codes
     if fr.kind in ("ste", "rotation"):
         A = Z @ np.swapaxes(rotation_matrices(fr), 1, 2) + fr.C[:, None, :]   # (B, P, m) q~
+        if fr.nu:
+            A = A + fr.nu * (Q - fr.Q0[:, None, :])
     elif fr.kind == "rotation_unit":                        # ||q0|| R z/||z||, STE where degenerate
         R = rotation_matrices(fr) / fr.lam[:, None, None]
         q_norm = np.linalg.norm(fr.Q0, axis=1)[:, None, None]
@@ -776,7 +782,7 @@ def surrogate_loss(W, E, X, fr, alpha, beta):
     return out
 
 
-def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None, rng=None):
+def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None, rng=None, nu=0.0):
     """Loss and hand-derived Euclidean gradients of the batch surrogate at (W, E).
 
     Forward, then backward through the named intermediates in reverse::
@@ -809,7 +815,7 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None, rng=None):
     -------
     Grads(loss, gW (m, D), gE (K, m)), a named tuple, in the dtype of the inputs.
     """
-    fr = freeze(W, E, X, estimator, rng) if frozen is None else frozen
+    fr = freeze(W, E, X, estimator, rng, nu=nu) if frozen is None else frozen
     B = X.shape[0]
     Z, Q = fr.Z0, fr.Q0                                     # (B, m)
     dZQ = Z - Q                                             # (B, m)
@@ -824,6 +830,8 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None, rng=None):
     c = None                                                # (B, m) its share reaching e_k
     if fr.kind == "ste":
         dZ = g                                              # straight through
+        if fr.nu:
+            c = fr.nu * g                                   # synchronized commitment: H = nu I
     elif fr.kind in ("rotation", "rotation_unit"):          # lam R^T g = lam (g - 2r(r.g) + 2 z_hat(q_hat.g))
         rg = np.sum(fr.r * g, axis=1, keepdims=True)
         qg = np.sum(fr.q_hat * g, axis=1, keepdims=True)
@@ -944,7 +952,7 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, frozen=
     W, E, X = (np.asarray(a, dtype=np.float64) for a in (W, E, X))   # differences need float64
     fr = freeze(W, E, X, estimator) if frozen is None else frozen
     w_idx, e_idx = (np.arange(W.size), np.arange(E.size)) if coords is None else map(np.asarray, coords)
-    if fr.kind == "ste":
+    if fr.kind == "ste" and not fr.nu:
         st = ste_stats(X, fr, E.shape[0])
         loss = float(ste_surrogate(W, E, st, alpha, beta))
 
@@ -1383,6 +1391,74 @@ def method_diveq(problem):
     return sgd(problem, lambda W, E, Xb: manual_grads(W, E, Xb, 0.0, 0.0, "diveq", rng=rng))
 
 
+def affine_codebook(C, s, t, a):
+    """Huh et al.'s affine reparameterisation: ``E = (1 + a s) * C + a t`` (K, m), s and t
+    of shape (m,) shared by every code (vqtorch ``nn/affine.py``, ``AffineTransform``)."""
+    return (1 + a * s) * C + a * t
+
+
+def affine_grads(gE, C, s, a):
+    """The gradients of C (K, m), s and t (m,) from that of the codebook ``gE``:
+    ``G * (1 + a s)``, ``a sum_j G_j * C_j``, ``a sum_j G_j``."""
+    return gE * (1 + a * s), a * np.sum(gE * C, axis=0), a * np.sum(gE, axis=0)
+
+
+def method_affine_ste(problem, a=2.0, nu=2.0):
+    """STE with the affine-reparameterised codebook and synchronized commitment of Huh
+    et al. (ICML 2023; minyoungg/vqtorch ``nn/vq.py`` ``VectorQuant``, ``nn/affine.py``):
+    ``E = (1 + a s) * C + a t`` with s = t = 0 at the start and C the shared start
+    codebook; the code receives ``nu`` times the reconstruction gradient (``nu = 2``,
+    ``a = 2``: ``examples/autoencoder.py``). C, s and t by SGD at ``--lrE`` (the authors
+    use AdamW); their alternating optimisation is not included. A re-seeded code sets its
+    row of C so that its effective code is the latent it takes."""
+    c = problem.cfg
+    K, m = problem.E0.shape
+    p = {"C": problem.E0.astype(np.float64), "s": np.zeros(m), "t": np.zeros(m)}
+
+    def step(W, E, Xb, t):
+        loss, gW, gE = manual_grads(W, E, Xb, c.alpha, c.beta, "ste", nu=nu)
+        if not (math.isfinite(loss) and np.isfinite(gW).all() and np.isfinite(gE).all()):
+            return math.nan, W, E
+        lr = lr_factor(c, t) * c.lrE
+        gC, gs, gt = affine_grads(gE, p["C"], p["s"], a)
+        # s and t are shared by the K codes: their gradient sums K codes' (SGD, unlike the
+        # authors' Adam, does not normalise it), so they step at lrE / K
+        p["C"], p["s"], p["t"] = p["C"] - lr * gC, p["s"] - lr / K * gs, p["t"] - lr / K * gt
+        W_new = riemannian_step(W, gW, lr_factor(c, t) * c.lrW) if c.train_encoder else W
+        return loss, W_new, affine_codebook(p["C"], p["s"], p["t"], a).astype(E.dtype)
+
+    def reset(codes, values):
+        p["C"][codes] = (values - a * p["t"]) / (1 + a * p["s"])
+    return train(problem, step, reset)
+
+
+def method_simvq(problem):
+    """SimVQ (Zhu et al. 2024, arXiv 2411.02038; youngsheen/SimVQ
+    ``taming/modules/vqvae/quantize.py``, ``SimVQ``): the codebook is a learned linear
+    map of a frozen basis, ``E = C P^T + 1 b^T``, trained through the codebook loss with
+    plain STE (the authors' config: codebook weight 1, commitment 0.25, as our defaults).
+    The frozen basis is the shared start codebook with ``P = I``, ``b = 0``, so every
+    method starts from the same point (the authors draw C from N(0, 1/m)): E stays an
+    affine image of it. P and b by SGD at ``--lrE / K``: their gradients sum the K codes'
+    (the authors use Adam, which normalises them)."""
+    c = problem.cfg
+    K, m = problem.E0.shape
+    p = {"C": problem.E0.astype(np.float64), "P": np.eye(m), "b": np.zeros(m)}
+
+    def step(W, E, Xb, t):
+        loss, gW, gE = manual_grads(W, E, Xb, c.alpha, c.beta, "ste")
+        if not (math.isfinite(loss) and np.isfinite(gW).all() and np.isfinite(gE).all()):
+            return math.nan, W, E
+        lr = lr_factor(c, t) * c.lrE / K                    # P and b sum K codes' gradients
+        p["P"], p["b"] = p["P"] - lr * (gE.T @ p["C"]), p["b"] - lr * gE.sum(axis=0)   # dL/dP = G^T C
+        W_new = riemannian_step(W, gW, lr_factor(c, t) * c.lrW) if c.train_encoder else W
+        return loss, W_new, (p["C"] @ p["P"].T + p["b"]).astype(E.dtype)
+
+    def reset(codes, values):                               # C_j P^T + b = value
+        p["C"][codes] = np.linalg.lstsq(p["P"], (values - p["b"]).T, rcond=None)[0].T
+    return train(problem, step, reset)
+
+
 class Method(NamedTuple):
     """A registered method: ``fn(problem) -> result(...)`` and how reports name it."""
     fn: Callable[[Problem], dict]
@@ -1406,6 +1482,9 @@ METHODS: dict[str, Method] = {
                             "Fifty et al., ICLR 2025 (VQGAN code)", in_default=False),
     "nsvq": Method(method_nsvq, "NSVQ", "nsvq", "Vali and Backstrom, IEEE Access 2022", True, False),
     "diveq": Method(method_diveq, "DiVeQ", "diveq", "Vali, Backstrom and Solin, ICLR 2026", True, False),
+    "affine_ste": Method(method_affine_ste, "Affine STE + sync", "ste", "Huh et al., ICML 2023",
+                         in_default=False),
+    "simvq": Method(method_simvq, "SimVQ", "ste", "Zhu et al., arXiv 2411.02038", in_default=False),
 }
 
 
