@@ -212,10 +212,31 @@ def test_affine_and_simvq_codebook_gradients_by_the_chain_rule():
     assert np.array_equal(vq.affine_codebook(C, np.zeros(3), np.zeros(3), a), C)
 
 
+def test_wasserstein_distance_its_gradients_and_its_closed_form():
+    rng = np.random.default_rng(39)
+    for n, K, m in [(60, 12, 3), (200, 40, 4), (30, 3, 4)]:    # the last: K < m, S_c singular
+        Z = rng.normal(size=(n, m)) * rng.uniform(0.5, 2, size=m) + 1.0
+        E = rng.normal(size=(K, m))
+        Wd, gZ, gE = vq.wasserstein_grads(Z, E)
+        assert math.isfinite(Wd) and np.isfinite(gZ).all() and np.isfinite(gE).all()
+        assert vq.rel_err(_fd(lambda Z_: vq.wasserstein_grads(Z_, E)[0], Z, 1e-5), gZ) < 1e-6
+        assert vq.rel_err(_fd(lambda E_: vq.wasserstein_grads(Z, E_)[0], E, 1e-5), gE) < 1e-6
+    # closed form: between N(mu1, diag(a)) and N(mu2, diag(b)) the squared distance is
+    # ||mu1 - mu2||^2 + sum (sqrt(a) - sqrt(b))^2; fits of whitened samples hit it exactly
+    def cloud(mu, sd, k):
+        G = rng.normal(size=(k, 2))
+        G = (G - G.mean(0)) @ np.linalg.inv(np.linalg.cholesky(np.cov(G.T, bias=True)).T)
+        return G * sd + mu
+    Wd = vq.wasserstein_grads(cloud([1.0, 0.0], [2.0, 0.5], 500), cloud([0.0, 0.0], [1.0, 1.0], 300))[0]
+    assert Wd == pytest.approx(math.sqrt(1 + 1 + 0.25 + 1e-8), rel=1e-9)
+
+
 def test_new_methods_are_opt_in_and_checked_when_run():
-    new = ("rotation_unit", "nsvq", "diveq", "affine_ste", "simvq")
+    new = ("rotation_unit", "nsvq", "diveq", "affine_ste", "simvq", "wasserstein")
     assert not set(new) & set(vq.default_methods())
     out = vq.run_comparison(**{**TINY, "methods": list(new), "dead_threshold": 1.0})
+    assert out["gradient_check"]["wasserstein"]["gW_rel_err"] < 1e-6
+    assert out["gradient_check"]["wasserstein"]["gE_rel_err"] < 1e-6
     for name in new:
         assert out["results"][name]["status"] == "ok"
         chk = out["gradient_check"][vq.METHODS[name].estimator]

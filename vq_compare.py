@@ -1459,6 +1459,77 @@ def method_simvq(problem):
     return train(problem, step, reset)
 
 
+def _sym_power(S, power, floor=1e-12):
+    """``S^power`` of a symmetric positive semi-definite matrix, its eigenvalues clamped
+    at ``floor`` (as the authors clamp theirs): exact and symmetric."""
+    vals, vecs = np.linalg.eigh((S + S.T) / 2)
+    return (vecs * np.maximum(vals, floor) ** power) @ vecs.T
+
+
+def wasserstein_grads(Z, E):
+    """The 2-Wasserstein distance between Gaussian fits of the latents ``Z`` (n, m) and
+    the codes ``E`` (K, m) (Fang et al. 2025, ``calc_wasserstein_distance`` in
+    VQ-Research/Wasserstein-VQ ``VariousVQs.py``), and its gradients (n, m), (K, m).
+
+    ``Wd = sqrt(||mu_z - mu_c||^2 + relu(tr(S_z + S_c - 2 (A S_c A)^(1/2))) + 1e-8)``,
+    ``A = S_z^(1/2)``, covariances divided by n and K. The authors take the square root of
+    the non-symmetric ``S_z S_c`` with ``eigh`` (which reads one triangle only); this is
+    the exact symmetric form, with the gradients of the closed form::
+
+        dWd/dS_c = (I - A M^(-1/2) A) / (2 Wd),  M = A S_c A;   dWd/dS_z likewise, B = S_c^(1/2)
+        dWd/de_j = (2/K) (e_j - mu_c) dWd/dS_c - (mu_z - mu_c) / (K Wd)
+        dWd/dz_i = (2/n) (z_i - mu_z) dWd/dS_z + (mu_z - mu_c) / (n Wd)
+    """
+    n, K = Z.shape[0], E.shape[0]
+    mu_z, mu_c = Z.mean(axis=0), E.mean(axis=0)
+    Zc, Ec = Z - mu_z, E - mu_c
+    S_z, S_c = Zc.T @ Zc / n, Ec.T @ Ec / K                 # (m, m) each
+    A, B = _sym_power(S_z, 0.5), _sym_power(S_c, 0.5)
+    M = A @ S_c @ A
+    trace = np.trace(S_z) + np.trace(S_c) - 2 * np.trace(_sym_power(M, 0.5))
+    Wd = math.sqrt(float(np.sum((mu_z - mu_c) ** 2)) + max(trace, 0.0) + 1e-8)
+    G_c = (np.eye(len(mu_z)) - A @ _sym_power(M, -0.5) @ A) / (2 * Wd) if trace > 0 else 0.0
+    G_z = (np.eye(len(mu_z)) - B @ _sym_power(B @ S_z @ B, -0.5) @ B) / (2 * Wd) if trace > 0 else 0.0
+    gZ = (2 / n) * Zc @ G_z + (mu_z - mu_c) / (n * Wd)
+    gE = (2 / K) * Ec @ G_c - (mu_z - mu_c) / (K * Wd)
+    return Wd, gZ, gE
+
+
+def wasserstein_check(W, E, X, h=1e-5, max_entries=256):
+    """Hand-derived gradients of ``Wd(latents(X, W), E)`` against central differences
+    over (up to ``max_entries`` of) the entries of W and of E."""
+    Wd, gZ, gE = wasserstein_grads(latents(X, W), E)
+    gW = gZ.T @ X                                           # through z = x W^T
+
+    def fd(P, other_is_W):
+        g = np.full(P.size, np.nan)
+        for i in range(min(P.size, max_entries)):
+            d = np.zeros(P.size)
+            d[i] = h
+            d = d.reshape(P.shape)
+            f = (lambda Q: wasserstein_grads(latents(X, W), Q)[0]) if other_is_W else \
+                (lambda Q: wasserstein_grads(latents(X, Q), E)[0])
+            g[i] = (f(P + d) - f(P - d)) / (2 * h)
+        return g.reshape(P.shape)
+    return {"gW_rel_err": rel_err(fd(W, False), gW), "gE_rel_err": rel_err(fd(E, True), gE),
+            "loss_rel_err": 0.0, "coords": int(min(W.size, max_entries) + min(E.size, max_entries))}
+
+
+def method_wasserstein(problem, weight=1.0):
+    """STE plus ``weight`` times the Wasserstein distance between Gaussian fits of the
+    batch's latents and the codebook (Fang et al. 2025, arXiv 2506.15078), its gradient
+    through the closed form (:func:`wasserstein_grads`) reaching the codes and, through
+    the latents, the encoder. ``weight = 1`` here; the authors' simulation weighs it 10
+    against a codebook loss of 0.1 (codebook-only)."""
+    c = problem.cfg
+
+    def grads(W, E, Xb):
+        loss, gW, gE = manual_grads(W, E, Xb, c.alpha, c.beta, "ste")
+        Wd, gZ, gEw = wasserstein_grads(latents(Xb, W), E)
+        return loss + weight * Wd, gW + weight * (gZ.T @ Xb), gE + weight * gEw
+    return sgd(problem, grads)
+
+
 class Method(NamedTuple):
     """A registered method: ``fn(problem) -> result(...)`` and how reports name it."""
     fn: Callable[[Problem], dict]
@@ -1485,6 +1556,8 @@ METHODS: dict[str, Method] = {
     "affine_ste": Method(method_affine_ste, "Affine STE + sync", "ste", "Huh et al., ICML 2023",
                          in_default=False),
     "simvq": Method(method_simvq, "SimVQ", "ste", "Zhu et al., arXiv 2411.02038", in_default=False),
+    "wasserstein": Method(method_wasserstein, "STE + Wasserstein", "ste", "Fang et al., arXiv 2506.15078",
+                          in_default=False),
 }
 
 
@@ -1971,6 +2044,8 @@ def gradient_checks(problem):
     n_coords = None if W.size + E.size <= 2048 else 256
     out = {"point": "the trained methods' start, first training batch", "h": c.fd_h,
            "measure": "max|fd - manual| / max|manual| per tensor"}
+    if "wasserstein" in c.methods:                          # its extra term, live in W and E
+        out["wasserstein"] = wasserstein_check(W, E, Xb.astype(np.float64), c.fd_h)
     used = {METHODS[n].estimator for n in c.methods if n in METHODS}
     for est in ("ste", "rotation") + tuple(e for e in ESTIMATORS if e in used and e not in ("ste", "rotation")):
         out[est] = gradient_check(W, E, Xb.astype(np.float64), c.alpha, c.beta, est, c.fd_h,
@@ -2056,7 +2131,7 @@ def format_report(summary):
     g = summary["gradient_check"]
     check = ("Gradient check, hand-derived vs finite differences (largest difference / largest "
              "entry): " + ", ".join(f"{est} {max(g[est]['gW_rel_err'], g[est]['gE_rel_err']):.1e}"
-                                    for est in ESTIMATORS if est in g))
+                                    for est in ESTIMATORS + ("wasserstein",) if est in g))
     a = summary["fd_vs_manual"]
     if a:
         check += f"; fd_ste vs manual_ste after training: metrics within {a['max_rel_metric_diff']:.1e}"
