@@ -278,7 +278,8 @@ def fingerprint(args):
 
 def effective_defaults():
     """vq_compare's defaults of the settings a sweep fixes (outdir, quiet: not results)."""
-    return {k: v for k, v in dataclasses.asdict(vq.Config()).items() if k not in ("outdir", "quiet")}
+    return {**{k: v for k, v in dataclasses.asdict(vq.Config()).items() if k not in ("outdir", "quiet", "method_params")},
+            **{k: d for k, (d, _) in vq.declared_params().items()}}
 
 
 def _shard_path(outdir, shard):
@@ -638,6 +639,7 @@ def parse_args(argv=None):
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(vq.Config)
                 if getattr(args, f.name, None) is not None and f.name not in ("outdir", "quiet", "methods")}
     settings = {k: v for k, v in settings.items() if v is not False}
+    settings.update({k: getattr(args, k) for k in vq.declared_params() if hasattr(args, k)})
     settings["methods"] = methods
     args.settings = settings
     if args.seeds < 1:

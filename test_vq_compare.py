@@ -231,6 +231,18 @@ def test_wasserstein_distance_its_gradients_and_its_closed_form():
     assert Wd == pytest.approx(math.sqrt(1 + 1 + 0.25 + 1e-8), rel=1e-9)
 
 
+def test_method_hyperparameters_come_from_the_registry_and_reach_the_method():
+    cfg = vq.make_config(outdir=None, affine_ste_nu=0.5)
+    assert cfg.method_params["affine_ste_nu"] == 0.5 and cfg.method_params["affine_ste_a"] == 2.0
+    assert set(cfg.method_params) == set(vq.declared_params())
+    base = vq.run_comparison(**{**TINY, "methods": ["affine_ste"]})
+    other = vq.run_comparison(**{**TINY, "methods": ["affine_ste"], "affine_ste_nu": 0.5})
+    assert other["config"]["method_params"]["affine_ste_nu"] == 0.5
+    assert base["results"]["affine_ste"]["pop_recon_mse"] != other["results"]["affine_ste"]["pop_recon_mse"]
+    with pytest.raises(vq.ConfigError, match="unknown method parameter"):
+        vq.make_config(outdir=None, method_params={"nope_x": 1.0})
+
+
 def test_new_methods_are_opt_in_and_checked_when_run():
     new = ("rotation_unit", "nsvq", "diveq", "affine_ste", "simvq", "wasserstein")
     assert not set(new) & set(vq.default_methods())
@@ -806,7 +818,8 @@ BAD = [(["--m", "70"], "--m 70"), (["--rank", "65"], "--rank 65"), (["--K", "0"]
        (["--tail_average", "1"], "--tail_average 1.0"), (["--dead_decay", "1"], "--dead_decay 1.0"),
        (["--dead_threshold", "-2"], "--dead_threshold -2.0"),
        (["--D", "100000", "--n_train", "10000000"], "--n_train 10000000 --n_eval 4000 --D 100000"),
-       (["--workers", "-1"], "--workers -1"), (["--steps", "1.5"], "--steps")]
+       (["--workers", "-1"], "--workers -1"), (["--steps", "1.5"], "--steps"),
+       (["--affine_ste_a", "-1"], "--affine_ste_a -1.0"), (["--wasserstein_weight", "inf"], "--wasserstein_weight inf")]
 
 
 @pytest.mark.parametrize("args,named", BAD)
@@ -843,7 +856,10 @@ def test_help_explains_every_flag():
     p = run_cli("--help", cwd=HERE)
     assert p.returncode == 0
     for f in vq.dataclasses.fields(vq.Config):
-        assert f"--{f.name}" in p.stdout
+        if f.name != "method_params":                       # given as the flags below
+            assert f"--{f.name}" in p.stdout
+    for name in vq.declared_params():                       # every method's hyperparameter
+        assert f"--{name}" in p.stdout
 
 
 def test_cli_needs_no_display_and_leaves_the_backend_alone(tmp_path):

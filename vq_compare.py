@@ -111,6 +111,8 @@ class Config:
     force_fd: bool = _f(False, "run fd_ste whatever its cost")
     workers: int = _f(0, "processes for the independent k-means restarts (0: one per core; "
                          "1: all in this process); results do not depend on it")
+    method_params: dict = dataclasses.field(default_factory=dict, metadata={"help": (
+        "the methods' own hyperparameters, flags --<method>_<name> (see the registry)")})
 
 
 # One random stream per purpose, derived from the seed, so that adding a method or a
@@ -1387,8 +1389,9 @@ def method_diveq(problem):
     (the code's ``noise_var``, used as a standard deviation). No VQ loss terms, as the
     authors' (``alpha = beta = 0``); their dead-code replacement is not included (the
     shared ``--dead_threshold`` rule is)."""
-    rng = derived_rng(problem.cfg.seed, "noise")
-    return sgd(problem, lambda W, E, Xb: manual_grads(W, E, Xb, 0.0, 0.0, "diveq", rng=rng))
+    rng, noise = derived_rng(problem.cfg.seed, "noise"), method_param(problem, "diveq", "noise")
+    return sgd(problem, lambda W, E, Xb: manual_grads(W, E, Xb, 0.0, 0.0, "diveq",
+                                                       frozen=freeze(W, E, Xb, "diveq", rng, noise)))
 
 
 def affine_codebook(C, s, t, a):
@@ -1403,7 +1406,7 @@ def affine_grads(gE, C, s, a):
     return gE * (1 + a * s), a * np.sum(gE * C, axis=0), a * np.sum(gE, axis=0)
 
 
-def method_affine_ste(problem, a=2.0, nu=2.0):
+def method_affine_ste(problem):
     """STE with the affine-reparameterised codebook and synchronized commitment of Huh
     et al. (ICML 2023; minyoungg/vqtorch ``nn/vq.py`` ``VectorQuant``, ``nn/affine.py``):
     ``E = (1 + a s) * C + a t`` with s = t = 0 at the start and C the shared start
@@ -1412,6 +1415,7 @@ def method_affine_ste(problem, a=2.0, nu=2.0):
     use AdamW); their alternating optimisation is not included. A re-seeded code sets its
     row of C so that its effective code is the latent it takes."""
     c = problem.cfg
+    a, nu = method_param(problem, "affine_ste", "a"), method_param(problem, "affine_ste", "nu")
     K, m = problem.E0.shape
     p = {"C": problem.E0.astype(np.float64), "s": np.zeros(m), "t": np.zeros(m)}
 
@@ -1515,13 +1519,14 @@ def wasserstein_check(W, E, X, h=1e-5, max_entries=256):
             "loss_rel_err": 0.0, "coords": int(min(W.size, max_entries) + min(E.size, max_entries))}
 
 
-def method_wasserstein(problem, weight=1.0):
+def method_wasserstein(problem):
     """STE plus ``weight`` times the Wasserstein distance between Gaussian fits of the
     batch's latents and the codebook (Fang et al. 2025, arXiv 2506.15078), its gradient
     through the closed form (:func:`wasserstein_grads`) reaching the codes and, through
     the latents, the encoder. ``weight = 1`` here; the authors' simulation weighs it 10
     against a codebook loss of 0.1 (codebook-only)."""
     c = problem.cfg
+    weight = method_param(problem, "wasserstein", "weight")
 
     def grads(W, E, Xb):
         loss, gW, gE = manual_grads(W, E, Xb, c.alpha, c.beta, "ste")
@@ -1538,6 +1543,17 @@ class Method(NamedTuple):
     paper: str = ""          # where it comes from
     stochastic: bool = False  # draws noise while training (its own stream)
     in_default: bool = True   # run when no --methods are named
+    params: tuple = ()        # its hyperparameters: (name, the authors' default, help); flags --<method>_<name>
+
+
+def method_param(problem, method, name):
+    """The value of a method's hyperparameter in this comparison."""
+    return problem.cfg.method_params[f"{method}_{name}"]
+
+
+def declared_params():
+    """Every registered method's hyperparameters: flag name -> (default, help)."""
+    return {f"{m}_{n}": (d, h) for m, meth in METHODS.items() for n, d, h in meth.params}
 
 
 # The one registry: a method is a function of the problem, registered by one line.
@@ -1552,12 +1568,15 @@ METHODS: dict[str, Method] = {
     "rotation_unit": Method(method_rotation_unit, "Rotation trick (unit z)", "rotation_unit",
                             "Fifty et al., ICLR 2025 (VQGAN code)", in_default=False),
     "nsvq": Method(method_nsvq, "NSVQ", "nsvq", "Vali and Backstrom, IEEE Access 2022", True, False),
-    "diveq": Method(method_diveq, "DiVeQ", "diveq", "Vali, Backstrom and Solin, ICLR 2026", True, False),
+    "diveq": Method(method_diveq, "DiVeQ", "diveq", "Vali, Backstrom and Solin, ICLR 2026", True, False,
+                    (("noise", 1e-3, "standard deviation of the direction's noise (0: DiVeQ-Detach)"),)),
     "affine_ste": Method(method_affine_ste, "Affine STE + sync", "ste", "Huh et al., ICML 2023",
-                         in_default=False),
+                         in_default=False, params=(
+                             ("a", 2.0, "affine learning-rate multiplier (vqtorch affine_lr)"),
+                             ("nu", 2.0, "synchronized commitment (vqtorch sync_nu)"))),
     "simvq": Method(method_simvq, "SimVQ", "ste", "Zhu et al., arXiv 2411.02038", in_default=False),
     "wasserstein": Method(method_wasserstein, "STE + Wasserstein", "ste", "Fang et al., arXiv 2506.15078",
-                          in_default=False),
+                          in_default=False, params=(("weight", 1.0, "weight of the Wasserstein distance"),)),
 }
 
 
@@ -1809,6 +1828,12 @@ def validate(cfg):
     for name in cfg.methods:
         if name not in METHODS:
             raise ConfigError("methods", name, "unknown method (known: " + ", ".join(METHODS) + ")")
+    declared = declared_params()
+    for name, v in cfg.method_params.items():
+        if name not in declared:
+            raise ConfigError(name, v, "unknown method parameter (known: " + ", ".join(declared) + ")")
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ConfigError(name, v, "must be finite and >= 0")
     need_bytes, have_bytes = memory_estimate(cfg), available_memory()
     if have_bytes is not None and need_bytes > have_bytes:
         raise ConfigError("n_train", f"{cfg.n_train} --n_eval {cfg.n_eval} --D {cfg.D} --K {cfg.K}",
@@ -1853,7 +1878,13 @@ def make_config(**settings):
     Resolves the automatic settings: every registered method when none is named, the
     k-means restarts for ``n_init=0`` and the logging interval for ``log_every=0``.
     """
-    cfg = Config(**settings)
+    settings = dict(settings)
+    declared = declared_params()
+    given = {k: settings.pop(k) for k in list(settings) if k in declared}
+    params = {k: d for k, (d, _) in declared.items()}
+    params.update(settings.pop("method_params", None) or {})
+    params.update({k: v for k, v in given.items() if v is not None})
+    cfg = Config(**settings, method_params=params)
     methods = (cfg.methods,) if isinstance(cfg.methods, str) else tuple(cfg.methods)
     cfg.methods = methods or default_methods()
     validate(cfg)
@@ -2368,7 +2399,7 @@ def add_config_flags(p, skip=(), defaults=True):
     them in).
     """
     for f in dataclasses.fields(Config):
-        if f.name in skip:
+        if f.name in skip or f.name == "method_params":
             continue
         flag, help_ = f"--{f.name}", f.metadata["help"]
         if f.type in ("bool", bool):
@@ -2381,6 +2412,10 @@ def add_config_flags(p, skip=(), defaults=True):
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, type=typ, default=f.default if defaults else argparse.SUPPRESS,
                            help=help_ if defaults else f"{help_} (default: {f.default})")
+    for name, (default, help_) in declared_params().items():  # the methods' own, from the registry
+        method = next(m for m in METHODS if name.startswith(m + "_"))
+        p.add_argument(f"--{name}", type=float, default=default if defaults else argparse.SUPPRESS,
+                       help=f"{method}: {help_}" + ("" if defaults else f" (default: {default})"))
     return p
 
 
