@@ -243,6 +243,11 @@ def test_method_hyperparameters_come_from_the_registry_and_reach_the_method():
         vq.make_config(outdir=None, method_params={"nope_x": 1.0})
 
 
+def test_the_readme_method_table_is_the_registry():
+    with open(os.path.join(HERE, "README.md")) as fh:
+        assert vq.method_table() in fh.read()
+
+
 def test_new_methods_are_opt_in_and_checked_when_run():
     new = ("rotation_unit", "nsvq", "diveq", "affine_ste", "simvq", "wasserstein")
     assert not set(new) & set(vq.default_methods())

@@ -1585,6 +1585,17 @@ def default_methods():
     return tuple(name for name, m in METHODS.items() if m.in_default)
 
 
+def method_table():
+    """The registry as a Markdown table (the README's, tested to match)."""
+    rows = ["| key | name | from | gradient estimator | noise | by default | hyperparameters (flag: default) |",
+            "|---|---|---|---|---|---|---|"]
+    for key, m in METHODS.items():
+        params = ", ".join(f"`--{key}_{n}` {d:g}" for n, d, _ in m.params) or "-"
+        rows.append(f"| `{key}` | {m.label} | {m.paper} | {m.estimator or '-'} | "
+                    f"{'yes' if m.stochastic else 'no'} | {'yes' if m.in_default else 'opt-in'} | {params} |")
+    return "\n".join(rows)
+
+
 def method_label(name):
     return METHODS[name].label if name in METHODS else name
 
