@@ -1196,6 +1196,12 @@ def train(problem, step_fn, on_reseed=None):
     return result(W, E, logs, note=note)
 
 
+def encoder_step(cfg, W, gW, t):
+    """The encoder's step of every gradient method: Riemannian SGD at the scheduled rate,
+    or none with ``train_encoder`` 0."""
+    return riemannian_step(W, gW, lr_factor(cfg, t) * cfg.lrW) if cfg.train_encoder else W
+
+
 def sgd(problem, grad_fn):
     """The optimizer shared by every gradient method: Riemannian SGD on W (unless
     ``train_encoder`` is 0), SGD on E, both rates times :func:`lr_factor`.
@@ -1209,8 +1215,7 @@ def sgd(problem, grad_fn):
         if not (math.isfinite(loss) and np.isfinite(gW).all() and np.isfinite(gE).all()):
             return math.nan, W, E
         f = lr_factor(cfg, t)
-        W_new = riemannian_step(W, gW, f * cfg.lrW) if cfg.train_encoder else W
-        return loss, W_new, E - f * cfg.lrE * gE
+        return loss, encoder_step(cfg, W, gW, t), E - f * cfg.lrE * gE
     return train(problem, step)
 
 
@@ -1290,7 +1295,7 @@ def method_ema_ste(problem):
         if not (math.isfinite(loss) and np.isfinite(gW).all()):
             return math.nan, W, E
         E_new = ema_codebook_update(E, state, fr.Z0, fr.labels, c.ema_decay, c.ema_eps)
-        W_new = riemannian_step(W, gW, lr_factor(c, t) * c.lrW) if c.train_encoder else W
+        W_new = encoder_step(c, W, gW, t)
         return loss, W_new, E_new
 
     def reset(codes, values):                               # debiased: count T, sum T * latent
@@ -1428,7 +1433,7 @@ def method_affine_ste(problem):
         # s and t are shared by the K codes: their gradient sums K codes' (SGD, unlike the
         # authors' Adam, does not normalise it), so they step at lrE / K
         p["C"], p["s"], p["t"] = p["C"] - lr * gC, p["s"] - lr / K * gs, p["t"] - lr / K * gt
-        W_new = riemannian_step(W, gW, lr_factor(c, t) * c.lrW) if c.train_encoder else W
+        W_new = encoder_step(c, W, gW, t)
         return loss, W_new, affine_codebook(p["C"], p["s"], p["t"], a).astype(E.dtype)
 
     def reset(codes, values):
@@ -1455,7 +1460,7 @@ def method_simvq(problem):
             return math.nan, W, E
         lr = lr_factor(c, t) * c.lrE / K                    # P and b sum K codes' gradients
         p["P"], p["b"] = p["P"] - lr * (gE.T @ p["C"]), p["b"] - lr * gE.sum(axis=0)   # dL/dP = G^T C
-        W_new = riemannian_step(W, gW, lr_factor(c, t) * c.lrW) if c.train_encoder else W
+        W_new = encoder_step(c, W, gW, t)
         return loss, W_new, (p["C"] @ p["P"].T + p["b"]).astype(E.dtype)
 
     def reset(codes, values):                               # C_j P^T + b = value
