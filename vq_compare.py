@@ -1170,12 +1170,13 @@ def train(problem, step_fn, on_reseed=None):
                 n_j = np.bincount(assign(Z, E), minlength=E.shape[0])
                 counts = cfg.dead_decay * counts + (1 - cfg.dead_decay) * n_j
                 dead = np.flatnonzero(counts < cfg.dead_threshold)
-                pick = reseed_rng.choice(len(Z), size=dead.size, replace=dead.size > len(Z))
-                E_new = E_new.copy()
-                E_new[dead] = Z[pick]
-                counts[dead] = cfg.dead_threshold
-                if dead.size and on_reseed is not None:
-                    on_reseed(dead, Z[pick])
+                if dead.size:
+                    pick = reseed_rng.choice(len(Z), size=dead.size, replace=dead.size > len(Z))
+                    E_new = E_new.copy()
+                    E_new[dead] = Z[pick]
+                    counts[dead] = cfg.dead_threshold
+                    if on_reseed is not None:
+                        on_reseed(dead, Z[pick])
                 logs["reseeded"].append(int(dead.size))
             W, E = W_new, E_new
             logs["batch_loss"].append(float(loss))
