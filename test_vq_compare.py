@@ -248,6 +248,51 @@ def test_the_readme_method_table_is_the_registry():
         assert vq.method_table() in fh.read()
 
 
+@pytest.mark.parametrize("estimator", vq.ESTIMATORS)
+def test_untied_decoder_gradients_match_finite_differences(estimator):
+    rng = np.random.default_rng(zlib.crc32(estimator.encode()))
+    for shape in SHAPES[:3]:
+        W, E, X = random_point(rng, *shape)
+        V = W + 0.3 * rng.normal(size=W.shape)              # a decoder apart from the encoder
+        fr = vq.freeze(W, E, X, estimator, np.random.default_rng(5))
+        man = vq.manual_grads(W, E, X, 0.6, 0.3, estimator, frozen=fr, V=V)
+        fd = vq.fd_grads(W, E, X, 0.6, 0.3, estimator, frozen=fr, V=V)
+        for a, b in ((fd.gW, man.gW), (fd.gE, man.gE), (fd.gV, man.gV)):
+            assert vq.rel_err(a, b) <= 1e-6
+        assert abs(fd.loss - man.loss) <= 1e-12 * abs(man.loss)
+        tied = vq.manual_grads(W, E, X, 0.6, 0.3, estimator, frozen=fr)     # V = W: the paths add up
+        at_w = vq.manual_grads(W, E, X, 0.6, 0.3, estimator, frozen=fr, V=W)
+        assert np.allclose(at_w.gW + at_w.gV, tied.gW, rtol=0, atol=1e-12 * np.abs(tied.gW).max())
+        assert at_w.loss == pytest.approx(tied.loss, rel=1e-12)
+
+
+def test_untied_models_are_scored_as_defined():
+    rng = np.random.default_rng(41)
+    D, rank, m, K = 10, 4, 3, 6
+    U, lam = vq.lowrank_factor(D, rank, seed=2)
+    W = vq.stiefel_project(rng.normal(size=(m, D)))
+    V, E = W + 0.2 * rng.normal(size=W.shape), rng.normal(size=(K, m))
+    pop = vq.population_errors({"untied": (W, E, V)}, U, lam, 5000, np.random.default_rng(5))
+    X = (np.random.default_rng(5).standard_normal((5000, rank)) * np.sqrt(lam)) @ U.T
+    direct = np.sum((X - E[vq.assign(X @ W.T, E)] @ V) ** 2, axis=1)
+    assert pop.mean[0] == pytest.approx(direct.mean(), rel=1e-12)
+    assert vq.metrics(W, E, X, V=V)["recon_mse"] == pytest.approx(direct.mean(), rel=1e-12)
+
+
+def test_with_an_untied_decoder_the_tied_equivalences_separate():
+    settings = {**TINY, "alpha": 1.0, "beta": 1.0, "methods": ["manual_ste", "nsvq", "diveq"]}
+    tied = vq.run_comparison(**settings)
+    untied = vq.run_comparison(**{**settings, "decoder": "untied"})
+    for name, r in untied["results"].items():
+        assert r["status"] == "ok" and r["V"].shape == r["W"].shape and not np.allclose(r["V"], r["W"])
+        assert tied["results"][name]["V"] is None
+    a, b = tied["results"]["manual_ste"], tied["results"]["nsvq"]
+    assert np.abs(a["W"] - b["W"]).max() < 1e-9                      # tied: one trajectory
+    a, b = untied["results"]["manual_ste"], untied["results"]["nsvq"]
+    assert np.abs(a["V"] - b["V"]).max() > 1e-6                      # untied: they separate
+    assert untied["gradient_check"]["nsvq"]["gW_rel_err"] < 1e-6       # W and V checked
+
+
 def test_new_methods_are_opt_in_and_checked_when_run():
     new = ("rotation_unit", "nsvq", "diveq", "affine_ste", "simvq", "wasserstein")
     assert not set(new) & set(vq.default_methods())
@@ -547,7 +592,7 @@ def test_a_dead_code_is_reseeded_when_its_average_count_falls_below_the_threshol
     far = int(np.argmax(np.linalg.norm(p.E0, axis=1)))
     p.E0[far] = 1e3
     seen = []
-    res = vq.train(p, lambda W, E, Xb, t: (0.0, W, E), lambda codes, values: seen.append((codes, values)))
+    res = vq.train(p, lambda W, E, V, Xb, t: (0.0, W, E, V), lambda codes, values: seen.append((codes, values)))
     assert res["logs"]["reseeded"][:4] == [0, 0, 0, 1]
     assert all(list(codes) == [far] for codes, _ in seen) and len(seen) == sum(res["logs"]["reseeded"])
     Z = vq.latents(p.X_train, p.W0)
@@ -824,7 +869,7 @@ BAD = [(["--m", "70"], "--m 70"), (["--rank", "65"], "--rank 65"), (["--K", "0"]
        (["--dead_threshold", "-2"], "--dead_threshold -2.0"),
        (["--D", "100000", "--n_train", "10000000"], "--n_train 10000000 --n_eval 4000 --D 100000"),
        (["--workers", "-1"], "--workers -1"), (["--steps", "1.5"], "--steps"),
-       (["--affine_ste_a", "-1"], "--affine_ste_a -1.0"), (["--wasserstein_weight", "inf"], "--wasserstein_weight inf")]
+       (["--decoder", "free"], "--decoder free"), (["--affine_ste_a", "-1"], "--affine_ste_a -1.0"), (["--wasserstein_weight", "inf"], "--wasserstein_weight inf")]
 
 
 @pytest.mark.parametrize("args,named", BAD)

@@ -91,6 +91,8 @@ class Config:
     shift: float = _f(4.0, "shifted start: offset of the codes' mean, in latent standard deviations "
                            "per latent coordinate")
     train_encoder: int = _f(1, "1: train the encoder W; 0: W stays at its start, only the codebook learns")
+    decoder: str = _f("tied", "tied: the decoder is W; untied: a free decoder V (m, D), started at W, "
+                              "trained by every gradient method")
     dead_threshold: float = _f(0.0, "re-seed a code whose moving-average count per batch falls below "
                                     "this with a latent of the batch, every trained method (0 disables)")
     dead_decay: float = _f(0.8, "decay of the moving-average code counts for --dead_threshold")
@@ -605,7 +607,7 @@ def process_pool(workers):
 # Losses, the frozen surrogate and hand-derived gradients
 # ----------------------------------------------------------------------------
 
-def reconstruction_errors(x_sq, Z, E, W, assigned=None):
+def reconstruction_errors(x_sq, Z, E, W, assigned=None, V=None, Y=None):
     """Per-sample ``||x - q W||^2`` (n,), labels (n,) and in-subspace ``||z - q||^2`` (n,)
     of the model (W, E), from the latents ``Z = X W^T`` (n, m) and ``x_sq = ||x||^2`` (n,);
     ``assigned``: the (labels, squared distances) of the nearest codes, when known.
@@ -613,9 +615,13 @@ def reconstruction_errors(x_sq, Z, E, W, assigned=None):
     ``||x - qW||^2 = ||x||^2 - 2 z.q + ||qW||^2 = ||x||^2 - ||z||^2 + ||z - q||^2
     + (||qW||^2 - ||q||^2)``; the last term is zero for orthonormal rows (rounding
     aside), so the error is the out-of-subspace residual plus the distortion, and no
-    (n, D) reconstruction is formed.
+    (n, D) reconstruction is formed. With an untied decoder ``V`` (m, D) and ``Y = X V^T``:
+    ``||x - qV||^2 = ||x||^2 - 2 y.q + ||qV||^2``.
     """
     labels, dist = nearest(Z, E) if assigned is None else assigned
+    if V is not None:
+        EV = E @ V                                          # (K, D)
+        return x_sq - 2 * np.einsum("nm,nm->n", Y, E[labels]) + np.einsum("kd,kd->k", EV, EV)[labels], labels, dist
     EW = E @ W                                              # (K, D)
     corr = np.einsum("kd,kd->k", EW, EW) - np.einsum("km,km->k", E, E)   # (K,)
     return x_sq - np.einsum("nm,nm->n", Z, Z) + dist + corr[labels], labels, dist
@@ -632,6 +638,7 @@ class Grads(NamedTuple):
     loss: float          # surrogate (= true) loss at (W, E)
     gW: np.ndarray       # (m, D) Euclidean gradient
     gE: np.ndarray       # (K, m)
+    gV: np.ndarray = None  # (m, D) the untied decoder's, when there is one
 
 
 def loss_terms(W, E, X, alpha, beta):
@@ -736,7 +743,7 @@ def rotation_matrices(fr):
     return fr.lam[:, None, None] * R
 
 
-def surrogate_loss(W, E, X, fr, alpha, beta):
+def surrogate_loss(W, E, X, fr, alpha, beta, V=None):
     """The frozen surrogate, evaluated from its definition; W and E may be stacks.
 
     ``L = mean ||x - q~ W||^2 + alpha mean ||sg(z) - e_k||^2 + beta mean ||z - sg(e_k)||^2``
@@ -747,6 +754,7 @@ def surrogate_loss(W, E, X, fr, alpha, beta):
     ----------
     W : ndarray of shape (m, D) or (P, m, D); E : ndarray of shape (K, m) or (P, K, m)
     X : ndarray of shape (B, D); fr : Frozen; alpha, beta : float
+    V : None (the decoder is W) or the untied decoder, (m, D) or (P, m, D): ``x^ = q~ V``
 
     Returns
     -------
@@ -770,21 +778,23 @@ def surrogate_loss(W, E, X, fr, alpha, beta):
                      Z + fr.C[:, None, :])
     else:                                                   # nsvq, diveq: z + ||z - q|| u
         A = Z + np.linalg.norm(Z - Q, axis=2, keepdims=True) * fr.u[:, None, :]
-    Zb = np.broadcast_to(Z, A.shape)
-    # sum_b ||x - a W||^2 = ||X||^2 - 2 sum_b (x W^T).a + <A^T A, W W^T>: no (B, P, D) array
+    Vs = Ws if V is None else V.reshape((-1,) + V.shape[-2:])   # (P_V, m, D) the decoder
+    Y = Z if V is None else (X @ Vs.reshape(-1, D).T).reshape(B, -1, m)   # (B, P_V, m) x V^T
+    A = np.broadcast_to(A, np.broadcast_shapes(A.shape, Y.shape))
+    # sum_b ||x - a V||^2 = ||X||^2 - 2 sum_b (x V^T).a + <A^T A, V V^T>: no (B, P, D) array
     AtA = np.transpose(A, (1, 2, 0)) @ np.transpose(A, (1, 0, 2))      # (P, m, m)
-    WWt = Ws @ np.swapaxes(Ws, 1, 2)                        # (P, m, m)
-    recon = (np.sum(X * X) - 2 * np.einsum("bpm,bpm->p", Zb, A)
-             + np.sum(AtA * WWt, axis=(1, 2))) / B          # (P,)
+    VVt = Vs @ np.swapaxes(Vs, 1, 2)                        # (P, m, m)
+    recon = (np.sum(X * X) - 2 * np.einsum("bpm,bpm->p", np.broadcast_to(Y, A.shape), A)
+             + np.sum(AtA * VVt, axis=(1, 2))) / B          # (P,)
     commit = np.sum((Z - fr.Q0[:, None, :]) ** 2, axis=(0, 2)) / B
     codebook = np.sum((fr.Z0 - E[..., fr.labels, :]) ** 2, axis=(-2, -1)) / B
     out = recon + beta * commit + alpha * np.reshape(codebook, -1)
-    if W.ndim == 2 and E.ndim == 2:
+    if W.ndim == 2 and E.ndim == 2 and (V is None or V.ndim == 2):
         return float(out[0])
     return out
 
 
-def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None, rng=None, nu=0.0):
+def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None, rng=None, nu=0.0, V=None):
     """Loss and hand-derived Euclidean gradients of the batch surrogate at (W, E).
 
     Forward, then backward through the named intermediates in reverse::
@@ -806,6 +816,8 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None, rng=None, n
     alpha, beta : float; estimator : one of :data:`ESTIMATORS` (see :class:`Frozen`)
     frozen : the :func:`freeze` of (W, E, X, estimator) when the caller has it already
     rng : the noise of nsvq and diveq, when ``frozen`` is not given
+    V : the untied decoder (m, D), or None when the decoder is W: then ``x^ = q~ V``, W
+        gets the encoder path only and ``gV = 2/B F^T (F V - X)``
 
     With ``F`` the forward value of q~ (``Q``, or ``z + ||z - q|| u`` for nsvq and diveq)
     and ``g`` the gradient reaching it, every estimator sends ``g J`` to z and ``g H`` to
@@ -825,10 +837,12 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None, rng=None, n
     if fr.kind in ("nsvq", "diveq"):
         n = np.linalg.norm(dZQ, axis=1, keepdims=True)      # (B, 1)
         F = Z + n * fr.u                                    # a point at distance ||z - q|| from z
-    FG = F @ (W @ W.T)                                      # (B, m)
-    recon = np.einsum("bd,bd->", X, X) - 2 * np.einsum("bm,bm->", Z, F) + np.einsum("bm,bm->", FG, F)
+    Dec = W if V is None else V                             # the decoder: x^ = q~ Dec
+    Y = Z if V is None else latents(X, V)                   # (B, m) x Dec^T
+    FG = F @ (Dec @ Dec.T)                                  # (B, m)
+    recon = np.einsum("bd,bd->", X, X) - 2 * np.einsum("bm,bm->", Y, F) + np.einsum("bm,bm->", FG, F)
     loss = (float(recon) + (alpha + beta) * float(np.einsum("bm,bm->", dZQ, dZQ))) / B
-    g = (-2.0 / B) * (Z - FG)                               # (B, m) gradient reaching q~
+    g = (-2.0 / B) * (Y - FG)                               # (B, m) gradient reaching q~
     c = None                                                # (B, m) its share reaching e_k
     if fr.kind == "ste":
         dZ = g                                              # straight through
@@ -846,13 +860,17 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None, rng=None, n
         gu = np.sum(g * fr.u, axis=1, keepdims=True)
         dZ, c = g + gu * w, -gu * w
     dZ = dZ + (2.0 * beta / B) * dZQ
-    # decoder + encoder paths: F^T dX_t + dZ^T X = (dZ - 2/B F)^T X + 2/B F^T F W
-    gW = (dZ - (2.0 / B) * F).T @ X + ((2.0 / B) * (F.T @ F)) @ W      # (m, D)
+    # decoder path F^T dX_t = 2/B (F^T F Dec - F^T X): the untied decoder's gradient; the
+    # tied W takes it with the encoder path, (dZ - 2/B F)^T X + 2/B F^T F W
+    if V is None:
+        gW, gDec = (dZ - (2.0 / B) * F).T @ X + ((2.0 / B) * (F.T @ F)) @ W, None   # (m, D)
+    else:
+        gW, gDec = dZ.T @ X, ((2.0 / B) * (F.T @ F)) @ V - ((2.0 / B) * F).T @ X
     counts, sums = cluster_sums(Z, fr.labels, E.shape[0])
     gE = (2.0 * alpha / B) * (counts[:, None] * E - sums)
     if c is not None:
         gE = gE + cluster_sums(c, fr.labels, E.shape[0])[1]
-    return Grads(float(loss), gW, gE.astype(E.dtype, copy=False))
+    return Grads(float(loss), gW, gE.astype(E.dtype, copy=False), gDec)
 
 
 # ----------------------------------------------------------------------------
@@ -929,7 +947,7 @@ def ste_surrogate_W_entries(W, E, st, alpha, beta, idx, delta):
     return _ste_loss_from_products(M2, N2, G2, wq, E, st, alpha, beta)
 
 
-def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, frozen=None):
+def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, frozen=None, V=None):
     """Central finite differences of the frozen surrogate over entries of W and E.
 
     The stand-in for autograd: assignments (and the STE offset or the rotation) are
@@ -945,6 +963,7 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, frozen=
     coords : None for every entry, or (w_idx, e_idx), flat indices into W and E; the
         other entries of the returned gradients are NaN.
     frozen : the frozen quantities to use (the noise of nsvq and diveq included)
+    V : the untied decoder (m, D), or None; its entries are differenced too (the W indices)
 
     Returns
     -------
@@ -952,9 +971,10 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, frozen=
     """
     out_dtype = np.result_type(W, E)
     W, E, X = (np.asarray(a, dtype=np.float64) for a in (W, E, X))   # differences need float64
+    V = None if V is None else np.asarray(V, dtype=np.float64)
     fr = freeze(W, E, X, estimator) if frozen is None else frozen
     w_idx, e_idx = (np.arange(W.size), np.arange(E.size)) if coords is None else map(np.asarray, coords)
-    if fr.kind == "ste" and not fr.nu:
+    if fr.kind == "ste" and not fr.nu and V is None:
         st = ste_stats(X, fr, E.shape[0])
         loss = float(ste_surrogate(W, E, st, alpha, beta))
 
@@ -965,13 +985,13 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, frozen=
             return ste_surrogate(W, Es, st, alpha, beta)
         block = max(1, (1 << 22) // (E.size + 1))
     else:
-        loss = surrogate_loss(W, E, X, fr, alpha, beta)
+        loss = surrogate_loss(W, E, X, fr, alpha, beta, V)
 
         def f_W(idx, d):
-            return surrogate_loss(_perturbed(W, idx, d), E, X, fr, alpha, beta)
+            return surrogate_loss(_perturbed(W, idx, d), E, X, fr, alpha, beta, V)
 
         def f_E(Es):
-            return surrogate_loss(W, Es, X, fr, alpha, beta)
+            return surrogate_loss(W, Es, X, fr, alpha, beta, V)
         block = max(1, (1 << 20) // (X.shape[0] * W.shape[0] + 1))
     gW, gE = np.full(W.size, np.nan), np.full(E.size, np.nan)
     for s in range(0, len(w_idx), block):
@@ -980,7 +1000,15 @@ def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, frozen=
     for s in range(0, len(e_idx), block):
         i = e_idx[s:s + block]
         gE[i] = (f_E(_perturbed(E, i, h)) - f_E(_perturbed(E, i, -h))) / (2 * h)
-    return Grads(loss, gW.reshape(W.shape).astype(out_dtype), gE.reshape(E.shape).astype(out_dtype))
+    gV = None
+    if V is not None:
+        gV = np.full(V.size, np.nan)
+        for s in range(0, len(w_idx), block):
+            i = w_idx[s:s + block]
+            gV[i] = (surrogate_loss(W, E, X, fr, alpha, beta, _perturbed(V, i, h))
+                     - surrogate_loss(W, E, X, fr, alpha, beta, _perturbed(V, i, -h))) / (2 * h)
+        gV = gV.reshape(V.shape).astype(out_dtype)
+    return Grads(loss, gW.reshape(W.shape).astype(out_dtype), gE.reshape(E.shape).astype(out_dtype), gV)
 
 
 def _perturbed(P, idx, delta):
@@ -1000,19 +1028,20 @@ def rel_err(a, b):
     return float(np.max(np.abs(a[mask] - b[mask]), initial=0.0)) / scale
 
 
-def gradient_check(W, E, X, alpha, beta, estimator="ste", h=1e-5, n_coords=None, rng=None):
+def gradient_check(W, E, X, alpha, beta, estimator="ste", h=1e-5, n_coords=None, rng=None, V=None):
     """Compare :func:`manual_grads` with :func:`fd_grads`; returns relative errors.
 
     ``n_coords``: check only this many random entries of W and of E (for large models).
     """
     fr = freeze(W, E, X, estimator, rng)                   # nsvq, diveq: their noise, fixed
-    man = manual_grads(W, E, X, alpha, beta, estimator, frozen=fr)
+    man = manual_grads(W, E, X, alpha, beta, estimator, frozen=fr, V=V)
     coords = None
     if n_coords is not None and (W.size > n_coords or E.size > n_coords):
         coords = (rng.choice(W.size, min(n_coords, W.size), replace=False),
                   rng.choice(E.size, min(n_coords, E.size), replace=False))
-    fd = fd_grads(W, E, X, alpha, beta, estimator, h, coords, frozen=fr)
-    return {"gW_rel_err": rel_err(fd.gW, man.gW), "gE_rel_err": rel_err(fd.gE, man.gE),
+    fd = fd_grads(W, E, X, alpha, beta, estimator, h, coords, frozen=fr, V=V)
+    return {"gW_rel_err": max(rel_err(fd.gW, man.gW), rel_err(fd.gV, man.gV) if V is not None else 0.0),
+            "gE_rel_err": rel_err(fd.gE, man.gE),
             "loss_rel_err": abs(fd.loss - man.loss) / abs(man.loss),
             "coords": "all" if coords is None else int(len(coords[0]) + len(coords[1]))}
 
@@ -1035,6 +1064,7 @@ class Problem:
     reference: tuple         # (C (K, rank), seconds): see unconstrained_reference
     W0: np.ndarray = None    # (m, D) start of every trained method (--start), see start_regime
     E0: np.ndarray = None    # (K, m)
+    V0: np.ndarray = None    # (m, D) the untied decoder's start (W0), None for the tied one
     eval_sq: np.ndarray = None   # (n_eval,) ||x||^2 of the eval samples
     progress: Callable = quiet   # progress(phase, done, total), see Progress
     training: str = ""           # the method being trained, for the progress lines
@@ -1043,6 +1073,8 @@ class Problem:
     def __post_init__(self):
         if self.W0 is None:
             self.W0, self.E0 = start_regime(self.cfg, self.X_train, self.W_pca, self.E_kmeans)
+        if self.V0 is None and self.cfg.decoder == "untied":
+            self.V0 = self.W0.copy()
         if self.eval_sq is None:
             self.eval_sq = np.einsum("nd,nd->n", self.X_eval, self.X_eval, dtype=np.float64)
 
@@ -1079,18 +1111,18 @@ def start_regime(cfg, X_train, W_pca, E_kmeans):
     return W, E.astype(W_pca.dtype)
 
 
-def result(W, E, logs=None, status="ok", step=None, note=""):
-    """What a method returns: its model, logs and status."""
-    return {"W": W, "E": E, "logs": logs, "status": status, "diverged_at_step": step, "note": note}
+def result(W, E, logs=None, status="ok", step=None, note="", V=None):
+    """What a method returns: its model (V: an untied decoder, or None), logs and status."""
+    return {"W": W, "E": E, "V": V, "logs": logs, "status": status, "diverged_at_step": step, "note": note}
 
 
 DIVERGED = 1e4   # a run whose eval error grows past this multiple of its start has diverged
 
 
-def eval_metrics(problem, W, E):
-    """:func:`metrics` of (W, E) on the eval set, with the angle to the true eigenspace."""
+def eval_metrics(problem, W, E, V=None):
+    """:func:`metrics` of (W, E, V) on the eval set, with the angle to the true eigenspace."""
     m = problem.cfg.m
-    row = metrics(W, E, problem.X_eval, problem.eval_sq)
+    row = metrics(W, E, problem.X_eval, problem.eval_sq, V)
     row["subspace_angle_deg"] = subspace_angle_deg(W, problem.U[:, :m]) if m <= problem.cfg.rank else None
     return row
 
@@ -1098,7 +1130,7 @@ def eval_metrics(problem, W, E):
 N_CURVE = 20_000    # fresh samples on which the training curves are scored (paired)
 
 
-def curve_point(problem, W, E):
+def curve_point(problem, W, E, V=None):
     """What the report scores, along training: the paired difference of the model's error
     to the start's on a fixed sample of ``min(N_CURVE, n_pop)`` fresh samples (its own
     stream), with its standard error; empty with ``n_pop=0``."""
@@ -1110,7 +1142,7 @@ def curve_point(problem, W, E):
         s_sq = np.einsum("nr,nr->n", S, S)
         problem.curve = (S, s_sq, sample_errors((problem.W0, problem.E0), S, s_sq, problem.U))
     S, s_sq, start = problem.curve
-    d = sample_errors((W, E), S, s_sq, problem.U) - start
+    d = sample_errors((W, E, V), S, s_sq, problem.U) - start
     return {"pop_diff_to_start": float(d.mean()), "pop_diff_to_start_se": float(d.std(ddof=1) / math.sqrt(n))}
 
 
@@ -1130,8 +1162,8 @@ def lr_factor(cfg, t):
 def train(problem, step_fn, on_reseed=None):
     """The training loop of every gradient method: the same batches, eval metrics logged.
 
-    ``step_fn(W, E, Xb, t) -> (loss, W_new, E_new)`` at step t = 1..steps. Shared by
-    every method:
+    ``step_fn(W, E, V, Xb, t) -> (loss, W_new, E_new, V_new)`` at step t = 1..steps (V:
+    the untied decoder, None for the tied one). Shared by every method:
 
     * dead codes (``dead_threshold > 0``): the rule of lucidrains' vector-quantize-pytorch
       (``threshold_ema_dead_code``): each code's count per batch, at the point before the
@@ -1149,22 +1181,24 @@ def train(problem, step_fn, on_reseed=None):
     """
     cfg, X = problem.cfg, problem.X_train
     W, E = problem.W0.copy(), problem.E0.copy()
+    V = None if problem.V0 is None else problem.V0.copy()
     rng, reseed_rng = derived_rng(cfg.seed, "batches"), derived_rng(cfg.seed, "reseed")
     counts = np.ones(E.shape[0])
     tail_from = cfg.steps - math.ceil(cfg.tail_average * cfg.steps) + 1
-    W_sum, E_sum = np.zeros(W.shape), np.zeros(E.shape)
+    W_sum, E_sum, V_sum = np.zeros(W.shape), np.zeros(E.shape), np.zeros(W.shape)
     logs = {"batch_loss": [], "reseeded": [],
-            "eval": [{"step": 0, **eval_metrics(problem, W, E), **curve_point(problem, W, E)}]}
+            "eval": [{"step": 0, **eval_metrics(problem, W, E, V), **curve_point(problem, W, E, V)}]}
     with np.errstate(all="ignore"):                         # overflow is detected, not warned about
         for t in range(1, cfg.steps + 1):
             problem.progress(f"training {problem.training}", t - 1, cfg.steps)
             Xb = X[rng.integers(0, X.shape[0], size=cfg.batch)]            # (B, D)
             try:
-                loss, W_new, E_new = step_fn(W, E, Xb, t)
+                loss, W_new, E_new, V_new = step_fn(W, E, V, Xb, t)
             except np.linalg.LinAlgError:
                 loss = math.nan
-            if not (math.isfinite(loss) and np.isfinite(W_new).all() and np.isfinite(E_new).all()):
-                return result(W, E, logs, "diverged", t, f"non-finite loss or parameters at step {t}")
+            if not (math.isfinite(loss) and np.isfinite(W_new).all() and np.isfinite(E_new).all()
+                    and (V_new is None or np.isfinite(V_new).all())):
+                return result(W, E, logs, "diverged", t, f"non-finite loss or parameters at step {t}", V)
             if cfg.dead_threshold > 0:
                 Z = latents(Xb, W)                          # the batch before the step
                 n_j = np.bincount(assign(Z, E), minlength=E.shape[0])
@@ -1178,23 +1212,26 @@ def train(problem, step_fn, on_reseed=None):
                     if on_reseed is not None:
                         on_reseed(dead, Z[pick])
                 logs["reseeded"].append(int(dead.size))
-            W, E = W_new, E_new
+            W, E, V = W_new, E_new, V_new
             logs["batch_loss"].append(float(loss))
             if t >= tail_from:
                 W_sum += W
                 E_sum += E
+                if V is not None:
+                    V_sum += V
             if t % cfg.log_every == 0 or t == cfg.steps:
-                row = {"step": t, **eval_metrics(problem, W, E), **curve_point(problem, W, E)}
+                row = {"step": t, **eval_metrics(problem, W, E, V), **curve_point(problem, W, E, V)}
                 if not row["recon_mse"] <= DIVERGED * logs["eval"][0]["recon_mse"]:
                     return result(W, E, logs, "diverged", t,
-                                  f"eval error {row['recon_mse']:.3g} at step {t}, over {DIVERGED:g}x its start")
+                                  f"eval error {row['recon_mse']:.3g} at step {t}, over {DIVERGED:g}x its start", V)
                 logs["eval"].append(row)
     if cfg.tail_average > 0 and cfg.steps > 0:
         n_avg = cfg.steps - tail_from + 1
         W = stiefel_project(W_sum / n_avg).astype(W.dtype)
         E = (E_sum / n_avg).astype(E.dtype)
+        V = None if V is None else (V_sum / n_avg).astype(V.dtype)
     note = f"{sum(logs['reseeded'])} codes re-seeded" if cfg.dead_threshold > 0 else ""
-    return result(W, E, logs, note=note)
+    return result(W, E, logs, note=note, V=V)
 
 
 def encoder_step(cfg, W, gW, t):
@@ -1203,20 +1240,31 @@ def encoder_step(cfg, W, gW, t):
     return riemannian_step(W, gW, lr_factor(cfg, t) * cfg.lrW) if cfg.train_encoder else W
 
 
+def finite(grads):
+    return math.isfinite(grads.loss) and all(g is None or np.isfinite(g).all() for g in grads[1:])
+
+
+def decoder_step(cfg, V, gV, t):
+    """The untied decoder's step: plain SGD at the encoder's scheduled rate (none for the
+    tied decoder, V None)."""
+    return None if V is None else V - lr_factor(cfg, t) * cfg.lrW * gV
+
+
 def sgd(problem, grad_fn):
     """The optimizer shared by every gradient method: Riemannian SGD on W (unless
-    ``train_encoder`` is 0), SGD on E, both rates times :func:`lr_factor`.
+    ``train_encoder`` is 0), SGD on E (and on an untied decoder V), every rate times
+    :func:`lr_factor`.
 
-    ``grad_fn(W, E, Xb) -> (loss, gW, gE)``, e.g. :func:`manual_grads`.
+    ``grad_fn(W, E, V, Xb) -> Grads``, e.g. :func:`manual_grads`.
     """
     cfg = problem.cfg
 
-    def step(W, E, Xb, t):
-        loss, gW, gE = grad_fn(W, E, Xb)
-        if not (math.isfinite(loss) and np.isfinite(gW).all() and np.isfinite(gE).all()):
-            return math.nan, W, E
+    def step(W, E, V, Xb, t):
+        gr = grad_fn(W, E, V, Xb)
+        if not finite(gr):
+            return math.nan, W, E, V
         f = lr_factor(cfg, t)
-        return loss, encoder_step(cfg, W, gW, t), E - f * cfg.lrE * gE
+        return gr.loss, encoder_step(cfg, W, gr.gW, t), E - f * cfg.lrE * gr.gE, decoder_step(cfg, V, gr.gV, t)
     return train(problem, step)
 
 
@@ -1234,19 +1282,19 @@ def method_fd_ste(problem):
         return result(None, None, status="skipped", note=(
             f"{evals:.3g} loss evaluations (steps x 2 x {problem.W0.size + problem.E0.size} parameters) "
             f"exceed --fd_max_evals {c.fd_max_evals:g}; --force_fd runs it"))
-    return sgd(problem, lambda W, E, Xb: fd_grads(W, E, Xb, c.alpha, c.beta, "ste", c.fd_h))
+    return sgd(problem, lambda W, E, V, Xb: fd_grads(W, E, Xb, c.alpha, c.beta, "ste", c.fd_h, V=V))
 
 
 def method_manual_ste(problem):
     """STE trained with hand-derived gradients."""
     c = problem.cfg
-    return sgd(problem, lambda W, E, Xb: manual_grads(W, E, Xb, c.alpha, c.beta, "ste"))
+    return sgd(problem, lambda W, E, V, Xb: manual_grads(W, E, Xb, c.alpha, c.beta, "ste", V=V))
 
 
 def method_rotation(problem):
     """The rotation trick (Fifty et al. 2025) with hand-derived gradients."""
     c = problem.cfg
-    return sgd(problem, lambda W, E, Xb: manual_grads(W, E, Xb, c.alpha, c.beta, "rotation"))
+    return sgd(problem, lambda W, E, V, Xb: manual_grads(W, E, Xb, c.alpha, c.beta, "rotation", V=V))
 
 
 @dataclasses.dataclass
@@ -1290,14 +1338,13 @@ def method_ema_ste(problem):
     K, m = problem.E0.shape
     state = EmaState(np.zeros(K), np.zeros((K, m)))
 
-    def step(W, E, Xb, t):
+    def step(W, E, V, Xb, t):
         fr = freeze(W, E, Xb, "ste")                        # latents and codes before the step
-        loss, gW, _ = manual_grads(W, E, Xb, 0.0, c.beta, "ste", frozen=fr)
-        if not (math.isfinite(loss) and np.isfinite(gW).all()):
-            return math.nan, W, E
+        gr = manual_grads(W, E, Xb, 0.0, c.beta, "ste", frozen=fr, V=V)
+        if not finite(gr):
+            return math.nan, W, E, V
         E_new = ema_codebook_update(E, state, fr.Z0, fr.labels, c.ema_decay, c.ema_eps)
-        W_new = encoder_step(c, W, gW, t)
-        return loss, W_new, E_new
+        return gr.loss, encoder_step(c, W, gr.gW, t), E_new, decoder_step(c, V, gr.gV, t)
 
     def reset(codes, values):                               # debiased: count T, sum T * latent
         debias = 1 - c.ema_decay ** state.t
@@ -1376,7 +1423,7 @@ def method_rotation_unit(problem):
     ``exp_weights_and_configs/table_3/rot_vqgan.py``, ``VQModel.get_rotation``): the
     gradient flows through ``z/||z||``, so the reconstruction sends nothing along z."""
     c = problem.cfg
-    return sgd(problem, lambda W, E, Xb: manual_grads(W, E, Xb, c.alpha, c.beta, "rotation_unit"))
+    return sgd(problem, lambda W, E, V, Xb: manual_grads(W, E, Xb, c.alpha, c.beta, "rotation_unit", V=V))
 
 
 def method_nsvq(problem):
@@ -1386,7 +1433,7 @@ def method_nsvq(problem):
     (``alpha = beta = 0`` whatever the flags): the codebook learns through ``||z - q||``.
     Scored with the nearest code, as ``NSVQ.inference``."""
     rng = derived_rng(problem.cfg.seed, "noise")
-    return sgd(problem, lambda W, E, Xb: manual_grads(W, E, Xb, 0.0, 0.0, "nsvq", rng=rng))
+    return sgd(problem, lambda W, E, V, Xb: manual_grads(W, E, Xb, 0.0, 0.0, "nsvq", rng=rng, V=V))
 
 
 def method_diveq(problem):
@@ -1396,8 +1443,8 @@ def method_diveq(problem):
     authors' (``alpha = beta = 0``); their dead-code replacement is not included (the
     shared ``--dead_threshold`` rule is)."""
     rng, noise = derived_rng(problem.cfg.seed, "noise"), method_param(problem, "diveq", "noise")
-    return sgd(problem, lambda W, E, Xb: manual_grads(W, E, Xb, 0.0, 0.0, "diveq",
-                                                       frozen=freeze(W, E, Xb, "diveq", rng, noise)))
+    return sgd(problem, lambda W, E, V, Xb: manual_grads(W, E, Xb, 0.0, 0.0, "diveq", V=V,
+                                                          frozen=freeze(W, E, Xb, "diveq", rng, noise)))
 
 
 def affine_codebook(C, s, t, a):
@@ -1425,17 +1472,17 @@ def method_affine_ste(problem):
     K, m = problem.E0.shape
     p = {"C": problem.E0.astype(np.float64), "s": np.zeros(m), "t": np.zeros(m)}
 
-    def step(W, E, Xb, t):
-        loss, gW, gE = manual_grads(W, E, Xb, c.alpha, c.beta, "ste", nu=nu)
-        if not (math.isfinite(loss) and np.isfinite(gW).all() and np.isfinite(gE).all()):
-            return math.nan, W, E
+    def step(W, E, V, Xb, t):
+        gr = manual_grads(W, E, Xb, c.alpha, c.beta, "ste", nu=nu, V=V)
+        if not finite(gr):
+            return math.nan, W, E, V
         lr = lr_factor(c, t) * c.lrE
-        gC, gs, gt = affine_grads(gE, p["C"], p["s"], a)
+        gC, gs, gt = affine_grads(gr.gE, p["C"], p["s"], a)
         # s and t are shared by the K codes: their gradient sums K codes' (SGD, unlike the
         # authors' Adam, does not normalise it), so they step at lrE / K
         p["C"], p["s"], p["t"] = p["C"] - lr * gC, p["s"] - lr / K * gs, p["t"] - lr / K * gt
-        W_new = encoder_step(c, W, gW, t)
-        return loss, W_new, affine_codebook(p["C"], p["s"], p["t"], a).astype(E.dtype)
+        return (gr.loss, encoder_step(c, W, gr.gW, t), affine_codebook(p["C"], p["s"], p["t"], a).astype(E.dtype),
+                decoder_step(c, V, gr.gV, t))
 
     def reset(codes, values):
         p["C"][codes] = (values - a * p["t"]) / (1 + a * p["s"])
@@ -1455,14 +1502,14 @@ def method_simvq(problem):
     K, m = problem.E0.shape
     p = {"C": problem.E0.astype(np.float64), "P": np.eye(m), "b": np.zeros(m)}
 
-    def step(W, E, Xb, t):
-        loss, gW, gE = manual_grads(W, E, Xb, c.alpha, c.beta, "ste")
-        if not (math.isfinite(loss) and np.isfinite(gW).all() and np.isfinite(gE).all()):
-            return math.nan, W, E
+    def step(W, E, V, Xb, t):
+        gr = manual_grads(W, E, Xb, c.alpha, c.beta, "ste", V=V)
+        if not finite(gr):
+            return math.nan, W, E, V
         lr = lr_factor(c, t) * c.lrE / K                    # P and b sum K codes' gradients
-        p["P"], p["b"] = p["P"] - lr * (gE.T @ p["C"]), p["b"] - lr * gE.sum(axis=0)   # dL/dP = G^T C
-        W_new = encoder_step(c, W, gW, t)
-        return loss, W_new, (p["C"] @ p["P"].T + p["b"]).astype(E.dtype)
+        p["P"], p["b"] = p["P"] - lr * (gr.gE.T @ p["C"]), p["b"] - lr * gr.gE.sum(axis=0)   # dL/dP = G^T C
+        return (gr.loss, encoder_step(c, W, gr.gW, t), (p["C"] @ p["P"].T + p["b"]).astype(E.dtype),
+                decoder_step(c, V, gr.gV, t))
 
     def reset(codes, values):                               # C_j P^T + b = value
         p["C"][codes] = np.linalg.lstsq(p["P"], (values - p["b"]).T, rcond=None)[0].T
@@ -1534,10 +1581,10 @@ def method_wasserstein(problem):
     c = problem.cfg
     weight = method_param(problem, "wasserstein", "weight")
 
-    def grads(W, E, Xb):
-        loss, gW, gE = manual_grads(W, E, Xb, c.alpha, c.beta, "ste")
+    def grads(W, E, V, Xb):
+        gr = manual_grads(W, E, Xb, c.alpha, c.beta, "ste", V=V)
         Wd, gZ, gEw = wasserstein_grads(latents(Xb, W), E)
-        return loss + weight * Wd, gW + weight * (gZ.T @ Xb), gE + weight * gEw
+        return Grads(gr.loss + weight * Wd, gr.gW + weight * (gZ.T @ Xb), gr.gE + weight * gEw, gr.gV)
     return sgd(problem, grads)
 
 
@@ -1619,12 +1666,13 @@ def usage_stats(labels, K):
             "dead_frac": float(np.mean(counts == 0))}
 
 
-def metrics(W, E, X, x_sq=None):
+def metrics(W, E, X, x_sq=None, V=None):
     """Reconstruction and code-usage metrics of the model (W, E) on ``X`` (n, D).
 
     Returns a dict: ``recon_mse`` = mean ||x - q W||^2, ``in_sub_dist`` = mean
     ||z - q||^2, ``usage_entropy`` (nats), ``perplexity`` = exp(entropy), ``dead_frac``.
-    ``x_sq``: the rows' squared norms (n,), when the caller has them.
+    ``x_sq``: the rows' squared norms (n,), when the caller has them; ``V``: an untied
+    decoder (m, D), else the decoder is W.
 
     Examples
     --------
@@ -1635,7 +1683,8 @@ def metrics(W, E, X, x_sq=None):
     {'recon_mse': 1.0, 'in_sub_dist': 0.5, 'usage_entropy': 0.6931, 'perplexity': 2.0, 'dead_frac': 0.0}
     """
     x_sq = np.einsum("nd,nd->n", X, X, dtype=np.float64) if x_sq is None else x_sq
-    err, labels, dist = reconstruction_errors(x_sq, latents(X, W), E, W)
+    err, labels, dist = reconstruction_errors(x_sq, latents(X, W), E, W, V=V,
+                                              Y=None if V is None else latents(X, V))
     return {"recon_mse": float(err.mean()), "in_sub_dist": float(dist.mean()),
             **usage_stats(labels, E.shape[0])}
 
@@ -1746,10 +1795,11 @@ class Population(NamedTuple):
 def sample_errors(model, S, s_sq, U):
     """Per-sample errors (c,) of a model on samples ``S`` (c, rank) in the coordinates of
     ``U`` (x = s U^T, ``s_sq = ||s||^2``): ``(W, E)`` a VQ model (``z = s (W U)^T``), or a
-    codebook C (K, rank) in those coordinates."""
+    codebook C (K, rank) in those coordinates; ``(W, E, V)`` with an untied decoder V."""
     if isinstance(model, tuple):
-        W, E = (np.asarray(a, dtype=np.float64) for a in model)
-        return reconstruction_errors(s_sq, S @ (W @ U).T, E, W)[0]
+        W, E, V = (None if a is None else np.asarray(a, dtype=np.float64) for a in (*model, None)[:3])
+        Y = None if V is None else S @ (V @ U).T            # (c, m) x V^T
+        return reconstruction_errors(s_sq, S @ (W @ U).T, E, W, V=V, Y=Y)[0]
     return nearest(S, np.asarray(model, dtype=np.float64))[1]
 
 
@@ -1839,6 +1889,7 @@ def validate(cfg):
     need(0 <= cfg.dead_decay < 1, "dead_decay", "must be in [0, 1)")
     need(cfg.start in START_REGIMES, "start", "must be one of " + ", ".join(START_REGIMES))
     need(cfg.train_encoder in (0, 1), "train_encoder", "must be 0 or 1")
+    need(cfg.decoder in ("tied", "untied"), "decoder", "must be tied or untied")
     need(cfg.lr_schedule in LR_SCHEDULES, "lr_schedule", "must be one of " + ", ".join(LR_SCHEDULES))
     need(0 <= cfg.tail_average < 1, "tail_average", "must be in [0, 1)")
     need(cfg.dtype in ("float64", "float32"), "dtype", "must be float64 or float32")
@@ -2034,7 +2085,7 @@ def score(problem, res):
     if res["status"] != "ok":          # a diverged run keeps its last finite parameters, unscored
         return res
     with np.errstate(all="ignore"):
-        m = eval_metrics(problem, res["W"], res["E"])
+        m = eval_metrics(problem, res["W"], res["E"], res.get("V"))
     if not all(math.isfinite(v) for v in m.values() if v is not None):
         res.update(status="diverged", diverged_at_step=problem.cfg.steps,
                    note="parameters finite but their eval error overflows")
@@ -2057,7 +2108,7 @@ def bounds(problem, results):
         if r["status"] == "ok":
             r["entropy_bound"] = rank_m_bound(problem.lam, cfg.m, bits=r["usage_entropy"] / math.log(2))
     if cfg.n_pop > 0:
-        models = {n: (r["W"], r["E"]) for n, r in results.items() if r["status"] == "ok"}
+        models = {n: (r["W"], r["E"], r.get("V")) for n, r in results.items() if r["status"] == "ok"}
         pop = population_errors({**models, "unconstrained_kmeans": C}, problem.U, problem.lam,
                                 cfg.n_pop, derived_rng(cfg.seed, "population"), progress=problem.progress)
         for i, name in enumerate(pop.names):
@@ -2095,9 +2146,10 @@ def gradient_checks(problem):
     if "wasserstein" in c.methods:                          # its extra term, live in W and E
         out["wasserstein"] = wasserstein_check(W, E, Xb.astype(np.float64), c.fd_h)
     used = {METHODS[n].estimator for n in c.methods if n in METHODS}
+    V = None if problem.V0 is None else problem.V0.astype(np.float64)
     for est in ("ste", "rotation") + tuple(e for e in ESTIMATORS if e in used and e not in ("ste", "rotation")):
         out[est] = gradient_check(W, E, Xb.astype(np.float64), c.alpha, c.beta, est, c.fd_h,
-                                  n_coords, derived_rng(c.seed, "gradcheck"))
+                                  n_coords, derived_rng(c.seed, "gradcheck"), V)
     return out
 
 
@@ -2217,7 +2269,7 @@ def verdict(summary):
 
 def _json_ready(obj):
     if isinstance(obj, dict):
-        return {k: _json_ready(v) for k, v in obj.items() if k not in ("W", "E", "logs")}
+        return {k: _json_ready(v) for k, v in obj.items() if k not in ("W", "E", "V", "logs")}
     if isinstance(obj, (list, tuple)):
         return [_json_ready(v) for v in obj]
     if isinstance(obj, (np.floating, float)):

@@ -164,7 +164,7 @@ def _our_step(D, m, K, B, steps, dtype):
 
     def step():
         Xb = X[rng.integers(0, X.shape[0], size=B)]
-        loss, gW, gE = vq.manual_grads(state[0], state[1], Xb, 1.0, 0.25)
+        loss, gW, gE, _ = vq.manual_grads(state[0], state[1], Xb, 1.0, 0.25)
         state[0] = vq.riemannian_step(state[0], gW, 0.08)
         state[1] = state[1] - 0.2 * gE
     for _ in range(5):
