@@ -38,7 +38,9 @@ GRIDS = {"K": (int, [8, 16, 32, 64], "codebook size K"),
          "start": (str, list(vq.START_REGIMES), "start regime of the trained methods"),
          "shift": (float, [0.0, 1.0, 2.0, 4.0, 8.0], "shift of the codes' start (latent sd)"),
          "lr": (float, [1.0, 0.25, 0.0625], "scale on both learning rates")}
-SWEEPS = tuple(GRIDS) + ("steps", "verify")
+# "tricks": every combination of --start_values, --K_values and full / codebook-only training
+SWEEPS = tuple(GRIDS) + ("tricks", "steps", "verify")
+TRAINING = {"full": 1, "codes": 0}                          # --train_encoder of a tricks cell
 RESULTS, CONFIG, SUMMARY = "results.jsonl", "sweep_config.json", "summary.csv"
 SCORE_KEYS = ("recon_mse", "in_sub_dist", "usage_entropy", "dead_frac", "perplexity",
               "subspace_angle_deg", "pop_recon_mse", "pop_recon_se", "entropy_bound")
@@ -55,7 +57,21 @@ ORIGINAL = dict(sweep=["K", "beta", "steps", "verify"], K_values=[8, 16, 32, 64]
 # isotropic latents, the encoder fixed, codes started off the data by --shift latent sd.
 COLLAPSE = dict(sweep=["shift"], shift_values=[0.0, 1.0, 2.0, 4.0, 8.0], seeds=5, start="shifted",
                 train_encoder=0, D=8, rank=8, m=8, lmax=1.0, lmin=1.0, K=256)
-PRESETS = {"original": ORIGINAL, "collapse": COLLAPSE}
+# Every method from every start regime at three codebook sizes, with and without training
+# the encoder: which trick helps, and where.
+TRICKS = dict(sweep=["tricks"], start_values=list(vq.START_REGIMES), K_values=[16, 64, 256], seeds=5,
+              methods=list(vq.METHODS))
+PRESETS = {"original": ORIGINAL, "collapse": COLLAPSE, "tricks": TRICKS}
+
+
+def tricks_value(start, K, training):
+    return f"{start} K{K} {training}"
+
+
+def parse_tricks(value):
+    """(start, K, training) of a tricks cell's value, e.g. ``"shifted K64 codes"``."""
+    start, k, training = value.split()
+    return start, int(k[1:]), training
 
 
 class SweepError(ValueError):
@@ -139,6 +155,9 @@ def cell_settings(settings, sweep, value):
     if sweep == "lr":                                       # a scale on both rates
         base = vq.Config()
         settings.update(lrW=value * settings.get("lrW", base.lrW), lrE=value * settings.get("lrE", base.lrE))
+    elif sweep == "tricks":
+        start, K, training = parse_tricks(value)
+        settings.update(start=start, K=K, train_encoder=TRAINING[training])
     elif sweep in GRIDS or sweep == "steps":
         settings[sweep] = value
     return settings
@@ -229,6 +248,7 @@ def plan(args):
     sweeps = plan_sweeps(args)
     seeds = [args.seed + i for i in range(args.seeds)]
     values = {**{name: getattr(args, f"{name}_values") for name in GRIDS},
+              "tricks": [tricks_value(s, k, t) for s in args.start_values for k in args.K_values for t in TRAINING],
               "steps": [args.steps_max], "verify": [args.steps]}
     tasks = []
     for sweep in sweeps:
@@ -245,6 +265,9 @@ def _task_key(line):
 
 def _value_key(value):
     """Grid values in order: numbers by size, start regimes as vq_compare lists them."""
+    if isinstance(value, str) and " K" in value:           # a tricks cell
+        start, K, training = parse_tricks(value)
+        return (2, vq.START_REGIMES.index(start), K, list(TRAINING).index(training))
     if isinstance(value, str):
         return (1, vq.START_REGIMES.index(value) if value in vq.START_REGIMES else 0, value)
     return (0, float(value), "")
@@ -653,7 +676,8 @@ def parse_args(argv=None):
     args.seed = settings.get("seed", base.seed)
     args.steps = settings.get("steps", base.steps)
     for sweep in plan_sweeps(args):                        # every cell's settings, checked up front
-        for value in getattr(args, f"{sweep}_values", []):
+        cells = plan(args) if sweep == "tricks" else []
+        for value in getattr(args, f"{sweep}_values", []) or [t["value"] for t in cells if t["sweep"] == sweep]:
             try:
                 vq.make_config(**{**cell_settings(settings, sweep, value), "outdir": None})
             except vq.ConfigError as e:
@@ -729,7 +753,7 @@ def _run(args):
         return 0
     rows = aggregate(lines)
     write_csv(os.path.join(args.outdir, SUMMARY), rows)
-    for sweep in dict.fromkeys(r["sweep"] for r in rows):
+    for sweep in dict.fromkeys(r["sweep"] for r in rows if r["sweep"] != "tricks"):   # tricks: a table
         vq.save_figure(plot_sweep(rows, sweep, describe(args.settings)),
                        os.path.join(args.outdir, f"sweep_{sweep}.png"))
     if not args.quiet:
