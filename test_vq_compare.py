@@ -297,8 +297,9 @@ def test_new_methods_are_opt_in_and_checked_when_run():
     new = ("rotation_unit", "nsvq", "diveq", "affine_ste", "simvq", "wasserstein")
     assert not set(new) & set(vq.default_methods())
     out = vq.run_comparison(**{**TINY, "methods": list(new), "dead_threshold": 1.0})
-    assert out["gradient_check"]["wasserstein"]["gW_rel_err"] < 1e-6
-    assert out["gradient_check"]["wasserstein"]["gE_rel_err"] < 1e-6
+    for check in ("wasserstein", "sync", "codebook_params"):   # every method's gradients checked
+        assert out["gradient_check"][check]["gW_rel_err"] < 1e-6
+        assert out["gradient_check"][check]["gE_rel_err"] < 1e-6
     for name in new:
         assert out["results"][name]["status"] == "ok"
         chk = out["gradient_check"][vq.METHODS[name].estimator]

@@ -1028,12 +1028,12 @@ def rel_err(a, b):
     return float(np.max(np.abs(a[mask] - b[mask]), initial=0.0)) / scale
 
 
-def gradient_check(W, E, X, alpha, beta, estimator="ste", h=1e-5, n_coords=None, rng=None, V=None):
+def gradient_check(W, E, X, alpha, beta, estimator="ste", h=1e-5, n_coords=None, rng=None, V=None, nu=0.0):
     """Compare :func:`manual_grads` with :func:`fd_grads`; returns relative errors.
 
     ``n_coords``: check only this many random entries of W and of E (for large models).
     """
-    fr = freeze(W, E, X, estimator, rng)                   # nsvq, diveq: their noise, fixed
+    fr = freeze(W, E, X, estimator, rng, nu=nu)            # nsvq, diveq: their noise, fixed
     man = manual_grads(W, E, X, alpha, beta, estimator, frozen=fr, V=V)
     coords = None
     if n_coords is not None and (W.size > n_coords or E.size > n_coords):
@@ -2143,14 +2143,48 @@ def gradient_checks(problem):
     n_coords = None if W.size + E.size <= 2048 else 256
     out = {"point": "the trained methods' start, first training batch", "h": c.fd_h,
            "measure": "max|fd - manual| / max|manual| per tensor"}
+    Xb = Xb.astype(np.float64)
     if "wasserstein" in c.methods:                          # its extra term, live in W and E
-        out["wasserstein"] = wasserstein_check(W, E, Xb.astype(np.float64), c.fd_h)
+        out["wasserstein"] = wasserstein_check(W, E, Xb, c.fd_h)
+    if "affine_ste" in c.methods or "simvq" in c.methods:   # their codebook parameters
+        out["codebook_params"] = codebook_param_check(problem, W, E, Xb)
     used = {METHODS[n].estimator for n in c.methods if n in METHODS}
     V = None if problem.V0 is None else problem.V0.astype(np.float64)
     for est in ("ste", "rotation") + tuple(e for e in ESTIMATORS if e in used and e not in ("ste", "rotation")):
-        out[est] = gradient_check(W, E, Xb.astype(np.float64), c.alpha, c.beta, est, c.fd_h,
+        out[est] = gradient_check(W, E, Xb, c.alpha, c.beta, est, c.fd_h,
                                   n_coords, derived_rng(c.seed, "gradcheck"), V)
+    if "affine_ste" in c.methods:                           # synchronized commitment
+        out["sync"] = gradient_check(W, E, Xb, c.alpha, c.beta, "ste", c.fd_h, n_coords,
+                                     derived_rng(c.seed, "gradcheck"), V, method_param(problem, "affine_ste", "nu"))
     return out
+
+
+def codebook_param_check(problem, W, E, X, h=1e-6):
+    """The chain rule to the codebook's own parameters of affine_ste (s, t at a point off
+    zero) and simvq (P, b), against central differences of the frozen surrogate."""
+    c = problem.cfg
+    rng = derived_rng(c.seed, "gradcheck")
+    m = E.shape[1]
+    a, s, t = 2.0, 0.1 * rng.standard_normal(m), 0.1 * rng.standard_normal(m)
+    P, b = np.eye(m) + 0.1 * rng.standard_normal((m, m)), 0.1 * rng.standard_normal(m)
+    worst = 0.0
+    for make, params, grads in (
+            (lambda s_, t_: affine_codebook(E, s_, t_, a), (s, t), lambda G: affine_grads(G, E, s, a)[1:]),
+            (lambda P_, b_: E @ P_.T + b_, (P, b), lambda G: (G.T @ E, G.sum(axis=0)))):
+        Ecode = make(*params)
+        fr = freeze(W, Ecode, X, "ste")
+        hand = grads(manual_grads(W, Ecode, X, c.alpha, c.beta, frozen=fr).gE)
+        for i, (p_, g) in enumerate(zip(params, hand)):
+            fd = np.empty(p_.size)
+            for j in range(p_.size):
+                d = np.zeros(p_.size)
+                d[j] = h
+                up, dn = list(params), list(params)
+                up[i], dn[i] = p_ + d.reshape(p_.shape), p_ - d.reshape(p_.shape)
+                fd[j] = (surrogate_loss(W, make(*up), X, fr, c.alpha, c.beta)
+                         - surrogate_loss(W, make(*dn), X, fr, c.alpha, c.beta)) / (2 * h)
+            worst = max(worst, rel_err(fd.reshape(p_.shape), g))
+    return {"gW_rel_err": 0.0, "gE_rel_err": worst, "loss_rel_err": 0.0, "coords": "all"}
 
 
 _METRIC_KEYS = ("recon_mse", "in_sub_dist", "usage_entropy", "dead_frac", "perplexity")
@@ -2231,7 +2265,7 @@ def format_report(summary):
     g = summary["gradient_check"]
     check = ("Gradient check, hand-derived vs finite differences (largest difference / largest "
              "entry): " + ", ".join(f"{est} {max(g[est]['gW_rel_err'], g[est]['gE_rel_err']):.1e}"
-                                    for est in ESTIMATORS + ("wasserstein",) if est in g))
+                                    for est in ESTIMATORS + ("sync", "wasserstein", "codebook_params") if est in g))
     a = summary["fd_vs_manual"]
     if a:
         check += f"; fd_ste vs manual_ste after training: metrics within {a['max_rel_metric_diff']:.1e}"
