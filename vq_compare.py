@@ -607,6 +607,14 @@ def process_pool(workers):
 # Losses, the frozen surrogate and hand-derived gradients
 # ----------------------------------------------------------------------------
 
+def own_codes(assign, Z, E):
+    """Labels (n,) and squared distances (n,) of a quantizer with its own assignment rule
+    ``assign(Z) -> labels`` (FSQ's rounding): not always the nearest code."""
+    labels = assign(Z)
+    diff = Z - E[labels]
+    return labels, np.einsum("nm,nm->n", diff, diff)
+
+
 def reconstruction_errors(x_sq, Z, E, W, assigned=None, V=None, Y=None):
     """Per-sample ``||x - q W||^2`` (n,), labels (n,) and in-subspace ``||z - q||^2`` (n,)
     of the model (W, E), from the latents ``Z = X W^T`` (n, m) and ``x_sq = ||x||^2`` (n,);
@@ -1111,18 +1119,20 @@ def start_regime(cfg, X_train, W_pca, E_kmeans):
     return W, E.astype(W_pca.dtype)
 
 
-def result(W, E, logs=None, status="ok", step=None, note="", V=None):
-    """What a method returns: its model (V: an untied decoder, or None), logs and status."""
-    return {"W": W, "E": E, "V": V, "logs": logs, "status": status, "diverged_at_step": step, "note": note}
+def result(W, E, logs=None, status="ok", step=None, note="", V=None, assign=None):
+    """What a method returns: its model (V: an untied decoder, or None; assign: its own
+    assignment rule, or None for the nearest code), logs and status."""
+    return {"W": W, "E": E, "V": V, "assign": assign, "logs": logs, "status": status,
+            "diverged_at_step": step, "note": note}
 
 
 DIVERGED = 1e4   # a run whose eval error grows past this multiple of its start has diverged
 
 
-def eval_metrics(problem, W, E, V=None):
+def eval_metrics(problem, W, E, V=None, assign=None):
     """:func:`metrics` of (W, E, V) on the eval set, with the angle to the true eigenspace."""
     m = problem.cfg.m
-    row = metrics(W, E, problem.X_eval, problem.eval_sq, V)
+    row = metrics(W, E, problem.X_eval, problem.eval_sq, V, assign)
     row["subspace_angle_deg"] = subspace_angle_deg(W, problem.U[:, :m]) if m <= problem.cfg.rank else None
     return row
 
@@ -1130,7 +1140,7 @@ def eval_metrics(problem, W, E, V=None):
 N_CURVE = 20_000    # fresh samples on which the training curves are scored (paired)
 
 
-def curve_point(problem, W, E, V=None):
+def curve_point(problem, W, E, V=None, assign=None):
     """What the report scores, along training: the paired difference of the model's error
     to the start's on a fixed sample of ``min(N_CURVE, n_pop)`` fresh samples (its own
     stream), with its standard error; empty with ``n_pop=0``."""
@@ -1142,7 +1152,7 @@ def curve_point(problem, W, E, V=None):
         s_sq = np.einsum("nr,nr->n", S, S)
         problem.curve = (S, s_sq, sample_errors((problem.W0, problem.E0), S, s_sq, problem.U))
     S, s_sq, start = problem.curve
-    d = sample_errors((W, E, V), S, s_sq, problem.U) - start
+    d = sample_errors((W, E, V, assign), S, s_sq, problem.U) - start
     return {"pop_diff_to_start": float(d.mean()), "pop_diff_to_start_se": float(d.std(ddof=1) / math.sqrt(n))}
 
 
@@ -1159,7 +1169,7 @@ def lr_factor(cfg, t):
     return 1 - done if cfg.lr_schedule == "linear" else 1.0
 
 
-def train(problem, step_fn, on_reseed=None):
+def train(problem, step_fn, on_reseed=None, assign=None, E0=None):
     """The training loop of every gradient method: the same batches, eval metrics logged.
 
     ``step_fn(W, E, V, Xb, t) -> (loss, W_new, E_new, V_new)`` at step t = 1..steps (V:
@@ -1171,7 +1181,8 @@ def train(problem, step_fn, on_reseed=None):
       (``d = dead_decay``); after the step a code with ``N_j < dead_threshold`` takes a
       latent of the batch, drawn without replacement when the batch has enough, and
       ``N_j`` is set to the threshold. ``on_reseed(codes, latents)`` lets a method reset
-      its own state for those codes; ``logs["reseeded"]`` counts them per step;
+      its own state for those codes; ``logs["reseeded"]`` counts them per step (none
+      for a quantizer with its own assignment rule ``assign``, started at ``E0``);
     * tail averaging (``tail_average > 0``): the reported model is the mean of the
       iterates over the last steps (W projected back onto the manifold).
 
@@ -1180,14 +1191,14 @@ def train(problem, step_fn, on_reseed=None):
     last finite parameters.
     """
     cfg, X = problem.cfg, problem.X_train
-    W, E = problem.W0.copy(), problem.E0.copy()
+    W, E = problem.W0.copy(), (problem.E0 if E0 is None else E0).copy()
     V = None if problem.V0 is None else problem.V0.copy()
     rng, reseed_rng = derived_rng(cfg.seed, "batches"), derived_rng(cfg.seed, "reseed")
     counts = np.ones(E.shape[0])
     tail_from = cfg.steps - math.ceil(cfg.tail_average * cfg.steps) + 1
     W_sum, E_sum, V_sum = np.zeros(W.shape), np.zeros(E.shape), np.zeros(W.shape)
     logs = {"batch_loss": [], "reseeded": [],
-            "eval": [{"step": 0, **eval_metrics(problem, W, E, V), **curve_point(problem, W, E, V)}]}
+            "eval": [{"step": 0, **eval_metrics(problem, W, E, V, assign), **curve_point(problem, W, E, V, assign)}]}
     with np.errstate(all="ignore"):                         # overflow is detected, not warned about
         for t in range(1, cfg.steps + 1):
             problem.progress(f"training {problem.training}", t - 1, cfg.steps)
@@ -1198,10 +1209,10 @@ def train(problem, step_fn, on_reseed=None):
                 loss = math.nan
             if not (math.isfinite(loss) and np.isfinite(W_new).all() and np.isfinite(E_new).all()
                     and (V_new is None or np.isfinite(V_new).all())):
-                return result(W, E, logs, "diverged", t, f"non-finite loss or parameters at step {t}", V)
-            if cfg.dead_threshold > 0:
+                return result(W, E, logs, "diverged", t, f"non-finite loss or parameters at step {t}", V, assign)
+            if cfg.dead_threshold > 0 and assign is None:
                 Z = latents(Xb, W)                          # the batch before the step
-                n_j = np.bincount(assign(Z, E), minlength=E.shape[0])
+                n_j = np.bincount(nearest(Z, E)[0], minlength=E.shape[0])
                 counts = cfg.dead_decay * counts + (1 - cfg.dead_decay) * n_j
                 dead = np.flatnonzero(counts < cfg.dead_threshold)
                 if dead.size:
@@ -1220,18 +1231,18 @@ def train(problem, step_fn, on_reseed=None):
                 if V is not None:
                     V_sum += V
             if t % cfg.log_every == 0 or t == cfg.steps:
-                row = {"step": t, **eval_metrics(problem, W, E, V), **curve_point(problem, W, E, V)}
+                row = {"step": t, **eval_metrics(problem, W, E, V, assign), **curve_point(problem, W, E, V, assign)}
                 if not row["recon_mse"] <= DIVERGED * logs["eval"][0]["recon_mse"]:
                     return result(W, E, logs, "diverged", t,
-                                  f"eval error {row['recon_mse']:.3g} at step {t}, over {DIVERGED:g}x its start", V)
+                                  f"eval error {row['recon_mse']:.3g} at step {t}, over {DIVERGED:g}x its start", V, assign)
                 logs["eval"].append(row)
     if cfg.tail_average > 0 and cfg.steps > 0:
         n_avg = cfg.steps - tail_from + 1
         W = stiefel_project(W_sum / n_avg).astype(W.dtype)
         E = (E_sum / n_avg).astype(E.dtype)
         V = None if V is None else (V_sum / n_avg).astype(V.dtype)
-    note = f"{sum(logs['reseeded'])} codes re-seeded" if cfg.dead_threshold > 0 else ""
-    return result(W, E, logs, note=note, V=V)
+    note = f"{sum(logs['reseeded'])} codes re-seeded" if cfg.dead_threshold > 0 and assign is None else ""
+    return result(W, E, logs, note=note, V=V, assign=assign)
 
 
 def encoder_step(cfg, W, gW, t):
@@ -1666,7 +1677,7 @@ def usage_stats(labels, K):
             "dead_frac": float(np.mean(counts == 0))}
 
 
-def metrics(W, E, X, x_sq=None, V=None):
+def metrics(W, E, X, x_sq=None, V=None, assign=None):
     """Reconstruction and code-usage metrics of the model (W, E) on ``X`` (n, D).
 
     Returns a dict: ``recon_mse`` = mean ||x - q W||^2, ``in_sub_dist`` = mean
@@ -1683,8 +1694,9 @@ def metrics(W, E, X, x_sq=None, V=None):
     {'recon_mse': 1.0, 'in_sub_dist': 0.5, 'usage_entropy': 0.6931, 'perplexity': 2.0, 'dead_frac': 0.0}
     """
     x_sq = np.einsum("nd,nd->n", X, X, dtype=np.float64) if x_sq is None else x_sq
-    err, labels, dist = reconstruction_errors(x_sq, latents(X, W), E, W, V=V,
-                                              Y=None if V is None else latents(X, V))
+    Z = latents(X, W)
+    err, labels, dist = reconstruction_errors(x_sq, Z, E, W, None if assign is None else own_codes(assign, Z, E),
+                                              V=V, Y=None if V is None else latents(X, V))
     return {"recon_mse": float(err.mean()), "in_sub_dist": float(dist.mean()),
             **usage_stats(labels, E.shape[0])}
 
@@ -1795,11 +1807,14 @@ class Population(NamedTuple):
 def sample_errors(model, S, s_sq, U):
     """Per-sample errors (c,) of a model on samples ``S`` (c, rank) in the coordinates of
     ``U`` (x = s U^T, ``s_sq = ||s||^2``): ``(W, E)`` a VQ model (``z = s (W U)^T``), or a
-    codebook C (K, rank) in those coordinates; ``(W, E, V)`` with an untied decoder V."""
+    codebook C (K, rank) in those coordinates; ``(W, E, V)`` with an untied decoder V;
+    ``(W, E, V, assign)`` with a quantizer's own assignment rule (see :func:`own_codes`)."""
     if isinstance(model, tuple):
-        W, E, V = (None if a is None else np.asarray(a, dtype=np.float64) for a in (*model, None)[:3])
+        W, E, V = (None if a is None else np.asarray(a, dtype=np.float64) for a in (*model, None, None)[:3])
+        assign = model[3] if len(model) > 3 else None
         Y = None if V is None else S @ (V @ U).T            # (c, m) x V^T
-        return reconstruction_errors(s_sq, S @ (W @ U).T, E, W, V=V, Y=Y)[0]
+        Z = S @ (W @ U).T
+        return reconstruction_errors(s_sq, Z, E, W, None if assign is None else own_codes(assign, Z, E), V=V, Y=Y)[0]
     return nearest(S, np.asarray(model, dtype=np.float64))[1]
 
 
@@ -2085,7 +2100,7 @@ def score(problem, res):
     if res["status"] != "ok":          # a diverged run keeps its last finite parameters, unscored
         return res
     with np.errstate(all="ignore"):
-        m = eval_metrics(problem, res["W"], res["E"], res.get("V"))
+        m = eval_metrics(problem, res["W"], res["E"], res.get("V"), res.get("assign"))
     if not all(math.isfinite(v) for v in m.values() if v is not None):
         res.update(status="diverged", diverged_at_step=problem.cfg.steps,
                    note="parameters finite but their eval error overflows")
@@ -2108,7 +2123,7 @@ def bounds(problem, results):
         if r["status"] == "ok":
             r["entropy_bound"] = rank_m_bound(problem.lam, cfg.m, bits=r["usage_entropy"] / math.log(2))
     if cfg.n_pop > 0:
-        models = {n: (r["W"], r["E"], r.get("V")) for n, r in results.items() if r["status"] == "ok"}
+        models = {n: (r["W"], r["E"], r.get("V"), r.get("assign")) for n, r in results.items() if r["status"] == "ok"}
         pop = population_errors({**models, "unconstrained_kmeans": C}, problem.U, problem.lam,
                                 cfg.n_pop, derived_rng(cfg.seed, "population"), progress=problem.progress)
         for i, name in enumerate(pop.names):
@@ -2303,7 +2318,7 @@ def verdict(summary):
 
 def _json_ready(obj):
     if isinstance(obj, dict):
-        return {k: _json_ready(v) for k, v in obj.items() if k not in ("W", "E", "V", "logs")}
+        return {k: _json_ready(v) for k, v in obj.items() if k not in ("W", "E", "V", "assign", "logs")}
     if isinstance(obj, (list, tuple)):
         return [_json_ready(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
