@@ -293,6 +293,40 @@ def test_with_an_untied_decoder_the_tied_equivalences_separate():
     assert untied["gradient_check"]["nsvq"]["gW_rel_err"] < 1e-6       # W and V checked
 
 
+def test_fsq_cells_codebook_and_gradients():
+    rng = np.random.default_rng(43)
+    levels, m, D = [5, 4, 2], 3, 9
+    X = rng.normal(size=(200, D)) * 2
+    W = vq.stiefel_project(rng.normal(size=(m, D)))
+    s, a = rng.uniform(0.5, 1.5, size=m), rng.uniform(0.5, 2, size=m)
+    Z = vq.latents(X, W)
+    y, _, hw = vq.fsq_bound(Z * s, levels)
+    forward = a * np.round(y) / hw                          # what FSQ outputs
+    E = vq.fsq_codebook(a, levels)
+    assert E.shape == (40, m) and len(np.unique(forward, axis=0)) <= 40
+    assert np.array_equal(E[vq.fsq_assign(Z, s, levels)], forward)   # its cells, its codes
+    assert vq.fsq_bound(np.zeros((1, 1)), [5])[0][0, 0] == 0        # odd L: 0 stays 0
+    for V in (None, W + 0.2 * rng.normal(size=W.shape)):
+        loss, gW, gs, ga, gV, delta = vq.fsq_grads(W, s, a, X, levels, V)
+        f = lambda W_=W, s_=s, a_=a, V_=V: vq.fsq_grads(W_, s_, a_, X, levels, V_, delta)[0]
+        assert vq.rel_err(_fd(lambda W_: f(W_=W_), W, 1e-6), gW) < 1e-6
+        assert vq.rel_err(_fd(lambda s_: f(s_=s_), s, 1e-6), gs) < 1e-6
+        assert vq.rel_err(_fd(lambda a_: f(a_=a_), a, 1e-6), ga) < 1e-6
+        if V is not None:
+            assert vq.rel_err(_fd(lambda V_: f(V_=V_), V, 1e-6), gV) < 1e-6
+    assert vq.fsq_levels(8, 4) is None                      # fewer codes than 2^m: refused
+
+
+def test_fsq_runs_and_is_scored_with_its_own_cells():
+    out = vq.run_comparison(**{**TINY, "methods": ["fsq"], "n_pop": 5000})
+    r = out["results"]["fsq"]
+    assert r["status"] == "ok" and "levels" in r["note"]
+    X = vq.make_problem(vq.make_config(**TINY)).X_eval
+    Z = vq.latents(X, r["W"])
+    direct = np.mean(np.sum((X - r["E"][r["assign"](Z)] @ r["W"]) ** 2, axis=1))
+    assert r["recon_mse"] == pytest.approx(direct, rel=1e-12)
+
+
 def test_new_methods_are_opt_in_and_checked_when_run():
     new = ("rotation_unit", "nsvq", "diveq", "affine_ste", "simvq", "wasserstein")
     assert not set(new) & set(vq.default_methods())

@@ -1599,6 +1599,122 @@ def method_wasserstein(problem):
     return sgd(problem, grads)
 
 
+# FSQ levels of the authors' Table 1 (as reproduced in third-party code) for d dimensions.
+FSQ_TABLE = {(2 ** 8, 3): [8, 6, 5], (2 ** 10, 4): [8, 5, 5, 5], (2 ** 12, 5): [7, 5, 5, 5, 5],
+             (2 ** 14, 5): [8, 8, 8, 6, 5], (2 ** 16, 6): [8, 8, 8, 5, 5, 5]}
+
+
+def fsq_levels(K, m):
+    """Levels per latent dimension for FSQ with at most K codes: the authors' table where it
+    has (K, m); for K a power of two, its bits spread as evenly as possible (K=32, m=4:
+    [4, 2, 2, 2]); else balanced levels with the largest product <= K. None if K < 2^m
+    (a dimension would have a single level).
+
+    >>> fsq_levels(32, 4), fsq_levels(256, 3), fsq_levels(30, 2)
+    ([4, 2, 2, 2], [8, 6, 5], [6, 5])
+    """
+    if K < 2 ** m:
+        return None
+    if (K, m) in FSQ_TABLE:
+        return list(FSQ_TABLE[(K, m)])
+    bits = K.bit_length() - 1
+    if K == 2 ** bits:
+        return [2 ** (bits // m + (d < bits % m)) for d in range(m)]
+    levels = [int(K ** (1 / m))] * m
+    for d in range(m):
+        while math.prod(levels) // levels[d] * (levels[d] + 1) <= K:
+            levels[d] += 1
+    return sorted(levels, reverse=True)
+
+
+def fsq_bound(T, levels, eps=1e-3):
+    """FSQ's bounding and its derivative (lucidrains ``FSQ.bound``, "adapted from Jax
+    version in Appendix A.1"): ``y = tanh(t + shift) half_l - offset`` per dimension,
+    ``half_l = (L-1)(1+eps)/2``, ``offset = 0.5`` for even L, ``shift = atanh(offset/half_l)``.
+    Returns y (n, m), dy/dt (n, m) and the half widths ``L // 2`` (m,)."""
+    L = np.asarray(levels, dtype=float)
+    half_l = (L - 1) * (1 + eps) / 2
+    offset = np.where(L % 2 == 0, 0.5, 0.0)
+    th = np.tanh(T + np.arctanh(offset / half_l))
+    return th * half_l - offset, half_l * (1 - th ** 2), np.floor(L / 2)
+
+
+def fsq_codebook(a, levels):
+    """The implicit codebook (prod L, m): ``a * k / (L//2)`` for every level combination k,
+    in the index order of :func:`fsq_assign` (the first dimension varies fastest)."""
+    hw = np.floor(np.asarray(levels) / 2)
+    grids = np.meshgrid(*[np.arange(L) - h for L, h in zip(levels, hw)], indexing="ij")
+    k = np.stack([g.ravel(order="F") for g in grids], axis=1)       # (prod L, m)
+    return a * k / hw
+
+
+def fsq_assign(Z, s, levels):
+    """FSQ's cell of each latent: ``round(bound(s z))`` per dimension, as an index into
+    :func:`fsq_codebook` (``sum_d (k_d + L_d//2) prod_{e<d} L_e``)."""
+    y, _, hw = fsq_bound(Z * s, levels)
+    k = np.round(y) + hw                                    # 0 .. L-1 per dimension
+    basis = np.cumprod([1] + list(levels[:-1]))
+    return (k @ basis).astype(np.intp)
+
+
+def fsq_grads(W, s, a, X, levels, V=None, delta=None):
+    """Loss and gradients of FSQ in the linear model (Mentzer et al., ICLR 2024; their
+    Colab ``FSQ.quantize`` and lucidrains ``finite_scalar_quantization.py``), with the
+    adaptation to an orthonormal encoder: a learned input scale s and output scale a,
+    ``q~ = a * round_ste(bound(s z)) / (L//2)``, ``x^ = q~ W`` (or ``q~ V``). The rounding
+    is straight-through: ``delta = sg(round(y) - y)``, given to fix it (finite
+    differences), else taken at this point. No VQ loss terms.
+
+    Returns (loss, gW, gs, ga, gV, delta)."""
+    B = X.shape[0]
+    Z = latents(X, W)                                       # (B, m)
+    y, dy, hw = fsq_bound(Z * s, levels)
+    delta = np.round(y) - y if delta is None else delta
+    zhat = (y + delta) / hw                                 # (B, m) the levels, straight through
+    F = a * zhat                                            # forward value
+    Dec = W if V is None else V
+    Y = Z if V is None else latents(X, V)
+    FG = F @ (Dec @ Dec.T)
+    loss = (np.einsum("bd,bd->", X, X) - 2 * np.einsum("bm,bm->", Y, F) + np.einsum("bm,bm->", FG, F)) / B
+    g = (-2.0 / B) * (Y - FG)                               # gradient reaching q~
+    slope = dy / hw                                         # d zhat / d(s z)
+    dZ = g * a * slope * s                                  # through the bound, per dimension
+    gs, ga = np.sum(g * a * slope * Z, axis=0), np.sum(g * zhat, axis=0)
+    gDec = ((2.0 / B) * (F.T @ F)) @ Dec - ((2.0 / B) * F).T @ X
+    gW = dZ.T @ X + (gDec if V is None else 0.0)
+    return float(loss), gW, gs, ga, (None if V is None else gDec), delta
+
+
+def method_fsq(problem):
+    """Finite scalar quantization (Mentzer et al., ICLR 2024): no codebook; each latent
+    dimension bounded and rounded to L_d levels (:func:`fsq_levels`: at most K codes),
+    with the learned input and output scales of :func:`fsq_grads`, started at
+    ``s = 1/sd(z)`` and ``a = sd(z)`` of the start encoder's latents. s and a step at
+    ``--lrE``; scored with its own rounding cells (:func:`fsq_assign`), not the nearest
+    grid point. The start codebook is not used, so it does not share the other methods'
+    start; ``--start random`` gives it the random encoder."""
+    c = problem.cfg
+    levels = fsq_levels(c.K, c.m)
+    if levels is None:
+        return result(None, None, status="skipped", note=f"K={c.K} < 2^m={2 ** c.m}: a dimension with one level")
+    sd = latents(problem.X_train, problem.W0).std(axis=0)
+    p = {"s": 1 / sd, "a": sd.astype(np.float64)}
+
+    def step(W, E, V, Xb, t):
+        loss, gW, gs, ga, gV, _ = fsq_grads(W, p["s"], p["a"], Xb, levels, V)
+        if not (math.isfinite(loss) and np.isfinite(gW).all() and np.isfinite(gs).all() and np.isfinite(ga).all()):
+            return math.nan, W, E, V
+        lr = lr_factor(c, t) * c.lrE
+        p["s"], p["a"] = p["s"] - lr * gs, p["a"] - lr * ga
+        return loss, encoder_step(c, W, gW, t), fsq_codebook(p["a"], levels).astype(E.dtype), decoder_step(c, V, gV, t)
+    res = train(problem, step, assign=lambda Z: fsq_assign(Z, p["s"], levels),
+                E0=fsq_codebook(p["a"], levels).astype(problem.E0.dtype))
+    res["note"] = (res["note"] + f" levels {levels}: {math.prod(levels)} codes").strip()
+    s_final = p["s"].copy()                                 # the returned model's own cells
+    res["assign"] = lambda Z: fsq_assign(Z, s_final, levels)
+    return res
+
+
 class Method(NamedTuple):
     """A registered method: ``fn(problem) -> result(...)`` and how reports name it."""
     fn: Callable[[Problem], dict]
@@ -1641,6 +1757,7 @@ METHODS: dict[str, Method] = {
     "simvq": Method(method_simvq, "SimVQ", "ste", "Zhu et al., arXiv 2411.02038", in_default=False),
     "wasserstein": Method(method_wasserstein, "STE + Wasserstein", "ste", "Fang et al., arXiv 2506.15078",
                           in_default=False, params=(("weight", 1.0, "weight of the Wasserstein distance"),)),
+    "fsq": Method(method_fsq, "FSQ", None, "Mentzer et al., ICLR 2024", in_default=False),
 }
 
 
