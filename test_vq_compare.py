@@ -327,6 +327,15 @@ def test_fsq_runs_and_is_scored_with_its_own_cells():
     assert r["recon_mse"] == pytest.approx(direct, rel=1e-12)
 
 
+def test_affine_alternating_optimisation_with_no_inner_step_is_the_plain_method():
+    settings = {**TINY, "beta": 0.0, "methods": ["affine_ste"], "start": "random_codes"}
+    plain = vq.run_comparison(**settings)["results"]["affine_ste"]
+    same = vq.run_comparison(**settings, affine_ste_alternate=1.0, affine_ste_inner_lr=0.0)["results"]["affine_ste"]
+    moved = vq.run_comparison(**settings, affine_ste_alternate=1.0)["results"]["affine_ste"]
+    assert np.array_equal(plain["E"], same["E"]) and np.array_equal(plain["W"], same["W"])
+    assert not np.allclose(plain["E"], moved["E"])
+
+
 def test_new_methods_are_opt_in_and_checked_when_run():
     new = ("rotation_unit", "nsvq", "diveq", "affine_ste", "simvq", "wasserstein")
     assert not set(new) & set(vq.default_methods())

@@ -1476,15 +1476,31 @@ def method_affine_ste(problem):
     ``E = (1 + a s) * C + a t`` with s = t = 0 at the start and C the shared start
     codebook; the code receives ``nu`` times the reconstruction gradient (``nu = 2``,
     ``a = 2``: ``examples/autoencoder.py``). C, s and t by SGD at ``--lrE`` (the authors
-    use AdamW); their alternating optimisation is not included. A re-seeded code sets its
-    row of C so that its effective code is the latent it takes."""
+    use AdamW). A re-seeded code sets its row of C so that its effective code is the
+    latent it takes.
+
+    ``--affine_ste_alternate 1``: their alternating optimisation (vqtorch
+    ``inplace_optimizer``, ``examples/experimental_inplace_update.py``): each step first
+    moves C alone down ``mean_{i,d} (e_k - sg(z_i))^2`` at ``--affine_ste_inner_lr`` (a damped
+    Lloyd step; the authors use SGD with momentum), then takes the task step with the
+    assignments kept and no commitment term."""
     c = problem.cfg
     a, nu = method_param(problem, "affine_ste", "a"), method_param(problem, "affine_ste", "nu")
+    alternate, inner_lr = method_param(problem, "affine_ste", "alternate"), method_param(problem, "affine_ste", "inner_lr")
     K, m = problem.E0.shape
     p = {"C": problem.E0.astype(np.float64), "s": np.zeros(m), "t": np.zeros(m)}
 
     def step(W, E, V, Xb, t):
-        gr = manual_grads(W, E, Xb, c.alpha, c.beta, "ste", nu=nu, V=V)
+        if alternate:                                       # codes first, the assignments kept
+            fr = freeze(W, E, Xb, "ste", nu=nu)
+            counts, sums = cluster_sums(fr.Z0, fr.labels, K)
+            gE_inner = (2.0 / (Xb.shape[0] * m)) * (counts[:, None] * E - sums)
+            p["C"] = p["C"] - inner_lr * gE_inner * (1 + a * p["s"])
+            E = affine_codebook(p["C"], p["s"], p["t"], a).astype(E.dtype)
+            fr = fr._replace(Q0=E[fr.labels], C=E[fr.labels] - fr.Z0)
+            gr = manual_grads(W, E, Xb, c.alpha, 0.0, frozen=fr, V=V)
+        else:
+            gr = manual_grads(W, E, Xb, c.alpha, c.beta, "ste", nu=nu, V=V)
         if not finite(gr):
             return math.nan, W, E, V
         lr = lr_factor(c, t) * c.lrE
@@ -1753,7 +1769,9 @@ METHODS: dict[str, Method] = {
     "affine_ste": Method(method_affine_ste, "Affine STE + sync", "ste", "Huh et al., ICML 2023",
                          in_default=False, params=(
                              ("a", 2.0, "affine learning-rate multiplier (vqtorch affine_lr)"),
-                             ("nu", 2.0, "synchronized commitment (vqtorch sync_nu)"))),
+                             ("nu", 2.0, "synchronized commitment (vqtorch sync_nu)"),
+                             ("alternate", 0.0, "1: the alternating optimisation (codes first)"),
+                             ("inner_lr", 1.0, "the codes' own step of the alternating optimisation"))),
     "simvq": Method(method_simvq, "SimVQ", "ste", "Zhu et al., arXiv 2411.02038", in_default=False),
     "wasserstein": Method(method_wasserstein, "STE + Wasserstein", "ste", "Fang et al., arXiv 2506.15078",
                           in_default=False, params=(("weight", 1.0, "weight of the Wasserstein distance"),)),
