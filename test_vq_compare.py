@@ -321,6 +321,8 @@ def test_fsq_runs_and_is_scored_with_its_own_cells():
     out = vq.run_comparison(**{**TINY, "methods": ["fsq"], "n_pop": 5000})
     r = out["results"]["fsq"]
     assert r["status"] == "ok" and "levels" in r["note"]
+    assert out["gradient_check"]["fsq"]["gW_rel_err"] < 1e-6            # W, s and a
+    assert out["methods"]["fsq"]["paper"].startswith("Mentzer")         # the registry, in the summary
     X = vq.make_problem(vq.make_config(**TINY)).X_eval
     Z = vq.latents(X, r["W"])
     direct = np.mean(np.sum((X - r["E"][r["assign"](Z)] @ r["W"]) ** 2, axis=1))

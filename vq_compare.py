@@ -2225,7 +2225,10 @@ def compare(problem):
         res = METHODS[name].fn(problem)
         res["seconds"] = time.perf_counter() - t0 + (problem.start_seconds if name == "pca_lloyd" else 0.0)
         results[name] = score(problem, res)
-    return {"config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)},
+    registry = {n: {"label": m.label, "paper": m.paper, "estimator": m.estimator, "stochastic": m.stochastic,
+                    "params": {f"{n}_{k}": cfg.method_params[f"{n}_{k}"] for k, _, _ in m.params}}
+                for n, m in METHODS.items() if n in cfg.methods}
+    return {"config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)}, "methods": registry,
             "results": results, "bounds": bounds(problem, results),
             "gradient_check": gradient_checks(problem), "fd_vs_manual": agreement(results)}
 
@@ -2298,6 +2301,8 @@ def gradient_checks(problem):
         out["wasserstein"] = wasserstein_check(W, E, Xb, c.fd_h)
     if "affine_ste" in c.methods or "simvq" in c.methods:   # their codebook parameters
         out["codebook_params"] = codebook_param_check(problem, W, E, Xb)
+    if "fsq" in c.methods and fsq_levels(c.K, c.m) is not None:
+        out["fsq"] = fsq_check(W, Xb, fsq_levels(c.K, c.m), c.fd_h)
     used = {METHODS[n].estimator for n in c.methods if n in METHODS}
     V = None if problem.V0 is None else problem.V0.astype(np.float64)
     for est in ("ste", "rotation") + tuple(e for e in ESTIMATORS if e in used and e not in ("ste", "rotation")):
@@ -2307,6 +2312,27 @@ def gradient_checks(problem):
         out["sync"] = gradient_check(W, E, Xb, c.alpha, c.beta, "ste", c.fd_h, n_coords,
                                      derived_rng(c.seed, "gradcheck"), V, method_param(problem, "affine_ste", "nu"))
     return out
+
+
+def fsq_check(W, X, levels, h=1e-5):
+    """FSQ's hand-derived gradients (W, s, a) against central differences of its loss
+    with the rounding fixed, at its start scales."""
+    sd = latents(X, W).std(axis=0)
+    s, a = 1 / sd, sd
+    loss, gW, gs, ga, _, delta = fsq_grads(W, s, a, X, levels)
+    worst = 0.0
+    for i, (P, g) in enumerate(((W, gW), (s, gs), (a, ga))):
+        fd = np.empty(P.size)
+        for j in range(P.size):
+            d = np.zeros(P.size)
+            d[j] = h
+            args = [W, s, a]
+            args[i] = P + d.reshape(P.shape)
+            up = fsq_grads(*args, X, levels, None, delta)[0]
+            args[i] = P - d.reshape(P.shape)
+            fd[j] = (up - fsq_grads(*args, X, levels, None, delta)[0]) / (2 * h)
+        worst = max(worst, rel_err(fd.reshape(P.shape), g))
+    return {"gW_rel_err": worst, "gE_rel_err": 0.0, "loss_rel_err": 0.0, "coords": "all"}
 
 
 def codebook_param_check(problem, W, E, X, h=1e-6):
@@ -2415,7 +2441,8 @@ def format_report(summary):
     g = summary["gradient_check"]
     check = ("Gradient check, hand-derived vs finite differences (largest difference / largest "
              "entry): " + ", ".join(f"{est} {max(g[est]['gW_rel_err'], g[est]['gE_rel_err']):.1e}"
-                                    for est in ESTIMATORS + ("sync", "wasserstein", "codebook_params") if est in g))
+                                    for est in ESTIMATORS + ("sync", "wasserstein", "codebook_params", "fsq")
+                                    if est in g))
     a = summary["fd_vs_manual"]
     if a:
         check += f"; fd_ste vs manual_ste after training: metrics within {a['max_rel_metric_diff']:.1e}"
