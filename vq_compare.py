@@ -2578,7 +2578,8 @@ def plot_comparison(summary):
     ax0.set_yticks(y, [method_label(n) for n in names])
     ax0.set_xlabel(f"% above the rank-{c['m']} Shannon bound {bound:.4f}\n(0: the best possible; lower is better)")
     ax0.set_xlim(0, 1.45 * max(float(gap.max()), *(l.get_xdata()[0] for l in ax0.get_lines())))
-    ax0.legend(loc="upper center", bbox_to_anchor=(0.5, -0.24), ncol=2, fontsize=8, frameon=False)
+    fig.legend(*ax0.get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.4, 0.0), ncol=2,
+               fontsize=8, frameon=False)                   # below the axis labels
     ax0.grid(axis="x", alpha=0.3)
     ax0.set_title("How far from the best possible?", fontsize=10)
     if "pca_lloyd" in names:
@@ -2597,7 +2598,8 @@ def plot_comparison(summary):
         ax1.set_xlabel("% difference to PCA + Lloyd, paired, ± 2 standard errors\n(lower is better)")
         ax1.set_title("Different from the baseline? (bars crossing 0: not separable)", fontsize=10)
         ax1.grid(axis="x", alpha=0.3)
-    fig.subplots_adjust(left=0.2, right=0.98, bottom=0.28, top=0.88, wspace=0.05)
+    h = fig.get_figheight()                                 # margins in inches: any number of rows
+    fig.subplots_adjust(left=0.2, right=0.98, bottom=1.2 / h, top=1 - 0.65 / h, wspace=0.05)
     return fig
 
 
