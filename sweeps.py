@@ -208,29 +208,26 @@ def run_task(task):
 
 
 def verify_trajectories(problem):
-    """fd_ste and manual_ste side by side, step by step, from the same start on the
-    same batches: the gradient error at every step (finite differences at the manual
-    run's point) and how far the two runs have drifted apart."""
+    """fd_ste and manual_ste trained side by side by the one training loop, step by step
+    from the same start on the same batches: the gradient error at every step (finite
+    differences at the manual run's point) and how far the two runs have drifted apart."""
     c = problem.cfg
-    rng = vq.derived_rng(c.seed, "batches")
-    Wm, Em = problem.W0.copy(), problem.E0.copy()
-    Wf, Ef = Wm.copy(), Em.copy()
+    fd, man = vq.Run(problem, "fd_ste"), vq.Run(problem, "manual_ste")
     gW_err, gE_err, W_diff, recon_diff, steps = [], [], [], [], []
-    for t in range(1, c.steps + 1):
-        Xb = problem.X_train[rng.integers(0, problem.X_train.shape[0], size=c.batch)]
-        man = vq.manual_grads(Wm, Em, Xb, c.alpha, c.beta, "ste")
-        fd_here = vq.fd_grads(Wm, Em, Xb, c.alpha, c.beta, "ste", c.fd_h)
-        fd = vq.fd_grads(Wf, Ef, Xb, c.alpha, c.beta, "ste", c.fd_h)
-        gW_err.append(vq.rel_err(fd_here.gW, man.gW))
-        gE_err.append(vq.rel_err(fd_here.gE, man.gE))
-        Wm, Em = vq.riemannian_step(Wm, man.gW, c.lrW), Em - c.lrE * man.gE
-        Wf, Ef = vq.riemannian_step(Wf, fd.gW, c.lrW), Ef - c.lrE * fd.gE
-        W_diff.append(float(np.max(np.abs(Wf - Wm))))
-        if t % c.log_every == 0 or t == c.steps:
-            a = vq.metrics(Wf, Ef, problem.X_eval)["recon_mse"]
-            b = vq.metrics(Wm, Em, problem.X_eval)["recon_mse"]
-            steps.append(t)
-            recon_diff.append(abs(a - b) / b)
+    with np.errstate(all="ignore"):
+        for t, Xb in vq.batches(c, problem.X_train):
+            frozen = man.method.freeze(man.W, man.V, man.params, Xb, man.hp, None)
+            hand = man.method.loss_and_grads(man.W, man.V, man.params, Xb, frozen, man.hp)
+            here = fd.method.loss_and_grads(man.W, man.V, man.params, Xb, frozen, fd.hp)
+            gW_err.append(vq.rel_err(here.gW, hand.gW))
+            gE_err.append(vq.rel_err(here.grads["E"], hand.grads["E"]))
+            if not (fd.step(t, Xb) and man.step(t, Xb)):
+                break
+            W_diff.append(float(np.max(np.abs(fd.W - man.W))))
+            if t % c.log_every == 0 or t == c.steps:
+                a, b = fd.logs["eval"][-1]["recon_mse"], man.logs["eval"][-1]["recon_mse"]
+                steps.append(t)
+                recon_diff.append(abs(a - b) / b)
     return {"gW_rel_err": gW_err, "gE_rel_err": gE_err, "max_abs_W_diff": W_diff,
             "eval_steps": steps, "recon_rel_diff": recon_diff}
 

@@ -32,8 +32,10 @@ the file defines everything and runs nothing: then call ``run_comparison(...)``.
 
 The file reads in the order the data flow: configuration and random streams; data;
 Stiefel geometry and PCA; the quantizer; losses and hand-derived gradients; finite
-differences; the methods and their training loop; metrics, floors and population
-error; the comparison; reporting and plots; the command line.
+differences; metrics, floors and the population error; the problem and its start point;
+the optimizer; the methods (each declares its parameters, loss and gradients) and their
+registry; the one training loop; the one gradient checker; the comparison; reporting
+and plots; the command line.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import multiprocessing
@@ -48,6 +51,7 @@ import os
 import shutil
 import sys
 import time
+import types
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -77,7 +81,7 @@ class Config:
     lrW: float = _f(0.08, "encoder learning rate (Riemannian SGD on the Stiefel manifold)")
     lrE: float = _f(0.2, "codebook learning rate (SGD)")
     seed: int = _f(0, "seed of the data, k-means, batches and population sample")
-    outdir: str = _f("results_out", "output folder ('' writes nothing)")
+    outdir: str = _f("", "output folder ('' writes nothing; the command line's default is results_out)")
     lmax: float = _f(4.0, "largest covariance eigenvalue")
     lmin: float = _f(0.25, "smallest non-zero covariance eigenvalue")
     methods: tuple = _f((), "methods to run and report (empty: every registered method not marked opt-in)")
@@ -111,8 +115,8 @@ class Config:
     fd_h: float = _f(1e-5, "finite-difference step")
     fd_max_evals: float = _f(2e6, "skip fd_ste when steps x 2 x (parameters) loss evaluations exceed this")
     force_fd: bool = _f(False, "run fd_ste whatever its cost")
-    workers: int = _f(0, "processes for the independent k-means restarts (0: one per core; "
-                         "1: all in this process); results do not depend on it")
+    workers: int = _f(1, "processes for the independent k-means restarts (0: one per core, the "
+                         "command line's default; 1: all in this process); results do not depend on it")
     method_params: dict = dataclasses.field(default_factory=dict, metadata={"help": (
         "the methods' own hyperparameters, flags --<method>_<name> (see the registry)")})
 
@@ -885,6 +889,53 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None, rng=None, n
 # Finite differences: the autograd stand-in (evaluates the loss only)
 # ----------------------------------------------------------------------------
 
+def _perturbed(P, idx, delta):
+    """A stack (len(idx), *P.shape) of copies of ``P``, copy i with flat entry idx[i] + delta."""
+    stack = np.repeat(P.reshape(1, -1), len(idx), axis=0)
+    stack[np.arange(len(idx)), idx] += delta
+    return stack.reshape((len(idx),) + P.shape)
+
+
+def central_differences(loss, point, h=1e-5, coords=None, block=256):
+    """Central differences of ``loss`` over the entries of every named array of ``point``.
+
+    The one finite-difference routine: the autograd stand-in of ``fd_ste`` and the
+    gradient check of every method use it. ``loss(values)`` takes a dict like ``point``
+    in which one array is replaced by a stack (P, *shape) of perturbed copies and returns
+    the P losses, so each block of ``block`` perturbations is a few large products rather
+    than many small ones. The loss must be evaluated from its definition (never from the
+    hand-derived gradients, or nothing is checked).
+
+    Parameters
+    ----------
+    loss : callable, dict -> ndarray of shape (P,)
+    point : dict name -> ndarray, where the differences are taken (float64)
+    coords : None for every entry, or dict name -> flat indices (the rest come back NaN)
+
+    Returns
+    -------
+    dict name -> ndarray of the shape of ``point[name]``
+
+    Examples
+    --------
+    >>> f = lambda p: np.sum(p["a"] ** 3, axis=-1) + 2 * p["b"][..., 0]
+    >>> g = central_differences(f, {"a": np.array([1.0, 2.0]), "b": np.array([5.0])}, h=1e-4)
+    >>> np.round(g["a"], 6), np.round(g["b"], 6)
+    (array([ 3., 12.]), array([2.]))
+    """
+    out = {}
+    for name, P in point.items():
+        idx = np.arange(P.size) if coords is None else np.asarray(coords[name])
+        g = np.full(P.size, np.nan)
+        for s in range(0, len(idx), block):
+            i = idx[s:s + block]
+            up = loss({**point, name: _perturbed(P, i, h)})
+            down = loss({**point, name: _perturbed(P, i, -h)})
+            g[i] = (np.asarray(up) - np.asarray(down)) / (2 * h)
+        out[name] = g.reshape(P.shape)
+    return out
+
+
 class SteStats(NamedTuple):
     """Sufficient statistics of one batch for the frozen STE surrogate (float64)."""
     B: int
@@ -906,124 +957,63 @@ def ste_stats(X, fr, K):
                     X.T @ fr.Q0, float(np.sum(fr.Q0 ** 2)), counts, sums, float(np.sum(fr.Z0 ** 2)))
 
 
-def _ste_loss_from_products(M, N, G, wq, E, st, alpha, beta):
-    """The STE surrogate from the (m, m) products of W with the batch statistics:
-    ``M = W Sxx W^T``, ``N = W Sxc``, ``G = W W^T``, ``wq = tr(W Sxq)``. With
-    ``A = X W^T + C`` (the rows are q~)::
+def ste_surrogate(W, E, st, alpha, beta):
+    """The frozen STE surrogate through the batch's statistics, in O(m D^2) instead of
+    O(B D) (tested equal to :func:`surrogate_loss`); W (…, m, D) or E (…, K, m) may be
+    stacks. With ``M = W Sxx W^T``, ``N = W Sxc``, ``G = W W^T`` and ``A = X W^T + C``
+    (the rows are q~)::
 
         sum ||x - a W||^2 = tr(Sxx) - 2 tr(M) - 2 tr(N) + <A^T A, G>,  A^T A = M + N + N^T + Scc
-        sum ||z - sg(q)||^2 = tr(M) - 2 wq + ||Q0||^2
+        sum ||z - sg(q)||^2 = tr(M) - 2 tr(W Sxq) + ||Q0||^2
         sum ||sg(z) - e_k||^2 = ||Z0||^2 - 2 <E, sums> + sum_j counts_j ||e_j||^2
     """
-    Nt = np.swapaxes(N, -1, -2)
+    Wt = np.swapaxes(W, -1, -2)
+    M, N, G = (W @ st.Sxx) @ Wt, W @ st.Sxc, W @ Wt         # (…, m, m) each
     trM, trN = np.trace(M, axis1=-2, axis2=-1), np.trace(N, axis1=-2, axis2=-1)
-    recon = st.trxx - 2 * trM - 2 * trN + np.sum((M + N + Nt + st.Scc) * G, axis=(-2, -1))
-    commit = trM - 2 * wq + st.qq
+    recon = st.trxx - 2 * trM - 2 * trN + np.sum((M + N + np.swapaxes(N, -1, -2) + st.Scc) * G, axis=(-2, -1))
+    commit = trM - 2 * np.einsum("...md,dm->...", W, st.Sxq) + st.qq
     codebook = st.zz - 2 * np.sum(E * st.sums, axis=(-2, -1)) + np.einsum("k,...km->...", st.counts, E * E)
     return (recon + alpha * codebook + beta * commit) / st.B
 
 
-def ste_surrogate(W, E, st, alpha, beta):
-    """The STE surrogate through the batch's statistics; W (…, m, D), E (…, K, m) may be
-    stacks. The same value as :func:`surrogate_loss` (tested), in O(m D^2), not O(B D)."""
-    Wt = np.swapaxes(W, -1, -2)
-    return _ste_loss_from_products((W @ st.Sxx) @ Wt, W @ st.Sxc, W @ Wt,
-                                   np.einsum("...md,dm->...", W, st.Sxq), E, st, alpha, beta)
-
-
-def ste_surrogate_W_entries(W, E, st, alpha, beta, idx, delta):
-    """:func:`ste_surrogate` at ``W + delta e_(a,b)`` for every flat index (a, b) in ``idx``.
-
-    The products of a perturbed W follow from W's by rank-one updates: with
-    ``u = e_a``, ``s = (W Sxx)[:, b]`` and ``w = W[:, b]``,
-    ``M' = M + delta (u s^T + s u^T) + delta^2 Sxx[b, b] u u^T``, ``N' = N + delta u Sxc[b]``,
-    ``G' = G + delta (u w^T + w u^T) + delta^2 u u^T``, ``wq' = wq + delta Sxq[b, a]``;
-    O(m^2) per entry instead of O(m D^2). Returns shape (len(idx),).
-    """
-    m, D = W.shape
-    a, b = np.divmod(np.asarray(idx), D)
-    WS = W @ st.Sxx                                         # (m, D)
-    M, N, G = WS @ W.T, W @ st.Sxc, W @ W.T                 # (m, m) each
-    u = np.eye(m)[a]                                        # (p, m)
-    s, w = WS[:, b].T, W[:, b].T                            # (p, m)
-    uu = u[:, :, None] * u[:, None, :]                      # (p, m, m)
-    us, uw = u[:, :, None] * s[:, None, :], u[:, :, None] * w[:, None, :]
-    M2 = M + delta * (us + np.swapaxes(us, 1, 2)) + delta ** 2 * st.Sxx[b, b][:, None, None] * uu
-    N2 = N + delta * u[:, :, None] * st.Sxc[b][:, None, :]
-    G2 = G + delta * (uw + np.swapaxes(uw, 1, 2)) + delta ** 2 * uu
-    wq = np.sum(W.T * st.Sxq) + delta * st.Sxq[b, a]
-    return _ste_loss_from_products(M2, N2, G2, wq, E, st, alpha, beta)
-
-
 def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, frozen=None, V=None):
-    """Central finite differences of the frozen surrogate over entries of W and E.
+    """Gradients of the frozen surrogate by :func:`central_differences` over W, E (and V).
 
     The stand-in for autograd: assignments (and the STE offset or the rotation) are
-    frozen at (W, E), then each entry is perturbed by +-h and the loss evaluated again.
-    It never calls the hand-derived gradient code, and works in float64 (the gradients
-    come back in the dtype of W and E). The STE loss is evaluated through the batch's
-    sufficient statistics (:func:`ste_surrogate_W_entries` for W), the rotation trick's
-    from its definition; perturbations are evaluated in vectorised blocks.
+    frozen at (W, E), then each entry is perturbed by +-h and the loss evaluated again,
+    in float64 (the gradients come back in the dtype of W and E). The plain STE loss is
+    evaluated through the batch's sufficient statistics (:func:`ste_surrogate`), every
+    other from its definition (:func:`surrogate_loss`).
 
     Parameters
     ----------
-    W : (m, D); E : (K, m); X : (B, D); estimator : "ste" or "rotation"; h : step
-    coords : None for every entry, or (w_idx, e_idx), flat indices into W and E; the
-        other entries of the returned gradients are NaN.
+    W : (m, D); E : (K, m); X : (B, D); estimator : one of :data:`ESTIMATORS`; h : step
+    coords : None for every entry, or dict name ("W", "E", "V") -> flat indices; the
+        other entries of the returned gradients are NaN
     frozen : the frozen quantities to use (the noise of nsvq and diveq included)
-    V : the untied decoder (m, D), or None; its entries are differenced too (the W indices)
+    V : the untied decoder (m, D), or None
 
     Returns
     -------
-    Grads(loss, gW (m, D), gE (K, m))
+    Grads(loss, gW (m, D), gE (K, m), gV)
     """
     out_dtype = np.result_type(W, E)
     W, E, X = (np.asarray(a, dtype=np.float64) for a in (W, E, X))   # differences need float64
-    V = None if V is None else np.asarray(V, dtype=np.float64)
     fr = freeze(W, E, X, estimator) if frozen is None else frozen
-    w_idx, e_idx = (np.arange(W.size), np.arange(E.size)) if coords is None else map(np.asarray, coords)
+    point = {"W": W, "E": E} if V is None else {"W": W, "E": E, "V": np.asarray(V, dtype=np.float64)}
     if fr.kind == "ste" and not fr.nu and V is None:
         st = ste_stats(X, fr, E.shape[0])
-        loss = float(ste_surrogate(W, E, st, alpha, beta))
 
-        def f_W(idx, d):
-            return ste_surrogate_W_entries(W, E, st, alpha, beta, idx, d)
-
-        def f_E(Es):
-            return ste_surrogate(W, Es, st, alpha, beta)
-        block = max(1, (1 << 22) // (E.size + 1))
+        def loss(p):
+            return ste_surrogate(p["W"], p["E"], st, alpha, beta)
+        block = max(1, (1 << 22) // (W.size + E.size))
     else:
-        loss = surrogate_loss(W, E, X, fr, alpha, beta, V)
-
-        def f_W(idx, d):
-            return surrogate_loss(_perturbed(W, idx, d), E, X, fr, alpha, beta, V)
-
-        def f_E(Es):
-            return surrogate_loss(W, Es, X, fr, alpha, beta, V)
+        def loss(p):
+            return surrogate_loss(p["W"], p["E"], X, fr, alpha, beta, p.get("V"))
         block = max(1, (1 << 20) // (X.shape[0] * W.shape[0] + 1))
-    gW, gE = np.full(W.size, np.nan), np.full(E.size, np.nan)
-    for s in range(0, len(w_idx), block):
-        i = w_idx[s:s + block]
-        gW[i] = (f_W(i, h) - f_W(i, -h)) / (2 * h)
-    for s in range(0, len(e_idx), block):
-        i = e_idx[s:s + block]
-        gE[i] = (f_E(_perturbed(E, i, h)) - f_E(_perturbed(E, i, -h))) / (2 * h)
-    gV = None
-    if V is not None:
-        gV = np.full(V.size, np.nan)
-        for s in range(0, len(w_idx), block):
-            i = w_idx[s:s + block]
-            gV[i] = (surrogate_loss(W, E, X, fr, alpha, beta, _perturbed(V, i, h))
-                     - surrogate_loss(W, E, X, fr, alpha, beta, _perturbed(V, i, -h))) / (2 * h)
-        gV = gV.reshape(V.shape).astype(out_dtype)
-    return Grads(loss, gW.reshape(W.shape).astype(out_dtype), gE.reshape(E.shape).astype(out_dtype), gV)
-
-
-def _perturbed(P, idx, delta):
-    """A stack (len(idx), *P.shape) of copies of ``P``, copy i with flat entry idx[i] + delta."""
-    stack = np.repeat(P.reshape(1, -1), len(idx), axis=0)
-    stack[np.arange(len(idx)), idx] += delta
-    return stack.reshape((len(idx),) + P.shape)
+    g = central_differences(loss, point, h, coords, block)
+    gV = None if V is None else g["V"].astype(out_dtype)
+    return Grads(float(loss(point)), g["W"].astype(out_dtype), g["E"].astype(out_dtype), gV)
 
 
 def rel_err(a, b):
@@ -1032,771 +1022,8 @@ def rel_err(a, b):
     NaN entries of ``a`` (coordinates not computed) are ignored.
     """
     mask = ~np.isnan(a)
-    scale = max(float(np.max(np.abs(b))), 1e-300)
+    scale = max(float(np.max(np.abs(b), initial=0.0)), 1e-300)
     return float(np.max(np.abs(a[mask] - b[mask]), initial=0.0)) / scale
-
-
-def gradient_check(W, E, X, alpha, beta, estimator="ste", h=1e-5, n_coords=None, rng=None, V=None, nu=0.0):
-    """Compare :func:`manual_grads` with :func:`fd_grads`; returns relative errors.
-
-    ``n_coords``: check only this many random entries of W and of E (for large models).
-    """
-    fr = freeze(W, E, X, estimator, rng, nu=nu)            # nsvq, diveq: their noise, fixed
-    man = manual_grads(W, E, X, alpha, beta, estimator, frozen=fr, V=V)
-    coords = None
-    if n_coords is not None and (W.size > n_coords or E.size > n_coords):
-        coords = (rng.choice(W.size, min(n_coords, W.size), replace=False),
-                  rng.choice(E.size, min(n_coords, E.size), replace=False))
-    fd = fd_grads(W, E, X, alpha, beta, estimator, h, coords, frozen=fr, V=V)
-    return {"gW_rel_err": max(rel_err(fd.gW, man.gW), rel_err(fd.gV, man.gV) if V is not None else 0.0),
-            "gE_rel_err": rel_err(fd.gE, man.gE),
-            "loss_rel_err": abs(fd.loss - man.loss) / abs(man.loss),
-            "coords": "all" if coords is None else int(len(coords[0]) + len(coords[1]))}
-
-
-# ----------------------------------------------------------------------------
-# The methods and their shared training loop
-# ----------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Problem:
-    """What every method sees: the settings, the data and the shared start point."""
-    cfg: Config
-    X_train: np.ndarray      # (n_train, D)
-    X_eval: np.ndarray       # (n_eval, D)
-    U: np.ndarray            # (D, rank) true eigenbasis
-    lam: np.ndarray          # (rank,) true eigenvalues
-    W_pca: np.ndarray        # (m, D) PCA encoder
-    E_kmeans: np.ndarray     # (K, m) k-means codebook on the PCA latents: pca_lloyd's model
-    start_seconds: float     # time to build (W_pca, E_kmeans)
-    reference: tuple         # (C (K, rank), seconds): see unconstrained_reference
-    W0: np.ndarray = None    # (m, D) start of every trained method (--start), see start_regime
-    E0: np.ndarray = None    # (K, m)
-    V0: np.ndarray = None    # (m, D) the untied decoder's start (W0), None for the tied one
-    eval_sq: np.ndarray = None   # (n_eval,) ||x||^2 of the eval samples
-    progress: Callable = quiet   # progress(phase, done, total), see Progress
-    training: str = ""           # the method being trained, for the progress lines
-    curve: tuple = None          # (S, ||s||^2, the start's errors) of curve_point's sample
-
-    def __post_init__(self):
-        if self.W0 is None:
-            self.W0, self.E0 = start_regime(self.cfg, self.X_train, self.W_pca, self.E_kmeans)
-        if self.V0 is None and self.cfg.decoder == "untied":
-            self.V0 = self.W0.copy()
-        if self.eval_sq is None:
-            self.eval_sq = np.einsum("nd,nd->n", self.X_eval, self.X_eval, dtype=np.float64)
-
-    def start(self):
-        """What :func:`start_point` computed: to build another problem on the same data."""
-        return self.W_pca, self.E_kmeans, self.start_seconds, self.reference
-
-
-def start_regime(cfg, X_train, W_pca, E_kmeans):
-    """The start (W0, E0) of every trained method, by ``cfg.start``:
-
-    * ``kmeans``: the PCA encoder and the converged k-means codebook (pca_lloyd's model);
-    * ``random_codes``: the PCA encoder; codes ``e_j ~ N(0, diag(s^2))``, ``s`` the
-      standard deviations of the training latents, per coordinate;
-    * ``shifted``: the same with mean ``shift * s`` (every coordinate offset by ``shift``
-      of its standard deviations; for isotropic latents the shifted-Gaussian simulation
-      of Fang et al. 2025);
-    * ``random``: a random orthonormal encoder (polar factor of a Gaussian matrix) and
-      codes as ``random_codes`` at its latents' scale.
-
-    Drawn from the ``"start"`` stream: the same for every method, whatever else runs.
-    """
-    if cfg.start == "kmeans":
-        return W_pca, E_kmeans
-    rng = derived_rng(cfg.seed, "start")
-    m, D = W_pca.shape
-    W = W_pca
-    if cfg.start == "random":
-        W = stiefel_project(rng.standard_normal((m, D))).astype(W_pca.dtype)
-    s = latents(X_train, W).std(axis=0)                     # (m,) the latents' scale
-    E = rng.standard_normal((cfg.K, m)) * s
-    if cfg.start == "shifted":
-        E += cfg.shift * s
-    return W, E.astype(W_pca.dtype)
-
-
-def result(W, E, logs=None, status="ok", step=None, note="", V=None, assign=None):
-    """What a method returns: its model (V: an untied decoder, or None; assign: its own
-    assignment rule, or None for the nearest code), logs and status."""
-    return {"W": W, "E": E, "V": V, "assign": assign, "logs": logs, "status": status,
-            "diverged_at_step": step, "note": note}
-
-
-DIVERGED = 1e4   # a run whose eval error grows past this multiple of its start has diverged
-
-
-def eval_metrics(problem, W, E, V=None, assign=None):
-    """:func:`metrics` of (W, E, V) on the eval set, with the angle to the true eigenspace."""
-    m = problem.cfg.m
-    row = metrics(W, E, problem.X_eval, problem.eval_sq, V, assign)
-    row["subspace_angle_deg"] = subspace_angle_deg(W, problem.U[:, :m]) if m <= problem.cfg.rank else None
-    return row
-
-
-N_CURVE = 20_000    # fresh samples on which the training curves are scored (paired)
-
-
-def curve_point(problem, W, E, V=None, assign=None):
-    """What the report scores, along training: the paired difference of the model's error
-    to the start's on a fixed sample of ``min(N_CURVE, n_pop)`` fresh samples (its own
-    stream), with its standard error; empty with ``n_pop=0``."""
-    n = min(N_CURVE, problem.cfg.n_pop)
-    if n == 0:
-        return {}
-    if problem.curve is None:
-        S = derived_rng(problem.cfg.seed, "curves").standard_normal((n, len(problem.lam))) * np.sqrt(problem.lam)
-        s_sq = np.einsum("nr,nr->n", S, S)
-        problem.curve = (S, s_sq, sample_errors((problem.W0, problem.E0), S, s_sq, problem.U))
-    S, s_sq, start = problem.curve
-    d = sample_errors((W, E, V, assign), S, s_sq, problem.U) - start
-    return {"pop_diff_to_start": float(d.mean()), "pop_diff_to_start_se": float(d.std(ddof=1) / math.sqrt(n))}
-
-
-START_REGIMES = ("kmeans", "random_codes", "shifted", "random")
-LR_SCHEDULES = ("constant", "cosine", "linear")
-
-
-def lr_factor(cfg, t):
-    """The learning-rate multiplier of step t = 1..steps (``cfg.lr_schedule``):
-    constant 1, or a decay from 1 towards 0: ``cos`` half-wave or linear."""
-    done = (t - 1) / max(cfg.steps, 1)
-    if cfg.lr_schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * done))
-    return 1 - done if cfg.lr_schedule == "linear" else 1.0
-
-
-def train(problem, step_fn, on_reseed=None, assign=None, E0=None):
-    """The training loop of every gradient method: the same batches, eval metrics logged.
-
-    ``step_fn(W, E, V, Xb, t) -> (loss, W_new, E_new, V_new)`` at step t = 1..steps (V:
-    the untied decoder, None for the tied one). Shared by every method:
-
-    * dead codes (``dead_threshold > 0``): the rule of lucidrains' vector-quantize-pytorch
-      (``threshold_ema_dead_code``): each code's count per batch, at the point before the
-      step, is averaged, ``N_j <- d N_j + (1-d) n_j`` from ``N_j = 1``
-      (``d = dead_decay``); after the step a code with ``N_j < dead_threshold`` takes a
-      latent of the batch, drawn without replacement when the batch has enough, and
-      ``N_j`` is set to the threshold. ``on_reseed(codes, latents)`` lets a method reset
-      its own state for those codes; ``logs["reseeded"]`` counts them per step (none
-      for a quantizer with its own assignment rule ``assign``, started at ``E0``);
-    * tail averaging (``tail_average > 0``): the reported model is the mean of the
-      iterates over the last steps (W projected back onto the manifold).
-
-    A non-finite loss or parameter, or an eval error above ``DIVERGED`` times the
-    start's, stops the run, which is then reported as diverged at that step with its
-    last finite parameters.
-    """
-    cfg, X = problem.cfg, problem.X_train
-    W, E = problem.W0.copy(), (problem.E0 if E0 is None else E0).copy()
-    V = None if problem.V0 is None else problem.V0.copy()
-    rng, reseed_rng = derived_rng(cfg.seed, "batches"), derived_rng(cfg.seed, "reseed")
-    counts = np.ones(E.shape[0])
-    tail_from = cfg.steps - math.ceil(cfg.tail_average * cfg.steps) + 1
-    W_sum, E_sum, V_sum = np.zeros(W.shape), np.zeros(E.shape), np.zeros(W.shape)
-    logs = {"batch_loss": [], "reseeded": [],
-            "eval": [{"step": 0, **eval_metrics(problem, W, E, V, assign), **curve_point(problem, W, E, V, assign)}]}
-    with np.errstate(all="ignore"):                         # overflow is detected, not warned about
-        for t in range(1, cfg.steps + 1):
-            problem.progress(f"training {problem.training}", t - 1, cfg.steps)
-            Xb = X[rng.integers(0, X.shape[0], size=cfg.batch)]            # (B, D)
-            try:
-                loss, W_new, E_new, V_new = step_fn(W, E, V, Xb, t)
-            except np.linalg.LinAlgError:
-                loss = math.nan
-            if not (math.isfinite(loss) and np.isfinite(W_new).all() and np.isfinite(E_new).all()
-                    and (V_new is None or np.isfinite(V_new).all())):
-                return result(W, E, logs, "diverged", t, f"non-finite loss or parameters at step {t}", V, assign)
-            if cfg.dead_threshold > 0 and assign is None:
-                Z = latents(Xb, W)                          # the batch before the step
-                n_j = np.bincount(nearest(Z, E)[0], minlength=E.shape[0])
-                counts = cfg.dead_decay * counts + (1 - cfg.dead_decay) * n_j
-                dead = np.flatnonzero(counts < cfg.dead_threshold)
-                if dead.size:
-                    pick = reseed_rng.choice(len(Z), size=dead.size, replace=dead.size > len(Z))
-                    E_new = E_new.copy()
-                    E_new[dead] = Z[pick]
-                    counts[dead] = cfg.dead_threshold
-                    if on_reseed is not None:
-                        on_reseed(dead, Z[pick])
-                logs["reseeded"].append(int(dead.size))
-            W, E, V = W_new, E_new, V_new
-            logs["batch_loss"].append(float(loss))
-            if t >= tail_from:
-                W_sum += W
-                E_sum += E
-                if V is not None:
-                    V_sum += V
-            if t % cfg.log_every == 0 or t == cfg.steps:
-                row = {"step": t, **eval_metrics(problem, W, E, V, assign), **curve_point(problem, W, E, V, assign)}
-                if not row["recon_mse"] <= DIVERGED * logs["eval"][0]["recon_mse"]:
-                    return result(W, E, logs, "diverged", t,
-                                  f"eval error {row['recon_mse']:.3g} at step {t}, over {DIVERGED:g}x its start", V, assign)
-                logs["eval"].append(row)
-    if cfg.tail_average > 0 and cfg.steps > 0:
-        n_avg = cfg.steps - tail_from + 1
-        W = stiefel_project(W_sum / n_avg).astype(W.dtype)
-        E = (E_sum / n_avg).astype(E.dtype)
-        V = None if V is None else (V_sum / n_avg).astype(V.dtype)
-    note = f"{sum(logs['reseeded'])} codes re-seeded" if cfg.dead_threshold > 0 and assign is None else ""
-    return result(W, E, logs, note=note, V=V, assign=assign)
-
-
-def encoder_step(cfg, W, gW, t):
-    """The encoder's step of every gradient method: Riemannian SGD at the scheduled rate,
-    or none with ``train_encoder`` 0."""
-    return riemannian_step(W, gW, lr_factor(cfg, t) * cfg.lrW) if cfg.train_encoder else W
-
-
-def finite(grads):
-    return math.isfinite(grads.loss) and all(g is None or np.isfinite(g).all() for g in grads[1:])
-
-
-def decoder_step(cfg, V, gV, t):
-    """The untied decoder's step: plain SGD at the encoder's scheduled rate (none for the
-    tied decoder, V None)."""
-    return None if V is None else V - lr_factor(cfg, t) * cfg.lrW * gV
-
-
-def sgd(problem, grad_fn):
-    """The optimizer shared by every gradient method: Riemannian SGD on W (unless
-    ``train_encoder`` is 0), SGD on E (and on an untied decoder V), every rate times
-    :func:`lr_factor`.
-
-    ``grad_fn(W, E, V, Xb) -> Grads``, e.g. :func:`manual_grads`.
-    """
-    cfg = problem.cfg
-
-    def step(W, E, V, Xb, t):
-        gr = grad_fn(W, E, V, Xb)
-        if not finite(gr):
-            return math.nan, W, E, V
-        f = lr_factor(cfg, t)
-        return gr.loss, encoder_step(cfg, W, gr.gW, t), E - f * cfg.lrE * gr.gE, decoder_step(cfg, V, gr.gV, t)
-    return train(problem, step)
-
-
-def method_pca_lloyd(problem):
-    """PCA encoder + k-means codebook: the reference, and the start of every trained
-    method with ``--start kmeans``."""
-    return result(problem.W_pca.copy(), problem.E_kmeans.copy())
-
-
-def method_fd_ste(problem):
-    """STE trained with finite-difference gradients (the autograd stand-in)."""
-    c = problem.cfg
-    evals = c.steps * 2 * (problem.W0.size + problem.E0.size)
-    if evals > c.fd_max_evals and not c.force_fd:
-        return result(None, None, status="skipped", note=(
-            f"{evals:.3g} loss evaluations (steps x 2 x {problem.W0.size + problem.E0.size} parameters) "
-            f"exceed --fd_max_evals {c.fd_max_evals:g}; --force_fd runs it"))
-    return sgd(problem, lambda W, E, V, Xb: fd_grads(W, E, Xb, c.alpha, c.beta, "ste", c.fd_h, V=V))
-
-
-def method_manual_ste(problem):
-    """STE trained with hand-derived gradients."""
-    c = problem.cfg
-    return sgd(problem, lambda W, E, V, Xb: manual_grads(W, E, Xb, c.alpha, c.beta, "ste", V=V))
-
-
-def method_rotation(problem):
-    """The rotation trick (Fifty et al. 2025) with hand-derived gradients."""
-    c = problem.cfg
-    return sgd(problem, lambda W, E, V, Xb: manual_grads(W, E, Xb, c.alpha, c.beta, "rotation", V=V))
-
-
-@dataclasses.dataclass
-class EmaState:
-    """Moving averages of an EMA codebook (hidden, i.e. before debiasing)."""
-    counts: np.ndarray   # (K,) EMA of per-batch cluster sizes
-    sums: np.ndarray     # (K, m) EMA of per-batch cluster sums
-    t: int = 0           # updates made (for debiasing)
-
-
-def ema_codebook_update(E, state, Z, labels, decay, eps=1e-5):
-    """One EMA codebook update (van den Oord et al. 2017, app. A.1), debiased and
-    Laplace-smoothed as DeepMind Sonnet's ``VectorQuantizerEMA``.
-
-    ``N_j <- decay N_j + (1-decay) n_j``, ``M_j <- decay M_j + (1-decay) sum_{i in j} z_i``,
-    both divided by ``1 - decay^t``; the counts are Laplace-smoothed,
-    ``N_j' = (N_j + eps) / (sum N + K eps) * sum N``, and ``e_j = M_j / N_j'``. While
-    every code is used this is Sonnet's update; a code never used keeps its vector
-    (Sonnet's becomes exactly 0). Returns the new codebook (K, m); ``state`` is updated
-    in place.
-    """
-    K = E.shape[0]
-    n_j, s_j = cluster_sums(Z, labels, K)
-    state.counts = decay * state.counts + (1 - decay) * n_j
-    state.sums = decay * state.sums + (1 - decay) * s_j
-    state.t += 1
-    debias = 1 - decay ** state.t
-    N, M = state.counts / debias, state.sums / debias
-    total = N.sum()
-    smoothed = (N + eps) / (total + K * eps) * total
-    E_new = np.array(E, dtype=np.float64)
-    used = N > 0
-    E_new[used] = M[used] / smoothed[used, None]
-    return E_new.astype(E.dtype, copy=False)
-
-
-def method_ema_ste(problem):
-    """STE encoder (reconstruction + commitment) with an EMA codebook; a re-seeded dead
-    code restarts its averages at the latent it took (count: the threshold)."""
-    c = problem.cfg
-    K, m = problem.E0.shape
-    state = EmaState(np.zeros(K), np.zeros((K, m)))
-
-    def step(W, E, V, Xb, t):
-        fr = freeze(W, E, Xb, "ste")                        # latents and codes before the step
-        gr = manual_grads(W, E, Xb, 0.0, c.beta, "ste", frozen=fr, V=V)
-        if not finite(gr):
-            return math.nan, W, E, V
-        E_new = ema_codebook_update(E, state, fr.Z0, fr.labels, c.ema_decay, c.ema_eps)
-        return gr.loss, encoder_step(c, W, gr.gW, t), E_new, decoder_step(c, V, gr.gV, t)
-
-    def reset(codes, values):                               # debiased: count T, sum T * latent
-        debias = 1 - c.ema_decay ** state.t
-        state.counts[codes] = c.dead_threshold * debias
-        state.sums[codes] = c.dead_threshold * values * debias
-    return train(problem, step, reset)
-
-
-def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10, train_encoder=True):
-    """Exact alternating minimisation of the training reconstruction error.
-
-    Each round: W <- polar factor of ``Q^T X`` (orthogonal Procrustes, assignments and
-    E fixed), then E <- the centroids of the latents, then reassignment. No step
-    increases ``mean ||x - q W||^2``. Stops when the relative improvement of a round is
-    below ``tol`` or after ``max_rounds``. With ``train_encoder`` false W stays: Lloyd.
-
-    One pass over X per round: with ``S`` the per-cluster sums of the rows of X (K, D),
-    kept up to date as points change cluster, ``Q^T X = E^T S`` and the centroids of
-    ``Z = X W^T`` are ``S W^T / counts``. The reassignment searches only the points whose
-    bound says they might change code (as :func:`lloyd` does), with the labels of a full
-    search (tested).
-
-    Returns W (m, D), E (K, m) and the training error before round 1 and after each round.
-    """
-    K = E.shape[0]
-    x_sq = np.einsum("nd,nd->n", X, X, dtype=np.float64)
-    z_max = float(x_sq.max(initial=0.0))                    # ||z|| <= ||x||: W has orthonormal rows
-    Z = latents(X, W)                                       # (n, m)
-    labels, dist, d2 = nearest(Z, E, second=True)
-    low = np.sqrt(np.maximum(d2.astype(np.float64) - _distance_eps(E, z_max), 0))
-    history = [float(reconstruction_errors(x_sq, Z, E, W, (labels, dist))[0].mean())]
-    counts = np.bincount(labels, minlength=K)
-    S = np.zeros((K, X.shape[1]))
-    np.add.at(S, labels, X)                                 # (K, D) float64 sums of x per cluster
-    for _ in range(max_rounds):
-        if train_encoder:
-            W = stiefel_project(E.astype(np.float64).T @ S).astype(X.dtype)   # (m, D) Procrustes
-        has = counts > 0                                    # an empty cluster keeps its code
-        E_old, E = E, E.astype(np.float64)                  # (moving points would break descent)
-        E[has] = (S[has] @ W.T.astype(np.float64)) / counts[has, None]
-        E = E.astype(X.dtype)
-        Z_old, Z = Z, latents(X, W)
-        # reassignment: ``low`` bounds the distance to every other code; it falls by how
-        # far the point and the codes moved (triangle inequality). Only points whose own
-        # code might no longer be the nearest, with room for rounding, are searched.
-        code_move = np.sqrt(np.max(np.sum((E - E_old.astype(np.float64)) ** 2, axis=1)))
-        low -= (np.sqrt(np.einsum("nm,nm->n", Z - Z_old, Z - Z_old)) + code_move) * (1 + _SAFE)
-        diff = Z - E[labels]
-        dist = np.einsum("nm,nm->n", diff, diff)            # to the own code, directly
-        eps = _distance_eps(E, z_max)
-        cand = np.flatnonzero(dist + 2 * eps >= np.maximum(low, 0) ** 2)
-        new = labels.copy()
-        new[cand], dist[cand], d2 = nearest(Z[cand], E, second=True)
-        low[cand] = np.sqrt(np.maximum(d2.astype(np.float64) - eps, 0))
-        moved = cand[new[cand] != labels[cand]]             # S follows the points that moved
-        np.subtract.at(S, labels[moved], X[moved])
-        np.add.at(S, new[moved], X[moved])
-        labels, counts = new, np.bincount(new, minlength=K)
-        history.append(float(reconstruction_errors(x_sq, Z, E, W, (labels, dist))[0].mean()))
-        if history[-2] - history[-1] <= tol * history[-2]:
-            break
-    return W, E, history
-
-
-def method_procrustes_lloyd(problem):
-    """Alternating Lloyd / orthogonal-Procrustes steps from the PCA + k-means start."""
-    c = problem.cfg
-    W, E, hist = procrustes_lloyd(problem.X_train, problem.W0, problem.E0, c.pl_rounds, c.pl_tol,
-                                  c.train_encoder)
-    logs = {"train_recon_mse": hist, "eval": [{"step": len(hist) - 1, **eval_metrics(problem, W, E)}]}
-    return result(W, E, logs)
-
-
-def method_rotation_unit(problem):
-    """The rotation trick as in the authors' VQGAN experiments (cfifty/rotation_trick,
-    ``exp_weights_and_configs/table_3/rot_vqgan.py``, ``VQModel.get_rotation``): the
-    gradient flows through ``z/||z||``, so the reconstruction sends nothing along z."""
-    c = problem.cfg
-    return sgd(problem, lambda W, E, V, Xb: manual_grads(W, E, Xb, c.alpha, c.beta, "rotation_unit", V=V))
-
-
-def method_nsvq(problem):
-    """NSVQ (Vali and Backstrom, IEEE Access 2022; MHVali/Noise-Substitution-in-Vector-
-    Quantization, ``NSVQ.forward``): ``q~ = z + ||z - q|| u``, u a random unit vector per
-    sample and step (its own stream). No VQ loss terms, as the authors' code says
-    (``alpha = beta = 0`` whatever the flags): the codebook learns through ``||z - q||``.
-    Scored with the nearest code, as ``NSVQ.inference``."""
-    rng = derived_rng(problem.cfg.seed, "noise")
-    return sgd(problem, lambda W, E, V, Xb: manual_grads(W, E, Xb, 0.0, 0.0, "nsvq", rng=rng, V=V))
-
-
-def method_diveq(problem):
-    """DiVeQ (Vali, Backstrom and Solin, ICLR 2026; AaltoML/DiVeQ, ``DIVEQ.forward``):
-    ``q~ = z + ||q - z|| sg(normalize(q - z + eps))``, eps of standard deviation 1e-3
-    (the code's ``noise_var``, used as a standard deviation). No VQ loss terms, as the
-    authors' (``alpha = beta = 0``); their dead-code replacement is not included (the
-    shared ``--dead_threshold`` rule is)."""
-    rng, noise = derived_rng(problem.cfg.seed, "noise"), method_param(problem, "diveq", "noise")
-    return sgd(problem, lambda W, E, V, Xb: manual_grads(W, E, Xb, 0.0, 0.0, "diveq", V=V,
-                                                          frozen=freeze(W, E, Xb, "diveq", rng, noise)))
-
-
-def affine_codebook(C, s, t, a):
-    """Huh et al.'s affine reparameterisation: ``E = (1 + a s) * C + a t`` (K, m), s and t
-    of shape (m,) shared by every code (vqtorch ``nn/affine.py``, ``AffineTransform``)."""
-    return (1 + a * s) * C + a * t
-
-
-def affine_grads(gE, C, s, a):
-    """The gradients of C (K, m), s and t (m,) from that of the codebook ``gE``:
-    ``G * (1 + a s)``, ``a sum_j G_j * C_j``, ``a sum_j G_j``."""
-    return gE * (1 + a * s), a * np.sum(gE * C, axis=0), a * np.sum(gE, axis=0)
-
-
-def method_affine_ste(problem):
-    """STE with the affine-reparameterised codebook and synchronized commitment of Huh
-    et al. (ICML 2023; minyoungg/vqtorch ``nn/vq.py`` ``VectorQuant``, ``nn/affine.py``):
-    ``E = (1 + a s) * C + a t`` with s = t = 0 at the start and C the shared start
-    codebook; the code receives ``nu`` times the reconstruction gradient (``nu = 2``,
-    ``a = 2``: ``examples/autoencoder.py``). C, s and t by SGD at ``--lrE`` (the authors
-    use AdamW). A re-seeded code sets its row of C so that its effective code is the
-    latent it takes.
-
-    ``--affine_ste_alternate 1``: their alternating optimisation (vqtorch
-    ``inplace_optimizer``, ``examples/experimental_inplace_update.py``): each step first
-    moves C alone down ``mean_{i,d} (e_k - sg(z_i))^2`` at ``--affine_ste_inner_lr`` (a damped
-    Lloyd step; the authors use SGD with momentum), then takes the task step with the
-    assignments kept and no commitment term."""
-    c = problem.cfg
-    a, nu = method_param(problem, "affine_ste", "a"), method_param(problem, "affine_ste", "nu")
-    alternate, inner_lr = method_param(problem, "affine_ste", "alternate"), method_param(problem, "affine_ste", "inner_lr")
-    K, m = problem.E0.shape
-    p = {"C": problem.E0.astype(np.float64), "s": np.zeros(m), "t": np.zeros(m)}
-
-    def step(W, E, V, Xb, t):
-        if alternate:                                       # codes first, the assignments kept
-            fr = freeze(W, E, Xb, "ste", nu=nu)
-            counts, sums = cluster_sums(fr.Z0, fr.labels, K)
-            gE_inner = (2.0 / (Xb.shape[0] * m)) * (counts[:, None] * E - sums)
-            p["C"] = p["C"] - inner_lr * gE_inner * (1 + a * p["s"])
-            E = affine_codebook(p["C"], p["s"], p["t"], a).astype(E.dtype)
-            fr = fr._replace(Q0=E[fr.labels], C=E[fr.labels] - fr.Z0)
-            gr = manual_grads(W, E, Xb, c.alpha, 0.0, frozen=fr, V=V)
-        else:
-            gr = manual_grads(W, E, Xb, c.alpha, c.beta, "ste", nu=nu, V=V)
-        if not finite(gr):
-            return math.nan, W, E, V
-        lr = lr_factor(c, t) * c.lrE
-        gC, gs, gt = affine_grads(gr.gE, p["C"], p["s"], a)
-        # s and t are shared by the K codes: their gradient sums K codes' (SGD, unlike the
-        # authors' Adam, does not normalise it), so they step at lrE / K
-        p["C"], p["s"], p["t"] = p["C"] - lr * gC, p["s"] - lr / K * gs, p["t"] - lr / K * gt
-        return (gr.loss, encoder_step(c, W, gr.gW, t), affine_codebook(p["C"], p["s"], p["t"], a).astype(E.dtype),
-                decoder_step(c, V, gr.gV, t))
-
-    def reset(codes, values):
-        p["C"][codes] = (values - a * p["t"]) / (1 + a * p["s"])
-    return train(problem, step, reset)
-
-
-def method_simvq(problem):
-    """SimVQ (Zhu et al. 2024, arXiv 2411.02038; youngsheen/SimVQ
-    ``taming/modules/vqvae/quantize.py``, ``SimVQ``): the codebook is a learned linear
-    map of a frozen basis, ``E = C P^T + 1 b^T``, trained through the codebook loss with
-    plain STE (the authors' config: codebook weight 1, commitment 0.25, as our defaults).
-    The frozen basis is the shared start codebook with ``P = I``, ``b = 0``, so every
-    method starts from the same point (the authors draw C from N(0, 1/m)): E stays an
-    affine image of it. P and b by SGD at ``--lrE / K``: their gradients sum the K codes'
-    (the authors use Adam, which normalises them)."""
-    c = problem.cfg
-    K, m = problem.E0.shape
-    p = {"C": problem.E0.astype(np.float64), "P": np.eye(m), "b": np.zeros(m)}
-
-    def step(W, E, V, Xb, t):
-        gr = manual_grads(W, E, Xb, c.alpha, c.beta, "ste", V=V)
-        if not finite(gr):
-            return math.nan, W, E, V
-        lr = lr_factor(c, t) * c.lrE / K                    # P and b sum K codes' gradients
-        p["P"], p["b"] = p["P"] - lr * (gr.gE.T @ p["C"]), p["b"] - lr * gr.gE.sum(axis=0)   # dL/dP = G^T C
-        return (gr.loss, encoder_step(c, W, gr.gW, t), (p["C"] @ p["P"].T + p["b"]).astype(E.dtype),
-                decoder_step(c, V, gr.gV, t))
-
-    def reset(codes, values):                               # C_j P^T + b = value
-        p["C"][codes] = np.linalg.lstsq(p["P"], (values - p["b"]).T, rcond=None)[0].T
-    return train(problem, step, reset)
-
-
-def _sym_power(S, power, floor=1e-12):
-    """``S^power`` of a symmetric positive semi-definite matrix, its eigenvalues clamped
-    at ``floor`` (as the authors clamp theirs): exact and symmetric."""
-    vals, vecs = np.linalg.eigh((S + S.T) / 2)
-    return (vecs * np.maximum(vals, floor) ** power) @ vecs.T
-
-
-def wasserstein_grads(Z, E):
-    """The 2-Wasserstein distance between Gaussian fits of the latents ``Z`` (n, m) and
-    the codes ``E`` (K, m) (Fang et al. 2025, ``calc_wasserstein_distance`` in
-    VQ-Research/Wasserstein-VQ ``VariousVQs.py``), and its gradients (n, m), (K, m).
-
-    ``Wd = sqrt(||mu_z - mu_c||^2 + relu(tr(S_z + S_c - 2 (A S_c A)^(1/2))) + 1e-8)``,
-    ``A = S_z^(1/2)``, covariances divided by n and K. The authors take the square root of
-    the non-symmetric ``S_z S_c`` with ``eigh`` (which reads one triangle only); this is
-    the exact symmetric form, with the gradients of the closed form::
-
-        dWd/dS_c = (I - A M^(-1/2) A) / (2 Wd),  M = A S_c A;   dWd/dS_z likewise, B = S_c^(1/2)
-        dWd/de_j = (2/K) (e_j - mu_c) dWd/dS_c - (mu_z - mu_c) / (K Wd)
-        dWd/dz_i = (2/n) (z_i - mu_z) dWd/dS_z + (mu_z - mu_c) / (n Wd)
-    """
-    n, K = Z.shape[0], E.shape[0]
-    mu_z, mu_c = Z.mean(axis=0), E.mean(axis=0)
-    Zc, Ec = Z - mu_z, E - mu_c
-    S_z, S_c = Zc.T @ Zc / n, Ec.T @ Ec / K                 # (m, m) each
-    A, B = _sym_power(S_z, 0.5), _sym_power(S_c, 0.5)
-    M = A @ S_c @ A
-    trace = np.trace(S_z) + np.trace(S_c) - 2 * np.trace(_sym_power(M, 0.5))
-    Wd = math.sqrt(float(np.sum((mu_z - mu_c) ** 2)) + max(trace, 0.0) + 1e-8)
-    G_c = (np.eye(len(mu_z)) - A @ _sym_power(M, -0.5) @ A) / (2 * Wd) if trace > 0 else 0.0
-    G_z = (np.eye(len(mu_z)) - B @ _sym_power(B @ S_z @ B, -0.5) @ B) / (2 * Wd) if trace > 0 else 0.0
-    gZ = (2 / n) * Zc @ G_z + (mu_z - mu_c) / (n * Wd)
-    gE = (2 / K) * Ec @ G_c - (mu_z - mu_c) / (K * Wd)
-    return Wd, gZ, gE
-
-
-def wasserstein_check(W, E, X, h=1e-5, max_entries=256):
-    """Hand-derived gradients of ``Wd(latents(X, W), E)`` against central differences
-    over (up to ``max_entries`` of) the entries of W and of E."""
-    Wd, gZ, gE = wasserstein_grads(latents(X, W), E)
-    gW = gZ.T @ X                                           # through z = x W^T
-
-    def fd(P, other_is_W):
-        g = np.full(P.size, np.nan)
-        for i in range(min(P.size, max_entries)):
-            d = np.zeros(P.size)
-            d[i] = h
-            d = d.reshape(P.shape)
-            f = (lambda Q: wasserstein_grads(latents(X, W), Q)[0]) if other_is_W else \
-                (lambda Q: wasserstein_grads(latents(X, Q), E)[0])
-            g[i] = (f(P + d) - f(P - d)) / (2 * h)
-        return g.reshape(P.shape)
-    return {"gW_rel_err": rel_err(fd(W, False), gW), "gE_rel_err": rel_err(fd(E, True), gE),
-            "loss_rel_err": 0.0, "coords": int(min(W.size, max_entries) + min(E.size, max_entries))}
-
-
-def method_wasserstein(problem):
-    """STE plus ``weight`` times the Wasserstein distance between Gaussian fits of the
-    batch's latents and the codebook (Fang et al. 2025, arXiv 2506.15078), its gradient
-    through the closed form (:func:`wasserstein_grads`) reaching the codes and, through
-    the latents, the encoder. ``weight = 1`` here; the authors' simulation weighs it 10
-    against a codebook loss of 0.1 (codebook-only)."""
-    c = problem.cfg
-    weight = method_param(problem, "wasserstein", "weight")
-
-    def grads(W, E, V, Xb):
-        gr = manual_grads(W, E, Xb, c.alpha, c.beta, "ste", V=V)
-        Wd, gZ, gEw = wasserstein_grads(latents(Xb, W), E)
-        return Grads(gr.loss + weight * Wd, gr.gW + weight * (gZ.T @ Xb), gr.gE + weight * gEw, gr.gV)
-    return sgd(problem, grads)
-
-
-# FSQ levels of the authors' Table 1 (as reproduced in third-party code) for d dimensions.
-FSQ_TABLE = {(2 ** 8, 3): [8, 6, 5], (2 ** 10, 4): [8, 5, 5, 5], (2 ** 12, 5): [7, 5, 5, 5, 5],
-             (2 ** 14, 5): [8, 8, 8, 6, 5], (2 ** 16, 6): [8, 8, 8, 5, 5, 5]}
-
-
-def fsq_levels(K, m):
-    """Levels per latent dimension for FSQ with at most K codes: the authors' table where it
-    has (K, m); for K a power of two, its bits spread as evenly as possible (K=32, m=4:
-    [4, 2, 2, 2]); else balanced levels with the largest product <= K. None if K < 2^m
-    (a dimension would have a single level).
-
-    >>> fsq_levels(32, 4), fsq_levels(256, 3), fsq_levels(30, 2)
-    ([4, 2, 2, 2], [8, 6, 5], [6, 5])
-    """
-    if K < 2 ** m:
-        return None
-    if (K, m) in FSQ_TABLE:
-        return list(FSQ_TABLE[(K, m)])
-    bits = K.bit_length() - 1
-    if K == 2 ** bits:
-        return [2 ** (bits // m + (d < bits % m)) for d in range(m)]
-    levels = [int(K ** (1 / m))] * m
-    for d in range(m):
-        while math.prod(levels) // levels[d] * (levels[d] + 1) <= K:
-            levels[d] += 1
-    return sorted(levels, reverse=True)
-
-
-def fsq_bound(T, levels, eps=1e-3):
-    """FSQ's bounding and its derivative (lucidrains ``FSQ.bound``, "adapted from Jax
-    version in Appendix A.1"): ``y = tanh(t + shift) half_l - offset`` per dimension,
-    ``half_l = (L-1)(1+eps)/2``, ``offset = 0.5`` for even L, ``shift = atanh(offset/half_l)``.
-    Returns y (n, m), dy/dt (n, m) and the half widths ``L // 2`` (m,)."""
-    L = np.asarray(levels, dtype=float)
-    half_l = (L - 1) * (1 + eps) / 2
-    offset = np.where(L % 2 == 0, 0.5, 0.0)
-    th = np.tanh(T + np.arctanh(offset / half_l))
-    return th * half_l - offset, half_l * (1 - th ** 2), np.floor(L / 2)
-
-
-def fsq_codebook(a, levels):
-    """The implicit codebook (prod L, m): ``a * k / (L//2)`` for every level combination k,
-    in the index order of :func:`fsq_assign` (the first dimension varies fastest)."""
-    hw = np.floor(np.asarray(levels) / 2)
-    grids = np.meshgrid(*[np.arange(L) - h for L, h in zip(levels, hw)], indexing="ij")
-    k = np.stack([g.ravel(order="F") for g in grids], axis=1)       # (prod L, m)
-    return a * k / hw
-
-
-def fsq_assign(Z, s, levels):
-    """FSQ's cell of each latent: ``round(bound(s z))`` per dimension, as an index into
-    :func:`fsq_codebook` (``sum_d (k_d + L_d//2) prod_{e<d} L_e``)."""
-    y, _, hw = fsq_bound(Z * s, levels)
-    k = np.round(y) + hw                                    # 0 .. L-1 per dimension
-    basis = np.cumprod([1] + list(levels[:-1]))
-    return (k @ basis).astype(np.intp)
-
-
-def fsq_grads(W, s, a, X, levels, V=None, delta=None):
-    """Loss and gradients of FSQ in the linear model (Mentzer et al., ICLR 2024; their
-    Colab ``FSQ.quantize`` and lucidrains ``finite_scalar_quantization.py``), with the
-    adaptation to an orthonormal encoder: a learned input scale s and output scale a,
-    ``q~ = a * round_ste(bound(s z)) / (L//2)``, ``x^ = q~ W`` (or ``q~ V``). The rounding
-    is straight-through: ``delta = sg(round(y) - y)``, given to fix it (finite
-    differences), else taken at this point. No VQ loss terms.
-
-    Returns (loss, gW, gs, ga, gV, delta)."""
-    B = X.shape[0]
-    Z = latents(X, W)                                       # (B, m)
-    y, dy, hw = fsq_bound(Z * s, levels)
-    delta = np.round(y) - y if delta is None else delta
-    zhat = (y + delta) / hw                                 # (B, m) the levels, straight through
-    F = a * zhat                                            # forward value
-    Dec = W if V is None else V
-    Y = Z if V is None else latents(X, V)
-    FG = F @ (Dec @ Dec.T)
-    loss = (np.einsum("bd,bd->", X, X) - 2 * np.einsum("bm,bm->", Y, F) + np.einsum("bm,bm->", FG, F)) / B
-    g = (-2.0 / B) * (Y - FG)                               # gradient reaching q~
-    slope = dy / hw                                         # d zhat / d(s z)
-    dZ = g * a * slope * s                                  # through the bound, per dimension
-    gs, ga = np.sum(g * a * slope * Z, axis=0), np.sum(g * zhat, axis=0)
-    gDec = ((2.0 / B) * (F.T @ F)) @ Dec - ((2.0 / B) * F).T @ X
-    gW = dZ.T @ X + (gDec if V is None else 0.0)
-    return float(loss), gW, gs, ga, (None if V is None else gDec), delta
-
-
-def method_fsq(problem):
-    """Finite scalar quantization (Mentzer et al., ICLR 2024): no codebook; each latent
-    dimension bounded and rounded to L_d levels (:func:`fsq_levels`: at most K codes),
-    with the learned input and output scales of :func:`fsq_grads`, started at
-    ``s = 1/sd(z)`` and ``a = sd(z)`` of the start encoder's latents. s and a step at
-    ``--lrE``; scored with its own rounding cells (:func:`fsq_assign`), not the nearest
-    grid point. The start codebook is not used, so it does not share the other methods'
-    start; ``--start random`` gives it the random encoder."""
-    c = problem.cfg
-    levels = fsq_levels(c.K, c.m)
-    if levels is None:
-        return result(None, None, status="skipped", note=f"K={c.K} < 2^m={2 ** c.m}: a dimension with one level")
-    sd = latents(problem.X_train, problem.W0).std(axis=0)
-    p = {"s": 1 / sd, "a": sd.astype(np.float64)}
-
-    def step(W, E, V, Xb, t):
-        loss, gW, gs, ga, gV, _ = fsq_grads(W, p["s"], p["a"], Xb, levels, V)
-        if not (math.isfinite(loss) and np.isfinite(gW).all() and np.isfinite(gs).all() and np.isfinite(ga).all()):
-            return math.nan, W, E, V
-        lr = lr_factor(c, t) * c.lrE
-        p["s"], p["a"] = p["s"] - lr * gs, p["a"] - lr * ga
-        return loss, encoder_step(c, W, gW, t), fsq_codebook(p["a"], levels).astype(E.dtype), decoder_step(c, V, gV, t)
-    res = train(problem, step, assign=lambda Z: fsq_assign(Z, p["s"], levels),
-                E0=fsq_codebook(p["a"], levels).astype(problem.E0.dtype))
-    res["note"] = (res["note"] + f" levels {levels}: {math.prod(levels)} codes").strip()
-    s_final = p["s"].copy()                                 # the returned model's own cells
-    res["assign"] = lambda Z: fsq_assign(Z, s_final, levels)
-    return res
-
-
-class Method(NamedTuple):
-    """A registered method: ``fn(problem) -> result(...)`` and how reports name it."""
-    fn: Callable[[Problem], dict]
-    label: str
-    estimator: str = None    # the gradient estimator it trains with (for the gradient check)
-    paper: str = ""          # where it comes from
-    stochastic: bool = False  # draws noise while training (its own stream)
-    in_default: bool = True   # run when no --methods are named
-    params: tuple = ()        # its hyperparameters: (name, the authors' default, help); flags --<method>_<name>
-
-
-def method_param(problem, method, name):
-    """The value of a method's hyperparameter in this comparison."""
-    return problem.cfg.method_params[f"{method}_{name}"]
-
-
-def declared_params():
-    """Every registered method's hyperparameters: flag name -> (default, help)."""
-    return {f"{m}_{n}": (d, h) for m, meth in METHODS.items() for n, d, h in meth.params}
-
-
-# The one registry: a method is a function of the problem, registered by one line.
-# Reports, plots, summary.json and the sweeps list the methods in this order.
-METHODS: dict[str, Method] = {
-    "pca_lloyd": Method(method_pca_lloyd, "PCA + Lloyd", None, "Lloyd 1982; k-means++: Arthur and Vassilvitskii 2007"),
-    "fd_ste": Method(method_fd_ste, "FD STE (autograd stand-in)", "ste", "Bengio et al. 2013"),
-    "manual_ste": Method(method_manual_ste, "Manual STE", "ste", "Bengio et al. 2013; van den Oord et al. 2017"),
-    "rotation": Method(method_rotation, "Rotation trick", "rotation", "Fifty et al., ICLR 2025 (Table-1 code)"),
-    "ema_ste": Method(method_ema_ste, "EMA STE", "ste", "van den Oord et al. 2017, app. A.1; DeepMind Sonnet"),
-    "procrustes_lloyd": Method(method_procrustes_lloyd, "Procrustes-Lloyd", None, "alternating exact minimisation"),
-    "rotation_unit": Method(method_rotation_unit, "Rotation trick (unit z)", "rotation_unit",
-                            "Fifty et al., ICLR 2025 (VQGAN code)", in_default=False),
-    "nsvq": Method(method_nsvq, "NSVQ", "nsvq", "Vali and Backstrom, IEEE Access 2022", True, False),
-    "diveq": Method(method_diveq, "DiVeQ", "diveq", "Vali, Backstrom and Solin, ICLR 2026", True, False,
-                    (("noise", 1e-3, "standard deviation of the direction's noise (0: DiVeQ-Detach)"),)),
-    "affine_ste": Method(method_affine_ste, "Affine STE + sync", "ste", "Huh et al., ICML 2023",
-                         in_default=False, params=(
-                             ("a", 2.0, "affine learning-rate multiplier (vqtorch affine_lr)"),
-                             ("nu", 2.0, "synchronized commitment (vqtorch sync_nu)"),
-                             ("alternate", 0.0, "1: the alternating optimisation (codes first)"),
-                             ("inner_lr", 1.0, "the codes' own step of the alternating optimisation"))),
-    "simvq": Method(method_simvq, "SimVQ", "ste", "Zhu et al., arXiv 2411.02038", in_default=False),
-    "wasserstein": Method(method_wasserstein, "STE + Wasserstein", "ste", "Fang et al., arXiv 2506.15078",
-                          in_default=False, params=(("weight", 1.0, "weight of the Wasserstein distance"),)),
-    "fsq": Method(method_fsq, "FSQ", None, "Mentzer et al., ICLR 2024", in_default=False),
-}
-
-
-def default_methods():
-    """The methods run when none are named: every registered one not marked opt-in."""
-    return tuple(name for name, m in METHODS.items() if m.in_default)
-
-
-def method_table():
-    """The registry as a Markdown table (the README's, tested to match)."""
-    rows = ["| key | name | from | gradient estimator | noise | by default | hyperparameters (flag: default) |",
-            "|---|---|---|---|---|---|---|"]
-    for key, m in METHODS.items():
-        params = ", ".join(f"`--{key}_{n}` {d:g}" for n, d, _ in m.params) or "-"
-        rows.append(f"| `{key}` | {m.label} | {m.paper} | {m.estimator or '-'} | "
-                    f"{'yes' if m.stochastic else 'no'} | {'yes' if m.in_default else 'opt-in'} | {params} |")
-    return "\n".join(rows)
-
-
-def method_label(name):
-    return METHODS[name].label if name in METHODS else name
 
 
 # ----------------------------------------------------------------------------
@@ -1982,6 +1209,992 @@ def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16, progress=quiet)
 
 
 # ----------------------------------------------------------------------------
+# The problem: data, true spectrum and the shared start point
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Problem:
+    """What every method sees: the settings, the data and the shared start point."""
+    cfg: Config
+    X_train: np.ndarray      # (n_train, D)
+    X_eval: np.ndarray       # (n_eval, D)
+    U: np.ndarray            # (D, rank) true eigenbasis
+    lam: np.ndarray          # (rank,) true eigenvalues
+    W_pca: np.ndarray        # (m, D) PCA encoder
+    E_kmeans: np.ndarray     # (K, m) k-means codebook on the PCA latents: pca_lloyd's model
+    start_seconds: float     # time to build (W_pca, E_kmeans)
+    reference: tuple         # (C (K, rank), seconds): see unconstrained_reference
+    W0: np.ndarray = None    # (m, D) start of every trained method (--start), see start_regime
+    E0: np.ndarray = None    # (K, m)
+    V0: np.ndarray = None    # (m, D) the untied decoder's start (W0), None for the tied one
+    eval_sq: np.ndarray = None   # (n_eval,) ||x||^2 of the eval samples
+    progress: Callable = quiet   # progress(phase, done, total), see Progress
+    curve: tuple = None          # (S, ||s||^2, the start's errors) of curve_point's sample
+
+    def __post_init__(self):
+        if self.W0 is None:
+            self.W0, self.E0 = start_regime(self.cfg, self.X_train, self.W_pca, self.E_kmeans)
+        if self.V0 is None and self.cfg.decoder == "untied":
+            self.V0 = self.W0.copy()
+        if self.eval_sq is None:
+            self.eval_sq = np.einsum("nd,nd->n", self.X_eval, self.X_eval, dtype=np.float64)
+
+    def start(self):
+        """What :func:`start_point` computed: to build another problem on the same data."""
+        return self.W_pca, self.E_kmeans, self.start_seconds, self.reference
+
+
+def start_regime(cfg, X_train, W_pca, E_kmeans):
+    """The start (W0, E0) of every trained method, by ``cfg.start``:
+
+    * ``kmeans``: the PCA encoder and the converged k-means codebook (pca_lloyd's model);
+    * ``random_codes``: the PCA encoder; codes ``e_j ~ N(0, diag(s^2))``, ``s`` the
+      standard deviations of the training latents, per coordinate;
+    * ``shifted``: the same with mean ``shift * s`` (every coordinate offset by ``shift``
+      of its standard deviations; for isotropic latents the shifted-Gaussian simulation
+      of Fang et al. 2025);
+    * ``random``: a random orthonormal encoder (polar factor of a Gaussian matrix) and
+      codes as ``random_codes`` at its latents' scale.
+
+    Drawn from the ``"start"`` stream: the same for every method, whatever else runs.
+    """
+    if cfg.start == "kmeans":
+        return W_pca, E_kmeans
+    rng = derived_rng(cfg.seed, "start")
+    m, D = W_pca.shape
+    W = W_pca
+    if cfg.start == "random":
+        W = stiefel_project(rng.standard_normal((m, D))).astype(W_pca.dtype)
+    s = latents(X_train, W).std(axis=0)                     # (m,) the latents' scale
+    E = rng.standard_normal((cfg.K, m)) * s
+    if cfg.start == "shifted":
+        E += cfg.shift * s
+    return W, E.astype(W_pca.dtype)
+
+
+DIVERGED = 1e4   # a run whose eval error grows past this multiple of its start has diverged
+
+
+def eval_metrics(problem, W, E, V=None, assign=None):
+    """:func:`metrics` of (W, E, V) on the eval set, with the angle to the true eigenspace."""
+    m = problem.cfg.m
+    row = metrics(W, E, problem.X_eval, problem.eval_sq, V, assign)
+    row["subspace_angle_deg"] = subspace_angle_deg(W, problem.U[:, :m]) if m <= problem.cfg.rank else None
+    return row
+
+
+N_CURVE = 20_000    # fresh samples on which the training curves are scored (paired)
+
+
+def curve_point(problem, W, E, V=None, assign=None):
+    """What the report scores, along training: the paired difference of the model's error
+    to the start's on a fixed sample of ``min(N_CURVE, n_pop)`` fresh samples (its own
+    stream), with its standard error; empty with ``n_pop=0``."""
+    n = min(N_CURVE, problem.cfg.n_pop)
+    if n == 0:
+        return {}
+    if problem.curve is None:
+        S = derived_rng(problem.cfg.seed, "curves").standard_normal((n, len(problem.lam))) * np.sqrt(problem.lam)
+        s_sq = np.einsum("nr,nr->n", S, S)
+        problem.curve = (S, s_sq, sample_errors((problem.W0, problem.E0), S, s_sq, problem.U))
+    S, s_sq, start = problem.curve
+    d = sample_errors((W, E, V, assign), S, s_sq, problem.U) - start
+    return {"pop_diff_to_start": float(d.mean()), "pop_diff_to_start_se": float(d.std(ddof=1) / math.sqrt(n))}
+
+
+START_REGIMES = ("kmeans", "random_codes", "shifted", "random")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(cfg, t):
+    """The learning-rate multiplier of step t = 1..steps (``cfg.lr_schedule``):
+    constant 1, or a decay from 1 towards 0: ``cos`` half-wave or linear."""
+    done = (t - 1) / max(cfg.steps, 1)
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * done))
+    return 1 - done if cfg.lr_schedule == "linear" else 1.0
+
+
+# ----------------------------------------------------------------------------
+# The optimizer: how a parameter steps, apart from what its gradient is
+# ----------------------------------------------------------------------------
+
+class Optimizer:
+    """Steps every trained parameter by its gradient: ``W`` by Riemannian SGD on the
+    Stiefel manifold (:func:`riemannian_step`), every other parameter by Euclidean SGD,
+    each at its own base rate times the schedule's factor.
+
+    Plain SGD keeps no state; ``state`` holds one dict per parameter name for optimizers
+    that do (momentum, moments), so that they are a few lines in :meth:`step`.
+    """
+
+    def __init__(self, rates):
+        self.rates = dict(rates)    # name -> base learning rate
+        self.state = {}             # name -> that parameter's optimizer state
+
+    def step(self, name, p, g, factor=1.0):
+        lr = factor * self.rates[name]
+        if name == "W":
+            return riemannian_step(p, g, lr)
+        return p - lr * g
+
+
+# ----------------------------------------------------------------------------
+# Methods: what each declares (parameters, loss, gradients), and the registry
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Result:
+    """What one method produced: its model, how its run went, and its scores.
+
+    Training (or fitting) sets the model and the run's fields; :func:`score` adds the
+    eval metrics and :func:`population_scores` the population error to ``scores``.
+    """
+    W: np.ndarray = None          # (m, D) encoder
+    E: np.ndarray = None          # (K, m) codebook
+    V: np.ndarray = None          # (m, D) untied decoder, None for the tied one
+    assign: Callable = None       # its own cells (Z -> labels), None for the nearest code
+    params: dict = None           # its own parameters at the end
+    status: str = "ok"            # ok, diverged or skipped
+    diverged_at_step: int = None
+    note: str = ""
+    logs: dict = None             # eval rows, batch losses, re-seeded codes
+    seconds: float = 0.0
+    scores: dict = dataclasses.field(default_factory=dict)   # metrics and population error
+
+    @property
+    def ok(self):
+        return self.status == "ok"
+
+    def as_dict(self):
+        """The entry of ``summary["results"]``: the model, the run and every score."""
+        return {"W": self.W, "E": self.E, "V": self.V, "assign": self.assign, "logs": self.logs,
+                "status": self.status, "diverged_at_step": self.diverged_at_step, "note": self.note,
+                "seconds": self.seconds, **self.scores}
+
+
+class Step(NamedTuple):
+    """What a gradient method returns for one batch."""
+    loss: float          # the (surrogate) loss at the point
+    gW: np.ndarray       # (m, D) Euclidean gradient of the encoder
+    gV: np.ndarray       # (m, D) the untied decoder's, or None
+    grads: dict          # name -> gradient of each parameter of the method's own it trains
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registered method: what it is and what it declares; :func:`train` trains it.
+
+    A gradient method declares its parameters (``init``), the codebook they give
+    (``codebook``), what its surrogate holds fixed on a batch (``freeze``), that surrogate
+    evaluated from its definition (``loss``: the gradient check differentiates it) and
+    its hand-derived gradients (``loss_and_grads``). Optional: a non-gradient step before
+    the gradient step (``update``, EMA's), its own cells (``assign``), its dead-code
+    re-seeding (``reset``). A fitted method declares ``fit`` instead. Every callable
+    takes ``hp``, the settings it reads (:func:`hyperparameters`).
+    """
+    label: str
+    paper: str = ""
+    init: Callable = None            # (problem, hp) -> {name: ndarray}: its own parameters at the start
+    codebook: Callable = None        # (params, hp) -> E (K, m) (a stack (P, K, m) from stacked params)
+    freeze: Callable = None          # (W, V, params, Xb, hp, rng) -> what the surrogate holds fixed
+    loss: Callable = None            # (W, V, params, Xb, frozen, hp) -> surrogate; one argument may be a stack: (P,)
+    loss_and_grads: Callable = None  # (W, V, params, Xb, frozen, hp) -> Step
+    update: Callable = None          # (params, frozen, hp) -> (params, frozen), before the gradient step
+    assign: Callable = None          # (params, hp) -> labels(Z): its own cells instead of the nearest code
+    reset: Callable = None           # (params, codes, latents, hp) -> params: re-seed dead codes
+    shared: tuple = ()               # parameters shared by the K codes: they step at lrE / K
+    fit: Callable = None             # (problem, hp) -> Result: a fitted (non-gradient) method
+    skip: Callable = None            # (problem, hp) -> why it cannot run here, or None
+    note: Callable = None            # (problem, hp) -> a word on its run for the report
+    estimator: str = None            # its gradient estimator, for the reports
+    hand_derived: bool = True        # False: its gradients are the finite differences themselves
+    stochastic: bool = False         # draws noise while training (its own stream)
+    in_default: bool = True          # run when no --methods are named
+    hyperparameters: tuple = ()      # (name, the authors' default, help): flags --<method>_<name>
+
+
+def hyperparameters(cfg, name):
+    """What the method ``name`` reads (``hp``): the shared loss weights and sizes, and its
+    own hyperparameters by their short names (``hp.nu`` for ``--affine_ste_nu``)."""
+    own = {n: cfg.method_params[f"{name}_{n}"] for n, _, _ in METHODS[name].hyperparameters}
+    return types.SimpleNamespace(alpha=cfg.alpha, beta=cfg.beta, K=cfg.K, m=cfg.m, fd_h=cfg.fd_h,
+                                 ema_decay=cfg.ema_decay, ema_eps=cfg.ema_eps,
+                                 dead_threshold=cfg.dead_threshold, **own)
+
+
+def plain_codebook(params, hp):
+    """The codebook is the parameter ``E`` itself."""
+    return params["E"]
+
+
+def plain_codebook_grads(params, gE, hp):
+    return {"E": gE}
+
+
+def start_codebook(problem, hp):
+    """The shared start codebook as the parameter ``E``."""
+    return {"E": problem.E0.copy()}
+
+
+def vq_loss_weights(hp):
+    """The codebook and commitment weights (alpha, beta) of the shared loss."""
+    return hp.alpha, hp.beta
+
+
+def vq_method(label, paper="", estimator="ste", weights=vq_loss_weights, init=start_codebook,
+              codebook=plain_codebook, codebook_grads=plain_codebook_grads, **fields):
+    """A method that quantizes to a codebook and trains with a gradient estimator (see
+    :class:`Frozen`): the loss ``recon + alpha codebook + beta commitment`` with
+    ``(alpha, beta) = weights(hp)``, the codebook ``codebook(params, hp)`` of its
+    parameters, whose gradients follow from the codebook's by ``codebook_grads(params,
+    gE, hp)`` (the chain rule). ``hp.nu`` (synchronized commitment) and ``hp.noise``
+    (DiVeQ) are read where the method has them. Other ``fields`` go to :class:`Method`."""
+    def freeze_(W, V, params, Xb, hp, rng):
+        E = codebook(params, hp).astype(W.dtype, copy=False)
+        return freeze(W, E, Xb, estimator, rng, getattr(hp, "noise", 1e-3), getattr(hp, "nu", 0.0))
+
+    def loss_(W, V, params, Xb, frozen, hp):
+        return surrogate_loss(W, codebook(params, hp), Xb, frozen, *weights(hp), V)
+
+    def loss_and_grads_(W, V, params, Xb, frozen, hp):
+        E = codebook(params, hp).astype(W.dtype, copy=False)
+        gr = manual_grads(W, E, Xb, *weights(hp), frozen=frozen, V=V)
+        return Step(gr.loss, gr.gW, gr.gV, codebook_grads(params, gr.gE, hp))
+    return Method(label, paper, init=init, codebook=codebook, freeze=freeze_, loss=loss_,
+                  loss_and_grads=loss_and_grads_, estimator=estimator, **fields)
+
+
+# --- STE by finite differences: the autograd stand-in
+
+def fd_ste_loss_and_grads(W, V, params, Xb, frozen, hp):
+    """STE's gradients by :func:`fd_grads` (central differences of the frozen surrogate)."""
+    gr = fd_grads(W, params["E"], Xb, hp.alpha, hp.beta, "ste", hp.fd_h, frozen=frozen, V=V)
+    return Step(gr.loss, gr.gW, gr.gV, {"E": gr.gE})
+
+
+def fd_ste_budget(problem, hp):
+    """Why fd_ste is skipped: its loss evaluations exceed ``--fd_max_evals``."""
+    c = problem.cfg
+    n = problem.W0.size + problem.E0.size + (0 if problem.V0 is None else problem.V0.size)
+    evals = c.steps * 2 * n
+    if evals > c.fd_max_evals and not c.force_fd:
+        return (f"{evals:.3g} loss evaluations (steps x 2 x {n} parameters) exceed --fd_max_evals "
+                f"{c.fd_max_evals:g}; --force_fd runs it")
+    return None
+
+
+# --- EMA codebook (van den Oord et al. 2017, app. A.1; DeepMind Sonnet)
+
+def ema_codebook_update(E, counts, sums, t, Z, labels, decay, eps=1e-5):
+    """One EMA codebook update (van den Oord et al. 2017, app. A.1), debiased and
+    Laplace-smoothed as DeepMind Sonnet's ``VectorQuantizerEMA``.
+
+    ``N_j <- decay N_j + (1-decay) n_j``, ``M_j <- decay M_j + (1-decay) sum_{i in j} z_i``,
+    both divided by ``1 - decay^t``; the counts are Laplace-smoothed,
+    ``N_j' = (N_j + eps) / (sum N + K eps) * sum N``, and ``e_j = M_j / N_j'``. While
+    every code is used this is Sonnet's update; a code never used keeps its vector
+    (Sonnet's becomes exactly 0).
+
+    Returns the new codebook (K, m), moving averages (K,) and (K, m) (hidden, before
+    debiasing) and the number of updates made.
+    """
+    K = E.shape[0]
+    n_j, s_j = cluster_sums(Z, labels, K)
+    counts = decay * counts + (1 - decay) * n_j
+    sums = decay * sums + (1 - decay) * s_j
+    t = t + 1
+    debias = 1 - decay ** t
+    N, M = counts / debias, sums / debias
+    total = N.sum()
+    smoothed = (N + eps) / (total + K * eps) * total
+    E_new = np.array(E, dtype=np.float64)
+    used = N > 0
+    E_new[used] = M[used] / smoothed[used, None]
+    return E_new.astype(E.dtype, copy=False), counts, sums, t
+
+
+def ema_init(problem, hp):
+    K, m = problem.E0.shape
+    return {"E": problem.E0.copy(), "counts": np.zeros(K), "sums": np.zeros((K, m)), "t": np.zeros(())}
+
+
+def ema_update(params, frozen, hp):
+    """The codebook's step: moving averages of the batch's cluster sizes and sums at the
+    point before the step."""
+    E, counts, sums, t = ema_codebook_update(params["E"], params["counts"], params["sums"], params["t"],
+                                             frozen.Z0, frozen.labels, hp.ema_decay, hp.ema_eps)
+    return {"E": E, "counts": counts, "sums": sums, "t": t}, frozen
+
+
+def ema_reset(params, codes, values, hp):
+    """A re-seeded code restarts its averages at the latent it took, with the count the
+    threshold (debiased: count T, sum T * latent)."""
+    params = {k: v.copy() for k, v in params.items()}
+    debias = 1 - hp.ema_decay ** params["t"]
+    params["E"][codes] = values
+    params["counts"][codes] = hp.dead_threshold * debias
+    params["sums"][codes] = hp.dead_threshold * values * debias
+    return params
+
+
+def no_codebook_grads(params, gE, hp):
+    return {}
+
+
+# --- Affine codebook with synchronized commitment (Huh et al., ICML 2023)
+
+def affine_codebook(C, s, t, a):
+    """Huh et al.'s affine reparameterisation: ``E = (1 + a s) * C + a t`` (K, m), s and t
+    of shape (m,) shared by every code (vqtorch ``nn/affine.py``, ``AffineTransform``);
+    stacks of C (P, K, m) or of s, t (P, m) give stacks of codebooks."""
+    return (1 + a * s[..., None, :]) * C + a * t[..., None, :]
+
+
+def affine_grads(gE, C, s, a):
+    """The gradients of C (K, m), s and t (m,) from that of the codebook ``gE``:
+    ``G * (1 + a s)``, ``a sum_j G_j * C_j``, ``a sum_j G_j``."""
+    return gE * (1 + a * s), a * np.sum(gE * C, axis=0), a * np.sum(gE, axis=0)
+
+
+def affine_init(problem, hp):
+    m = problem.E0.shape[1]
+    return {"C": problem.E0.astype(np.float64), "s": np.zeros(m), "t": np.zeros(m)}
+
+
+def affine_params_codebook(params, hp):
+    return affine_codebook(params["C"], params["s"], params["t"], hp.a)
+
+
+def affine_params_grads(params, gE, hp):
+    gC, gs, gt = affine_grads(gE, params["C"], params["s"], hp.a)
+    return {"C": gC, "s": gs, "t": gt}
+
+
+def affine_weights(hp):
+    """The alternating optimisation's task step has no commitment term."""
+    return hp.alpha, (0.0 if hp.alternate else hp.beta)
+
+
+def affine_update(params, frozen, hp):
+    """With ``alternate``: the codes' own step first (vqtorch ``inplace_optimizer``), C alone
+    down ``mean_{i,d} (e_k - sg(z_i))^2`` at ``inner_lr`` (a damped Lloyd step), the
+    assignments kept; the task step then sees the moved codes."""
+    if not hp.alternate:
+        return params, frozen
+    K, m = params["C"].shape
+    E = affine_params_codebook(params, hp).astype(frozen.Z0.dtype)
+    counts, sums = cluster_sums(frozen.Z0, frozen.labels, K)
+    g_inner = (2.0 / (frozen.Z0.shape[0] * m)) * (counts[:, None] * E - sums)
+    params = {**params, "C": params["C"] - hp.inner_lr * g_inner * (1 + hp.a * params["s"])}
+    E = affine_params_codebook(params, hp).astype(frozen.Z0.dtype)
+    return params, frozen._replace(Q0=E[frozen.labels], C=E[frozen.labels] - frozen.Z0)
+
+
+def affine_reset(params, codes, values, hp):
+    """A re-seeded code sets its row of C so that its effective code is the latent."""
+    C = params["C"].copy()
+    C[codes] = (values - hp.a * params["t"]) / (1 + hp.a * params["s"])
+    return {**params, "C": C}
+
+
+# --- SimVQ (Zhu et al. 2024): the codebook a learned linear map of a frozen basis
+
+def simvq_init(problem, hp):
+    m = problem.E0.shape[1]
+    return {"C": problem.E0.astype(np.float64), "P": np.eye(m), "b": np.zeros(m)}
+
+
+def simvq_codebook(params, hp):
+    """``E = C P^T + 1 b^T``; stacks of P (n, m, m) or b (n, m) give stacks."""
+    return params["C"] @ np.swapaxes(params["P"], -1, -2) + params["b"][..., None, :]
+
+
+def simvq_grads(params, gE, hp):
+    """``dL/dP = G^T C``, ``dL/db = sum_j G_j``; the basis C is frozen."""
+    return {"P": gE.T @ params["C"], "b": gE.sum(axis=0)}
+
+
+def simvq_reset(params, codes, values, hp):
+    """A re-seeded code sets its row of the basis: ``C_j P^T + b`` = the latent."""
+    C = params["C"].copy()
+    C[codes] = np.linalg.lstsq(params["P"], (values - params["b"]).T, rcond=None)[0].T
+    return {**params, "C": C}
+
+
+# --- Wasserstein distributional matching (Fang et al. 2025)
+
+def _sym_power(S, power, floor=1e-12):
+    """``S^power`` of a symmetric positive semi-definite matrix (or a stack), its
+    eigenvalues clamped at ``floor`` (as the authors clamp theirs): exact and symmetric."""
+    vals, vecs = np.linalg.eigh((S + np.swapaxes(S, -1, -2)) / 2)
+    return (vecs * np.maximum(vals, floor)[..., None, :] ** power) @ np.swapaxes(vecs, -1, -2)
+
+
+def wasserstein_distance(Z, E):
+    """The 2-Wasserstein distance between Gaussian fits of the latents ``Z`` (…, n, m) and
+    the codes ``E`` (…, K, m) (Fang et al. 2025, ``calc_wasserstein_distance`` in
+    VQ-Research/Wasserstein-VQ ``VariousVQs.py``), from its definition:
+    ``sqrt(||mu_z - mu_c||^2 + relu(tr(S_z + S_c - 2 (A S_c A)^(1/2))) + 1e-8)``,
+    ``A = S_z^(1/2)``, covariances divided by n and K. The authors take the square root
+    of the non-symmetric ``S_z S_c`` with ``eigh`` (which reads one triangle only); this
+    is the exact symmetric form. Stacks give one distance each."""
+    mu_z, mu_c = Z.mean(axis=-2), E.mean(axis=-2)
+    Zc, Ec = Z - mu_z[..., None, :], E - mu_c[..., None, :]
+    S_z = np.swapaxes(Zc, -1, -2) @ Zc / Z.shape[-2]           # (…, m, m)
+    S_c = np.swapaxes(Ec, -1, -2) @ Ec / E.shape[-2]
+    A = _sym_power(S_z, 0.5)
+    trace = (np.trace(S_z, axis1=-2, axis2=-1) + np.trace(S_c, axis1=-2, axis2=-1)
+             - 2 * np.trace(_sym_power(A @ S_c @ A, 0.5), axis1=-2, axis2=-1))
+    return np.sqrt(np.sum((mu_z - mu_c) ** 2, axis=-1) + np.maximum(trace, 0.0) + 1e-8)
+
+
+def wasserstein_grads(Z, E):
+    """:func:`wasserstein_distance` of ``Z`` (n, m) and ``E`` (K, m) and its gradients
+    (n, m), (K, m), from the closed form::
+
+        dWd/dS_c = (I - A M^(-1/2) A) / (2 Wd),  M = A S_c A;   dWd/dS_z likewise, B = S_c^(1/2)
+        dWd/de_j = (2/K) (e_j - mu_c) dWd/dS_c - (mu_z - mu_c) / (K Wd)
+        dWd/dz_i = (2/n) (z_i - mu_z) dWd/dS_z + (mu_z - mu_c) / (n Wd)
+    """
+    n, K = Z.shape[0], E.shape[0]
+    mu_z, mu_c = Z.mean(axis=0), E.mean(axis=0)
+    Zc, Ec = Z - mu_z, E - mu_c
+    S_z, S_c = Zc.T @ Zc / n, Ec.T @ Ec / K                 # (m, m) each
+    A, B = _sym_power(S_z, 0.5), _sym_power(S_c, 0.5)
+    M = A @ S_c @ A
+    trace = np.trace(S_z) + np.trace(S_c) - 2 * np.trace(_sym_power(M, 0.5))
+    Wd = math.sqrt(float(np.sum((mu_z - mu_c) ** 2)) + max(trace, 0.0) + 1e-8)
+    G_c = (np.eye(len(mu_z)) - A @ _sym_power(M, -0.5) @ A) / (2 * Wd) if trace > 0 else 0.0
+    G_z = (np.eye(len(mu_z)) - B @ _sym_power(B @ S_z @ B, -0.5) @ B) / (2 * Wd) if trace > 0 else 0.0
+    gZ = (2 / n) * Zc @ G_z + (mu_z - mu_c) / (n * Wd)
+    gE = (2 / K) * Ec @ G_c - (mu_z - mu_c) / (K * Wd)
+    return Wd, gZ, gE
+
+
+_ste = vq_method("STE")   # the plain STE surrogate, which the Wasserstein method extends
+
+
+def wasserstein_loss(W, V, params, Xb, frozen, hp):
+    Z = Xb @ np.swapaxes(W, -1, -2)                         # (…, B, m)
+    return _ste.loss(W, V, params, Xb, frozen, hp) + hp.weight * wasserstein_distance(Z, params["E"])
+
+
+def wasserstein_loss_and_grads(W, V, params, Xb, frozen, hp):
+    """STE plus ``weight`` times the distance, its gradient reaching the codes and,
+    through the latents, the encoder."""
+    st = _ste.loss_and_grads(W, V, params, Xb, frozen, hp)
+    Wd, gZ, gE = wasserstein_grads(latents(Xb, W), params["E"])
+    return Step(st.loss + hp.weight * Wd, st.gW + hp.weight * (gZ.T @ Xb), st.gV,
+                {"E": st.grads["E"] + hp.weight * gE})
+
+
+# --- FSQ (Mentzer et al., ICLR 2024): no codebook, rounding per dimension
+
+# FSQ levels of the authors' Table 1 (as reproduced in third-party code) for d dimensions.
+FSQ_TABLE = {(2 ** 8, 3): [8, 6, 5], (2 ** 10, 4): [8, 5, 5, 5], (2 ** 12, 5): [7, 5, 5, 5, 5],
+             (2 ** 14, 5): [8, 8, 8, 6, 5], (2 ** 16, 6): [8, 8, 8, 5, 5, 5]}
+
+
+def fsq_levels(K, m):
+    """Levels per latent dimension for FSQ with at most K codes: the authors' table where it
+    has (K, m); for K a power of two, its bits spread as evenly as possible (K=32, m=4:
+    [4, 2, 2, 2]); else balanced levels with the largest product <= K. None if K < 2^m
+    (a dimension would have a single level).
+
+    >>> fsq_levels(32, 4), fsq_levels(256, 3), fsq_levels(30, 2)
+    ([4, 2, 2, 2], [8, 6, 5], [6, 5])
+    """
+    if K < 2 ** m:
+        return None
+    if (K, m) in FSQ_TABLE:
+        return list(FSQ_TABLE[(K, m)])
+    bits = K.bit_length() - 1
+    if K == 2 ** bits:
+        return [2 ** (bits // m + (d < bits % m)) for d in range(m)]
+    levels = [int(K ** (1 / m))] * m
+    for d in range(m):
+        while math.prod(levels) // levels[d] * (levels[d] + 1) <= K:
+            levels[d] += 1
+    return sorted(levels, reverse=True)
+
+
+def fsq_bound(T, levels, eps=1e-3):
+    """FSQ's bounding and its derivative (lucidrains ``FSQ.bound``, "adapted from Jax
+    version in Appendix A.1"): ``y = tanh(t + shift) half_l - offset`` per dimension,
+    ``half_l = (L-1)(1+eps)/2``, ``offset = 0.5`` for even L, ``shift = atanh(offset/half_l)``.
+    Returns y (n, m), dy/dt (n, m) and the half widths ``L // 2`` (m,)."""
+    L = np.asarray(levels, dtype=float)
+    half_l = (L - 1) * (1 + eps) / 2
+    offset = np.where(L % 2 == 0, 0.5, 0.0)
+    th = np.tanh(T + np.arctanh(offset / half_l))
+    return th * half_l - offset, half_l * (1 - th ** 2), np.floor(L / 2)
+
+
+def fsq_codebook(a, levels):
+    """The implicit codebook (prod L, m): ``a * k / (L//2)`` for every level combination k,
+    in the index order of :func:`fsq_assign` (the first dimension varies fastest)."""
+    hw = np.floor(np.asarray(levels) / 2)
+    grids = np.meshgrid(*[np.arange(L) - h for L, h in zip(levels, hw)], indexing="ij")
+    k = np.stack([g.ravel(order="F") for g in grids], axis=1)       # (prod L, m)
+    return a * k / hw
+
+
+def fsq_assign(Z, s, levels):
+    """FSQ's cell of each latent: ``round(bound(s z))`` per dimension, as an index into
+    :func:`fsq_codebook` (``sum_d (k_d + L_d//2) prod_{e<d} L_e``)."""
+    y, _, hw = fsq_bound(Z * s, levels)
+    k = np.round(y) + hw                                    # 0 .. L-1 per dimension
+    basis = np.cumprod([1] + list(levels[:-1]))
+    return (k @ basis).astype(np.intp)
+
+
+def fsq_loss(W, V, s, a, X, levels, delta):
+    """FSQ's loss from its definition with the rounding offset ``delta`` (B, m) fixed:
+    ``mean ||x - q~ Dec||^2``, ``q~ = a * (bound(s z) + delta) / (L//2)``; any one of W,
+    V (the decoder, None: W), s, a may be a stack (P, ...): then (P,) losses."""
+    Z = X @ np.swapaxes(W, -1, -2)                          # (…, B, m)
+    y = fsq_bound(Z * s[..., None, :], levels)[0]
+    F = a[..., None, :] * (y + delta) / np.floor(np.asarray(levels) / 2)
+    Dec = W if V is None else V
+    Y = Z if V is None else X @ np.swapaxes(V, -1, -2)
+    G = Dec @ np.swapaxes(Dec, -1, -2)                      # (…, m, m)
+    recon = np.sum(X * X) - 2 * np.sum(Y * F, axis=(-2, -1)) + np.sum((F @ G) * F, axis=(-2, -1))
+    return recon / X.shape[0]
+def fsq_grads(W, s, a, X, levels, V=None, delta=None):
+    """Loss and gradients of FSQ in the linear model (Mentzer et al., ICLR 2024; their
+    Colab ``FSQ.quantize`` and lucidrains ``finite_scalar_quantization.py``), with the
+    adaptation to an orthonormal encoder: a learned input scale s and output scale a,
+    ``q~ = a * round_ste(bound(s z)) / (L//2)``, ``x^ = q~ W`` (or ``q~ V``). The rounding
+    is straight-through: ``delta = sg(round(y) - y)``, given to fix it (finite
+    differences), else taken at this point. No VQ loss terms.
+
+    Returns (loss, gW, gs, ga, gV, delta)."""
+    B = X.shape[0]
+    Z = latents(X, W)                                       # (B, m)
+    y, dy, hw = fsq_bound(Z * s, levels)
+    delta = np.round(y) - y if delta is None else delta
+    zhat = (y + delta) / hw                                 # (B, m) the levels, straight through
+    F = a * zhat                                            # forward value
+    Dec = W if V is None else V
+    Y = Z if V is None else latents(X, V)
+    FG = F @ (Dec @ Dec.T)
+    loss = (np.einsum("bd,bd->", X, X) - 2 * np.einsum("bm,bm->", Y, F) + np.einsum("bm,bm->", FG, F)) / B
+    g = (-2.0 / B) * (Y - FG)                               # gradient reaching q~
+    slope = dy / hw                                         # d zhat / d(s z)
+    dZ = g * a * slope * s                                  # through the bound, per dimension
+    gs, ga = np.sum(g * a * slope * Z, axis=0), np.sum(g * zhat, axis=0)
+    gDec = ((2.0 / B) * (F.T @ F)) @ Dec - ((2.0 / B) * F).T @ X
+    gW = dZ.T @ X + (gDec if V is None else 0.0)
+    return float(loss), gW, gs, ga, (None if V is None else gDec), delta
+
+
+def fsq_init(problem, hp):
+    """Input and output scales started at ``s = 1/sd(z)``, ``a = sd(z)`` of the start
+    encoder's training latents."""
+    sd = latents(problem.X_train, problem.W0).std(axis=0)
+    return {"s": 1 / sd, "a": sd.astype(np.float64)}
+
+
+def fsq_method_codebook(params, hp):
+    return fsq_codebook(params["a"], fsq_levels(hp.K, hp.m))
+
+
+def fsq_freeze(W, V, params, Xb, hp, rng):
+    """The straight-through rounding offset ``sg(round(y) - y)`` at this point."""
+    return fsq_grads(W, params["s"], params["a"], Xb, fsq_levels(hp.K, hp.m), V)[5]
+
+
+def fsq_method_loss(W, V, params, Xb, frozen, hp):
+    return fsq_loss(W, V, params["s"], params["a"], Xb, fsq_levels(hp.K, hp.m), frozen)
+
+
+def fsq_loss_and_grads(W, V, params, Xb, frozen, hp):
+    loss, gW, gs, ga, gV, _ = fsq_grads(W, params["s"], params["a"], Xb, fsq_levels(hp.K, hp.m), V, frozen)
+    return Step(loss, gW, gV, {"s": gs, "a": ga})
+
+
+def fsq_cells(params, hp):
+    """Its own cells: the rounding of :func:`fsq_assign` at the scale ``s``."""
+    s, levels = params["s"].copy(), fsq_levels(hp.K, hp.m)
+    return lambda Z: fsq_assign(Z, s, levels)
+
+
+def fsq_note(problem, hp):
+    levels = fsq_levels(hp.K, hp.m)
+    return f"levels {levels}: {math.prod(levels)} codes"
+
+
+def fsq_skip(problem, hp):
+    if fsq_levels(hp.K, hp.m) is None:
+        return f"K={hp.K} < 2^m={2 ** hp.m}: a dimension with one level"
+    return None
+
+
+# --- Fitted methods: the k-means reference and exact alternating minimisation
+
+def fit_pca_lloyd(problem, hp):
+    """PCA encoder + k-means codebook: the reference, and the start of every trained
+    method with ``--start kmeans``."""
+    return Result(W=problem.W_pca.copy(), E=problem.E_kmeans.copy(), seconds=problem.start_seconds)
+def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10, train_encoder=True):
+    """Exact alternating minimisation of the training reconstruction error.
+
+    Each round: W <- polar factor of ``Q^T X`` (orthogonal Procrustes, assignments and
+    E fixed), then E <- the centroids of the latents, then reassignment. No step
+    increases ``mean ||x - q W||^2``. Stops when the relative improvement of a round is
+    below ``tol`` or after ``max_rounds``. With ``train_encoder`` false W stays: Lloyd.
+
+    One pass over X per round: with ``S`` the per-cluster sums of the rows of X (K, D),
+    kept up to date as points change cluster, ``Q^T X = E^T S`` and the centroids of
+    ``Z = X W^T`` are ``S W^T / counts``. The reassignment searches only the points whose
+    bound says they might change code (as :func:`lloyd` does), with the labels of a full
+    search (tested).
+
+    Returns W (m, D), E (K, m) and the training error before round 1 and after each round.
+    """
+    K = E.shape[0]
+    x_sq = np.einsum("nd,nd->n", X, X, dtype=np.float64)
+    z_max = float(x_sq.max(initial=0.0))                    # ||z|| <= ||x||: W has orthonormal rows
+    Z = latents(X, W)                                       # (n, m)
+    labels, dist, d2 = nearest(Z, E, second=True)
+    low = np.sqrt(np.maximum(d2.astype(np.float64) - _distance_eps(E, z_max), 0))
+    history = [float(reconstruction_errors(x_sq, Z, E, W, (labels, dist))[0].mean())]
+    counts = np.bincount(labels, minlength=K)
+    S = np.zeros((K, X.shape[1]))
+    np.add.at(S, labels, X)                                 # (K, D) float64 sums of x per cluster
+    for _ in range(max_rounds):
+        if train_encoder:
+            W = stiefel_project(E.astype(np.float64).T @ S).astype(X.dtype)   # (m, D) Procrustes
+        has = counts > 0                                    # an empty cluster keeps its code
+        E_old, E = E, E.astype(np.float64)                  # (moving points would break descent)
+        E[has] = (S[has] @ W.T.astype(np.float64)) / counts[has, None]
+        E = E.astype(X.dtype)
+        Z_old, Z = Z, latents(X, W)
+        # reassignment: ``low`` bounds the distance to every other code; it falls by how
+        # far the point and the codes moved (triangle inequality). Only points whose own
+        # code might no longer be the nearest, with room for rounding, are searched.
+        code_move = np.sqrt(np.max(np.sum((E - E_old.astype(np.float64)) ** 2, axis=1)))
+        low -= (np.sqrt(np.einsum("nm,nm->n", Z - Z_old, Z - Z_old)) + code_move) * (1 + _SAFE)
+        diff = Z - E[labels]
+        dist = np.einsum("nm,nm->n", diff, diff)            # to the own code, directly
+        eps = _distance_eps(E, z_max)
+        cand = np.flatnonzero(dist + 2 * eps >= np.maximum(low, 0) ** 2)
+        new = labels.copy()
+        new[cand], dist[cand], d2 = nearest(Z[cand], E, second=True)
+        low[cand] = np.sqrt(np.maximum(d2.astype(np.float64) - eps, 0))
+        moved = cand[new[cand] != labels[cand]]             # S follows the points that moved
+        np.subtract.at(S, labels[moved], X[moved])
+        np.add.at(S, new[moved], X[moved])
+        labels, counts = new, np.bincount(new, minlength=K)
+        history.append(float(reconstruction_errors(x_sq, Z, E, W, (labels, dist))[0].mean()))
+        if history[-2] - history[-1] <= tol * history[-2]:
+            break
+    return W, E, history
+
+
+def fit_procrustes_lloyd(problem, hp):
+    """Alternating Lloyd / orthogonal-Procrustes steps from the trained methods' start."""
+    c = problem.cfg
+    W, E, hist = procrustes_lloyd(problem.X_train, problem.W0, problem.E0, c.pl_rounds, c.pl_tol,
+                                  c.train_encoder)
+    logs = {"train_recon_mse": hist, "eval": [{"step": len(hist) - 1, **eval_metrics(problem, W, E)}]}
+    return Result(W=W, E=E, logs=logs)
+
+
+# The one registry: a method is one entry. Reports, plots, summary.json and the sweeps
+# list the methods in this order.
+METHODS: dict[str, Method] = {
+    "pca_lloyd": Method("PCA + Lloyd", "Lloyd 1982; k-means++: Arthur and Vassilvitskii 2007",
+                        fit=fit_pca_lloyd),
+    "fd_ste": dataclasses.replace(
+        vq_method("FD STE (autograd stand-in)", "Bengio et al. 2013"),
+        loss_and_grads=fd_ste_loss_and_grads, skip=fd_ste_budget, hand_derived=False),
+    "manual_ste": vq_method("Manual STE", "Bengio et al. 2013; van den Oord et al. 2017"),
+    "rotation": vq_method("Rotation trick", "Fifty et al., ICLR 2025 (Table-1 code)", "rotation"),
+    # STE encoder (reconstruction + commitment), the codebook by moving averages
+    "ema_ste": vq_method("EMA STE", "van den Oord et al. 2017, app. A.1; DeepMind Sonnet",
+                         weights=lambda hp: (0.0, hp.beta), init=ema_init,
+                         codebook_grads=no_codebook_grads, update=ema_update, reset=ema_reset),
+    "procrustes_lloyd": Method("Procrustes-Lloyd", "alternating exact minimisation", fit=fit_procrustes_lloyd),
+    # cfifty/rotation_trick exp_weights_and_configs/table_3/rot_vqgan.py, VQModel.get_rotation:
+    # the gradient flows through z/||z||
+    "rotation_unit": vq_method("Rotation trick (unit z)", "Fifty et al., ICLR 2025 (VQGAN code)",
+                               "rotation_unit", in_default=False),
+    # MHVali/Noise-Substitution-in-Vector-Quantization NSVQ.forward: no VQ loss terms, the
+    # codebook learns through ||z - q||; scored with the nearest code, as NSVQ.inference
+    "nsvq": vq_method("NSVQ", "Vali and Backstrom, IEEE Access 2022", "nsvq", weights=lambda hp: (0.0, 0.0),
+                      stochastic=True, in_default=False),
+    # AaltoML/DiVeQ DIVEQ.forward: no VQ loss terms; their dead-code replacement is not
+    # included (the shared --dead_threshold rule is)
+    "diveq": vq_method("DiVeQ", "Vali, Backstrom and Solin, ICLR 2026", "diveq", weights=lambda hp: (0.0, 0.0),
+                       stochastic=True, in_default=False,
+                       hyperparameters=(("noise", 1e-3, "standard deviation of the direction's noise "
+                                                        "(0: DiVeQ-Detach)"),)),
+    # minyoungg/vqtorch nn/vq.py VectorQuant, nn/affine.py; s = t = 0 at the start, C the
+    # shared start codebook; SGD at --lrE where the authors use AdamW
+    "affine_ste": vq_method("Affine STE + sync", "Huh et al., ICML 2023", weights=affine_weights,
+                            init=affine_init, codebook=affine_params_codebook,
+                            codebook_grads=affine_params_grads, update=affine_update, reset=affine_reset,
+                            shared=("s", "t"), in_default=False, hyperparameters=(
+                                ("a", 2.0, "affine learning-rate multiplier (vqtorch affine_lr)"),
+                                ("nu", 2.0, "synchronized commitment (vqtorch sync_nu)"),
+                                ("alternate", 0.0, "1: the alternating optimisation (codes first)"),
+                                ("inner_lr", 1.0, "the codes' own step of the alternating optimisation"))),
+    # youngsheen/SimVQ taming/modules/vqvae/quantize.py SimVQ: the frozen basis is the shared
+    # start codebook with P = I, b = 0 (the authors draw it from N(0, 1/m)); SGD, not Adam
+    "simvq": vq_method("SimVQ", "Zhu et al., arXiv 2411.02038", init=simvq_init, codebook=simvq_codebook,
+                       codebook_grads=simvq_grads, reset=simvq_reset, shared=("P", "b"), in_default=False),
+    # weight 1 here; the authors' simulation weighs it 10 against a codebook loss of 0.1
+    "wasserstein": dataclasses.replace(
+        vq_method("STE + Wasserstein", "Fang et al., arXiv 2506.15078"),
+        loss=wasserstein_loss, loss_and_grads=wasserstein_loss_and_grads, in_default=False,
+        hyperparameters=(("weight", 1.0, "weight of the Wasserstein distance"),)),
+    # Mentzer et al.'s Colab FSQ.quantize and lucidrains finite_scalar_quantization.py:
+    # scored with its own rounding cells; it does not share the start codebook
+    "fsq": Method("FSQ", "Mentzer et al., ICLR 2024", init=fsq_init, codebook=fsq_method_codebook,
+                  freeze=fsq_freeze, loss=fsq_method_loss, loss_and_grads=fsq_loss_and_grads,
+                  assign=fsq_cells, skip=fsq_skip, note=fsq_note, in_default=False),
+}
+
+
+def declared_params():
+    """Every registered method's hyperparameters: flag name -> (default, help)."""
+    return {f"{m}_{n}": (d, h) for m, meth in METHODS.items() for n, d, h in meth.hyperparameters}
+
+
+def default_methods():
+    """The methods run when none are named: every registered one not marked opt-in."""
+    return tuple(name for name, m in METHODS.items() if m.in_default)
+
+
+def method_table():
+    """The registry as a Markdown table (the README's, tested to match)."""
+    rows = ["| key | name | from | gradient estimator | noise | by default | hyperparameters (flag: default) |",
+            "|---|---|---|---|---|---|---|"]
+    for key, m in METHODS.items():
+        params = ", ".join(f"`--{key}_{n}` {d:g}" for n, d, _ in m.hyperparameters) or "-"
+        rows.append(f"| `{key}` | {m.label} | {m.paper} | {m.estimator or '-'} | "
+                    f"{'yes' if m.stochastic else 'no'} | {'yes' if m.in_default else 'opt-in'} | {params} |")
+    return "\n".join(rows)
+
+
+def method_label(name):
+    return METHODS[name].label if name in METHODS else name
+
+
+# ----------------------------------------------------------------------------
+# The training loop: one for every gradient method
+# ----------------------------------------------------------------------------
+
+def batches(cfg, X):
+    """The training batches ``(t, X_b)``, t = 1..steps, drawn with replacement from the
+    ``"batches"`` stream: the same for every method."""
+    rng = derived_rng(cfg.seed, "batches")
+    for t in range(1, cfg.steps + 1):
+        yield t, X[rng.integers(0, X.shape[0], size=cfg.batch)]        # (B, D)
+
+
+def finite(step):
+    return math.isfinite(step.loss) and all(
+        g is None or np.isfinite(g).all() for g in (step.gW, step.gV, *step.grads.values()))
+
+
+class Run:
+    """One gradient method's training, a batch at a time: what :func:`train` carries from
+    step to step (parameters, optimizer, code counts, iterate sums, logs).
+
+    Each step: the method freezes its surrogate on the batch (its noise from its own
+    stream), takes its non-gradient step if it has one, gives its loss and gradients; if
+    they are finite, the optimizer steps W (Riemannian, unless ``train_encoder`` is 0),
+    the untied decoder V at the encoder's rate, and every parameter the method trains at
+    ``lrE`` (``lrE / K`` for parameters shared by the K codes), all times the schedule's
+    factor (:func:`lr_factor`). Then, shared by every method:
+
+    * dead codes (``dead_threshold > 0``): the rule of lucidrains' vector-quantize-pytorch
+      (``threshold_ema_dead_code``): each code's count per batch, at the point before the
+      step, is averaged, ``N_j <- d N_j + (1-d) n_j`` from ``N_j = 1`` (``d =
+      dead_decay``); after the step a code with ``N_j < dead_threshold`` takes a latent of
+      the batch, drawn without replacement when the batch has enough, through the
+      method's ``reset`` (or into its parameter ``E``), and ``N_j`` is set to the
+      threshold (not for a method with its own cells, nor one with neither);
+    * tail averaging (``tail_average > 0``): the reported model is the mean of the
+      iterates over the last steps (W projected back onto the manifold);
+    * logs: the batch loss, re-seeded codes, and every ``log_every`` steps the eval
+      metrics and the training curve's point (:func:`curve_point`).
+
+    A non-finite loss, gradient or parameter, or an eval error above ``DIVERGED`` times
+    the start's, stops the run, which is then reported as diverged at that step.
+    """
+
+    def __init__(self, problem, name):
+        cfg = self.cfg = problem.cfg
+        self.problem, self.method, self.hp = problem, METHODS[name], hyperparameters(cfg, name)
+        self.W = problem.W0.copy()
+        self.V = None if problem.V0 is None else problem.V0.copy()
+        self.params = self.method.init(problem, self.hp)
+        self.E = self.codebook(self.params)
+        rates = {"W": cfg.lrW, "V": cfg.lrW,
+                 **{k: cfg.lrE / (cfg.K if k in self.method.shared else 1) for k in self.params}}
+        self.optimizer = Optimizer(rates)
+        self.noise, self.reseed_rng = derived_rng(cfg.seed, "noise"), derived_rng(cfg.seed, "reseed")
+        self.reseeds = (cfg.dead_threshold > 0 and self.method.assign is None
+                        and (self.method.reset is not None or "E" in self.params))
+        self.counts = np.ones(self.E.shape[0])
+        self.tail_from = cfg.steps - math.ceil(cfg.tail_average * cfg.steps) + 1
+        self.sums = [np.zeros(self.W.shape), np.zeros(self.E.shape), np.zeros(self.W.shape)]
+        self.status, self.diverged_at_step, self.note = "ok", None, ""
+        self.logs = {"batch_loss": [], "reseeded": [], "eval": [self.eval_row(0)]}
+
+    def codebook(self, params):
+        return self.method.codebook(params, self.hp).astype(self.problem.W0.dtype, copy=False)
+
+    def cells(self):
+        return None if self.method.assign is None else self.method.assign(self.params, self.hp)
+
+    def eval_row(self, t):
+        model = (self.problem, self.W, self.E, self.V, self.cells())
+        return {"step": t, **eval_metrics(*model), **curve_point(*model)}
+
+    def stop(self, t, note):
+        self.status, self.diverged_at_step, self.note = "diverged", t, note
+        return False
+
+    def step(self, t, Xb):
+        """One training step on the batch ``Xb`` (B, D); False once the run has stopped."""
+        m, hp, cfg, opt = self.method, self.hp, self.cfg, self.optimizer
+        try:
+            frozen = m.freeze(self.W, self.V, self.params, Xb, hp, self.noise)
+            params, frozen = m.update(self.params, frozen, hp) if m.update else (self.params, frozen)
+            st = m.loss_and_grads(self.W, self.V, params, Xb, frozen, hp)
+            ok = finite(st)
+            if ok:
+                f = lr_factor(cfg, t)
+                W = opt.step("W", self.W, st.gW, f) if cfg.train_encoder else self.W
+                V = None if self.V is None else opt.step("V", self.V, st.gV, f)
+                params = {**params, **{k: opt.step(k, params[k], g, f) for k, g in st.grads.items()}}
+                E = self.codebook(params)
+                ok = np.isfinite(W).all() and np.isfinite(E).all() and (V is None or np.isfinite(V).all())
+        except np.linalg.LinAlgError:
+            ok = False
+        if not ok:                     # the last finite parameters are kept
+            return self.stop(t, f"non-finite loss or parameters at step {t}")
+        if self.reseeds:
+            Z = latents(Xb, self.W)                         # the batch before the step
+            n_j = np.bincount(nearest(Z, self.E)[0], minlength=self.E.shape[0])
+            self.counts = cfg.dead_decay * self.counts + (1 - cfg.dead_decay) * n_j
+            dead = np.flatnonzero(self.counts < cfg.dead_threshold)
+            if dead.size:
+                pick = self.reseed_rng.choice(len(Z), size=dead.size, replace=dead.size > len(Z))
+                params = (m.reset or reset_codes)(params, dead, Z[pick], hp)
+                E = self.codebook(params)
+                self.counts[dead] = cfg.dead_threshold
+            self.logs["reseeded"].append(int(dead.size))
+        self.W, self.V, self.params, self.E = W, V, params, E
+        self.logs["batch_loss"].append(float(st.loss))
+        if t >= self.tail_from:
+            for acc, x in zip(self.sums, (W, E, V)):
+                if x is not None:
+                    acc += x
+        if t % cfg.log_every == 0 or t == cfg.steps:
+            row = self.eval_row(t)
+            if not row["recon_mse"] <= DIVERGED * self.logs["eval"][0]["recon_mse"]:
+                return self.stop(t, f"eval error {row['recon_mse']:.3g} at step {t}, over {DIVERGED:g}x its start")
+            self.logs["eval"].append(row)
+        return True
+
+    def result(self):
+        """The trained model (the tail average when asked for) and how the run went."""
+        W, E, V, cfg = self.W, self.E, self.V, self.cfg
+        if self.status == "ok" and cfg.tail_average > 0 and cfg.steps > 0:
+            n_avg = cfg.steps - self.tail_from + 1
+            W = stiefel_project(self.sums[0] / n_avg).astype(W.dtype)
+            E = (self.sums[1] / n_avg).astype(E.dtype)
+            V = None if V is None else (self.sums[2] / n_avg).astype(V.dtype)
+        notes = [self.note, f"{sum(self.logs['reseeded'])} codes re-seeded" if self.reseeds else "",
+                 self.method.note(self.problem, self.hp) if self.method.note else ""]
+        return Result(W, E, V, self.cells(), self.params, self.status, self.diverged_at_step,
+                      " ".join(n for n in notes if n), self.logs)
+
+
+def reset_codes(params, codes, values, hp):
+    """Dead-code re-seeding of a plain codebook: the codes take the latents."""
+    E = params["E"].copy()
+    E[codes] = values
+    return {**params, "E": E}
+
+
+def train(problem, name):
+    """Train the registered gradient method ``name`` from the problem's start on the
+    shared batches (see :class:`Run`); returns its :class:`Result`."""
+    run = Run(problem, name)
+    with np.errstate(all="ignore"):                         # overflow is detected, not warned about
+        for t, Xb in batches(problem.cfg, problem.X_train):
+            problem.progress(f"training {name}", t - 1, problem.cfg.steps)
+            if not run.step(t, Xb):
+                break
+    return run.result()
+
+
+# ----------------------------------------------------------------------------
+# The gradient checker: one for every method
+# ----------------------------------------------------------------------------
+
+def gradient_errors(method, hp, W, V, params, Xb, rng=None, h=1e-5, n_coords=None):
+    """A gradient method's hand-derived gradients against :func:`central_differences` of
+    its own ``loss``, over W, V and every parameter it trains, at one point and batch
+    (in float64; ``rng``: its noise, and the entries checked when ``n_coords`` limits
+    them per tensor).
+
+    Returns {"gW_rel_err": W and V, "params_rel_err": its own parameters (E, ...),
+    "loss_rel_err", "coords"}: largest difference over largest entry, per tensor.
+    """
+    W, Xb = np.asarray(W, dtype=np.float64), np.asarray(Xb, dtype=np.float64)
+    V = None if V is None else np.asarray(V, dtype=np.float64)
+    params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    frozen = method.freeze(W, V, params, Xb, hp, rng)
+    if method.update:
+        params, frozen = method.update(params, frozen, hp)
+    hand = method.loss_and_grads(W, V, params, Xb, frozen, hp)
+    point = {"W": W, **({} if V is None else {"V": V}), **{k: params[k] for k in hand.grads}}
+
+    def loss(p):
+        return method.loss(p["W"], p.get("V"), {**params, **{k: p[k] for k in hand.grads}}, Xb, frozen, hp)
+    coords = None
+    if n_coords is not None and any(a.size > n_coords for a in point.values()):
+        coords = {k: rng.choice(a.size, min(n_coords, a.size), replace=False) for k, a in point.items()}
+    fd = central_differences(loss, point, h, coords)
+    err = {k: rel_err(fd[k], g) for k, g in (("W", hand.gW), ("V", hand.gV), *hand.grads.items()) if k in point}
+    return {"gW_rel_err": max(err["W"], err.get("V", 0.0)),
+            "params_rel_err": max([err[k] for k in hand.grads] + [0.0]),
+            "loss_rel_err": abs(float(loss(point)) - hand.loss) / max(abs(hand.loss), 1e-300),
+            "coords": "all" if coords is None else int(sum(len(i) for i in coords.values()))}
+
+
+def check_gradients(problem, names):
+    """Every hand-derived method of ``names`` checked by :func:`gradient_errors` on the
+    first training batch, at the trained methods' start with the parameters each method
+    trains moved off it (by 10% of their scale: a parameter that starts at zero or at the
+    identity hides nothing then)."""
+    c = problem.cfg
+    Xb = problem.X_train[derived_rng(c.seed, "batches").integers(0, c.n_train, size=c.batch)]
+    W, V = problem.W0.astype(np.float64), None if problem.V0 is None else problem.V0.astype(np.float64)
+    n_coords = None if W.size + problem.E0.size <= 2048 else 256
+    out = {"point": "the trained methods' start, their own parameters moved by 10%, first training batch",
+           "h": c.fd_h, "measure": "max|fd - hand-derived| / max|hand-derived| per tensor"}
+    for name in names:
+        method, hp = METHODS[name], hyperparameters(c, name)
+        if method.loss_and_grads is None or not method.hand_derived or (method.skip and method.skip(problem, hp)):
+            continue
+        rng = derived_rng(c.seed, "gradcheck")
+        params = {k: np.asarray(v, dtype=np.float64) for k, v in method.init(problem, hp).items()}
+        trained = method.loss_and_grads(W, V, params, Xb, method.freeze(W, V, params, Xb, hp, rng), hp).grads
+        for k in trained:
+            scale = float(np.sqrt(np.mean(params[k] ** 2))) or 1.0
+            params[k] = params[k] + 0.1 * scale * rng.standard_normal(params[k].shape)
+        out[name] = gradient_errors(method, hp, W, V, params, Xb, rng, c.fd_h, n_coords)
+    return out
+# ----------------------------------------------------------------------------
 # The comparison
 # ----------------------------------------------------------------------------
 
@@ -2019,12 +2232,21 @@ def validate(cfg):
     def need(ok, flag, reason):
         if not ok:
             raise ConfigError(flag, getattr(cfg, flag), reason)
+    for f in dataclasses.fields(Config):                    # types first: a string is no number
+        v, kind = getattr(cfg, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "int" and not (isinstance(v, (int, np.integer)) and not isinstance(v, bool)):
+            if isinstance(v, (float, np.floating)) and float(v).is_integer():
+                setattr(cfg, f.name, int(v))                # 1e6 or 2.0: a whole number
+                continue
+            raise ConfigError(f.name, repr(v), f"must be an integer, got {type(v).__name__}")
+        if kind == "float" and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))):
+            raise ConfigError(f.name, repr(v), f"must be a number, got {type(v).__name__}")
+        if kind == "str" and not isinstance(v, str):
+            raise ConfigError(f.name, repr(v), f"must be a string, got {type(v).__name__}")
     for flag in ("D", "rank", "m", "K", "n_train", "n_eval", "batch", "kmeans_iter"):
-        v = getattr(cfg, flag)
-        need(isinstance(v, (int, np.integer)) and v >= 1, flag, "must be a whole number >= 1")
+        need(getattr(cfg, flag) >= 1, flag, "must be a whole number >= 1")
     for flag in ("steps", "seed", "n_pop", "pl_rounds", "n_init", "log_every", "workers"):
-        v = getattr(cfg, flag)
-        need(isinstance(v, (int, np.integer)) and v >= 0, flag, "must be a whole number >= 0")
+        need(getattr(cfg, flag) >= 0, flag, "must be a whole number >= 0")
     need(cfg.rank <= cfg.D, "rank", f"must be <= D={cfg.D}")
     need(cfg.m <= cfg.D, "m", f"must be <= D={cfg.D}")
     need(cfg.K <= cfg.n_train, "K", f"must be <= n_train={cfg.n_train}")
@@ -2098,10 +2320,17 @@ def make_config(**settings):
     """
     settings = dict(settings)
     declared = declared_params()
+    known = {f.name for f in dataclasses.fields(Config)} | set(declared)
+    for key in settings:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise ConfigError(key, settings[key], "unknown setting" + (f" (did you mean --{close[0]}?)" if close else ""))
     given = {k: settings.pop(k) for k in list(settings) if k in declared}
     params = {k: d for k, (d, _) in declared.items()}
     params.update(settings.pop("method_params", None) or {})
     params.update({k: v for k, v in given.items() if v is not None})
+    if settings.get("outdir") is None:
+        settings.pop("outdir", None)
     cfg = Config(**settings, method_params=params)
     methods = (cfg.methods,) if isinstance(cfg.methods, str) else tuple(cfg.methods)
     cfg.methods = methods or default_methods()
@@ -2189,16 +2418,20 @@ def unconstrained_reference(problem):
 
 
 def run_comparison(**settings):
-    """Run a comparison: the notebook entry point (``main()`` wraps it).
+    """Run a comparison: the library and notebook entry point (``main()`` wraps it).
 
-    Takes the CLI settings as keyword arguments with the flags' names (see
-    :class:`Config`; ``outdir=None`` writes nothing). Returns a dict shaped like
-    ``summary.json`` in which each method's entry also holds its trained ``W`` (m, D)
-    and ``E`` (K, m) and its ``logs``. Raises :class:`ConfigError` for a bad setting,
-    before any work.
+    Takes the settings as keyword arguments with the flags' names (see :class:`Config`).
+    Like a scikit-learn estimator it writes nothing unless given ``outdir``, and runs in
+    this process unless given ``workers``. Returns a dict shaped like ``summary.json`` in
+    which each method's entry also holds its trained ``W`` (m, D), ``E`` (K, m), ``V`` and
+    its ``logs``. Raises :class:`ConfigError` for a bad or unknown setting, before any work.
     """
+    return run(make_config(**settings))
+
+
+def run(cfg):
+    """Run the comparison a validated :class:`Config` describes (see :func:`run_comparison`)."""
     t0 = time.perf_counter()
-    cfg = make_config(**settings)
     problem = make_problem(cfg, progress=Progress(not cfg.quiet))   # data, the shared start point
     summary = compare(problem)                              # every method from that start
     summary["total_seconds"] = time.perf_counter() - t0
@@ -2218,149 +2451,93 @@ def compare(problem):
     learning rates, ``methods``, ...) may be changed in ``problem.cfg`` between calls.
     """
     cfg = problem.cfg
-    results = {}
+    records = {}
     for name in cfg.methods:
         t0 = time.perf_counter()
-        problem.training = name
-        res = METHODS[name].fn(problem)
-        res["seconds"] = time.perf_counter() - t0 + (problem.start_seconds if name == "pca_lloyd" else 0.0)
-        results[name] = score(problem, res)
+        records[name] = run_method(problem, name)
+        records[name].seconds += time.perf_counter() - t0
+        score(problem, records[name])
+    floors, pop = bounds(problem, records), population_scores(problem, records)
     registry = {n: {"label": m.label, "paper": m.paper, "estimator": m.estimator, "stochastic": m.stochastic,
-                    "params": {f"{n}_{k}": cfg.method_params[f"{n}_{k}"] for k, _, _ in m.params}}
+                    "params": {f"{n}_{k}": cfg.method_params[f"{n}_{k}"] for k, _, _ in m.hyperparameters}}
                 for n, m in METHODS.items() if n in cfg.methods}
+    results = {n: r.as_dict() for n, r in records.items()}
     return {"config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)}, "methods": registry,
-            "results": results, "bounds": bounds(problem, results),
-            "gradient_check": gradient_checks(problem), "fd_vs_manual": agreement(results)}
+            "results": results, "bounds": {**floors, **pop},
+            "gradient_check": check_gradients(problem, cfg.methods), "fd_vs_manual": agreement(results)}
 
 
-def score(problem, res):
-    """Eval metrics of a trained model, into its result."""
-    if res["status"] != "ok":          # a diverged run keeps its last finite parameters, unscored
-        return res
+def run_method(problem, name):
+    """One method's :class:`Result`: skipped with its reason, fitted, or trained."""
+    method, hp = METHODS[name], hyperparameters(problem.cfg, name)
+    reason = method.skip(problem, hp) if method.skip else None
+    if reason:
+        return Result(status="skipped", note=reason)
+    return method.fit(problem, hp) if method.fit else train(problem, name)
+
+
+def score(problem, rec):
+    """Eval metrics of a trained model, into its record's scores; a model whose
+    parameters are finite but whose error overflows is marked diverged."""
+    if not rec.ok:                     # a diverged run keeps its last finite parameters, unscored
+        return
     with np.errstate(all="ignore"):
-        m = eval_metrics(problem, res["W"], res["E"], res.get("V"), res.get("assign"))
+        m = eval_metrics(problem, rec.W, rec.E, rec.V, rec.assign)
     if not all(math.isfinite(v) for v in m.values() if v is not None):
-        res.update(status="diverged", diverged_at_step=problem.cfg.steps,
-                   note="parameters finite but their eval error overflows")
-        return res
-    res.update(m)
-    return res
+        rec.status, rec.diverged_at_step = "diverged", problem.cfg.steps
+        rec.note = "parameters finite but their eval error overflows"
+        return
+    rec.scores.update(m)
 
 
-def bounds(problem, results):
-    """Floors, the unconstrained reference and the population errors of every model."""
+def bounds(problem, records):
+    """Floors and references: the PCA floor, the Shannon bounds (the rank-m one also at
+    each model's measured index entropy), the Zador approximation and the unconstrained
+    k-means on the eval set."""
+    cfg = problem.cfg
+    _, uncon_eval, ref_seconds = unconstrained_reference(problem)
+    for r in records.values():         # the bound at each model's measured index entropy
+        if r.ok:
+            r.scores["entropy_bound"] = rank_m_bound(problem.lam, cfg.m, bits=r.scores["usage_entropy"] / math.log(2))
+    return {"pca_floor": pca_floor(problem.lam, cfg.m), "shannon_bound": shannon_bound(problem.lam, cfg.K),
+            "rank_m_bound": rank_m_bound(problem.lam, cfg.m, cfg.K),
+            "zador_approximation": zador_approximation(problem.lam, cfg.m, cfg.K),
+            "unconstrained_kmeans": None, "unconstrained_kmeans_se": None,
+            "unconstrained_kmeans_eval": uncon_eval, "n_pop": cfg.n_pop,
+            "unconstrained_kmeans_seconds": ref_seconds}
+
+
+def population_scores(problem, records):
+    """Every model's error on ``n_pop`` fresh samples (paired), into its record's scores,
+    with its differences to the best model and the baseline; returns the unconstrained
+    reference's population error and every pair's paired difference."""
     cfg = problem.cfg
     t0 = time.perf_counter()
-    C, uncon_eval, ref_seconds = unconstrained_reference(problem)
-    out = {"pca_floor": pca_floor(problem.lam, cfg.m), "shannon_bound": shannon_bound(problem.lam, cfg.K),
-           "rank_m_bound": rank_m_bound(problem.lam, cfg.m, cfg.K),
-           "zador_approximation": zador_approximation(problem.lam, cfg.m, cfg.K),
-           "unconstrained_kmeans": None, "unconstrained_kmeans_se": None,
-           "unconstrained_kmeans_eval": uncon_eval, "n_pop": cfg.n_pop}
-    for r in results.values():         # the bound at each model's measured index entropy
-        if r["status"] == "ok":
-            r["entropy_bound"] = rank_m_bound(problem.lam, cfg.m, bits=r["usage_entropy"] / math.log(2))
+    out = {}
+    models = {n: (r.W, r.E, r.V, r.assign) for n, r in records.items() if r.ok}
     if cfg.n_pop > 0:
-        models = {n: (r["W"], r["E"], r.get("V"), r.get("assign")) for n, r in results.items() if r["status"] == "ok"}
-        pop = population_errors({**models, "unconstrained_kmeans": C}, problem.U, problem.lam,
+        pop = population_errors({**models, "unconstrained_kmeans": problem.reference[0]}, problem.U, problem.lam,
                                 cfg.n_pop, derived_rng(cfg.seed, "population"), progress=problem.progress)
+        mean = dict(zip(pop.names, pop.mean))
         for i, name in enumerate(pop.names):
-            if name in results:
-                results[name]["pop_recon_mse"] = float(pop.mean[i])
-                results[name]["pop_recon_se"] = float(pop.se[i])
+            if name in records:
+                records[name].scores.update(pop_recon_mse=float(pop.mean[i]), pop_recon_se=float(pop.se[i]))
         j = pop.names.index("unconstrained_kmeans")
         out["unconstrained_kmeans"], out["unconstrained_kmeans_se"] = float(pop.mean[j]), float(pop.se[j])
         # paired differences of every pair of models (a - b and its standard error)
-        out["pop_pairs"] = {a: {b_: [results[a]["pop_recon_mse"] - results[b_]["pop_recon_mse"],
-                                     pop.diff_se(a, b_)] for b_ in models if b_ != a} for a in models}
+        out["pop_pairs"] = {a: {b: [float(mean[a] - mean[b]), pop.diff_se(a, b)] for b in models if b != a}
+                            for a in models}
         if models:
-            best = min(models, key=lambda n: results[n]["pop_recon_mse"])
+            best = min(models, key=lambda n: mean[n])
             out["best_method"] = best
             for name in models:
-                r = results[name]
-                r["pop_diff_to_best"] = r["pop_recon_mse"] - results[best]["pop_recon_mse"]
-                r["pop_diff_to_best_se"] = pop.diff_se(name, best)
+                sc = records[name].scores
+                sc["pop_diff_to_best"], sc["pop_diff_to_best_se"] = float(mean[name] - mean[best]), pop.diff_se(name, best)
                 if "pca_lloyd" in models:
-                    r["pop_diff_to_baseline"] = r["pop_recon_mse"] - results["pca_lloyd"]["pop_recon_mse"]
-                    r["pop_diff_to_baseline_se"] = pop.diff_se(name, "pca_lloyd")
+                    sc["pop_diff_to_baseline"] = float(mean[name] - mean["pca_lloyd"])
+                    sc["pop_diff_to_baseline_se"] = pop.diff_se(name, "pca_lloyd")
     out["seconds"] = time.perf_counter() - t0
-    out["unconstrained_kmeans_seconds"] = ref_seconds
     return out
-
-
-def gradient_checks(problem):
-    """manual_grads against fd_grads at the start point on the first training batch."""
-    c = problem.cfg
-    W, E = problem.W0.astype(np.float64), problem.E0.astype(np.float64)
-    Xb = problem.X_train[derived_rng(c.seed, "batches").integers(0, c.n_train, size=c.batch)]
-    n_coords = None if W.size + E.size <= 2048 else 256
-    out = {"point": "the trained methods' start, first training batch", "h": c.fd_h,
-           "measure": "max|fd - manual| / max|manual| per tensor"}
-    Xb = Xb.astype(np.float64)
-    if "wasserstein" in c.methods:                          # its extra term, live in W and E
-        out["wasserstein"] = wasserstein_check(W, E, Xb, c.fd_h)
-    if "affine_ste" in c.methods or "simvq" in c.methods:   # their codebook parameters
-        out["codebook_params"] = codebook_param_check(problem, W, E, Xb)
-    if "fsq" in c.methods and fsq_levels(c.K, c.m) is not None:
-        out["fsq"] = fsq_check(W, Xb, fsq_levels(c.K, c.m), c.fd_h)
-    used = {METHODS[n].estimator for n in c.methods if n in METHODS}
-    V = None if problem.V0 is None else problem.V0.astype(np.float64)
-    for est in ("ste", "rotation") + tuple(e for e in ESTIMATORS if e in used and e not in ("ste", "rotation")):
-        out[est] = gradient_check(W, E, Xb, c.alpha, c.beta, est, c.fd_h,
-                                  n_coords, derived_rng(c.seed, "gradcheck"), V)
-    if "affine_ste" in c.methods:                           # synchronized commitment
-        out["sync"] = gradient_check(W, E, Xb, c.alpha, c.beta, "ste", c.fd_h, n_coords,
-                                     derived_rng(c.seed, "gradcheck"), V, method_param(problem, "affine_ste", "nu"))
-    return out
-
-
-def fsq_check(W, X, levels, h=1e-5):
-    """FSQ's hand-derived gradients (W, s, a) against central differences of its loss
-    with the rounding fixed, at its start scales."""
-    sd = latents(X, W).std(axis=0)
-    s, a = 1 / sd, sd
-    loss, gW, gs, ga, _, delta = fsq_grads(W, s, a, X, levels)
-    worst = 0.0
-    for i, (P, g) in enumerate(((W, gW), (s, gs), (a, ga))):
-        fd = np.empty(P.size)
-        for j in range(P.size):
-            d = np.zeros(P.size)
-            d[j] = h
-            args = [W, s, a]
-            args[i] = P + d.reshape(P.shape)
-            up = fsq_grads(*args, X, levels, None, delta)[0]
-            args[i] = P - d.reshape(P.shape)
-            fd[j] = (up - fsq_grads(*args, X, levels, None, delta)[0]) / (2 * h)
-        worst = max(worst, rel_err(fd.reshape(P.shape), g))
-    return {"gW_rel_err": worst, "gE_rel_err": 0.0, "loss_rel_err": 0.0, "coords": "all"}
-
-
-def codebook_param_check(problem, W, E, X, h=1e-6):
-    """The chain rule to the codebook's own parameters of affine_ste (s, t at a point off
-    zero) and simvq (P, b), against central differences of the frozen surrogate."""
-    c = problem.cfg
-    rng = derived_rng(c.seed, "gradcheck")
-    m = E.shape[1]
-    a, s, t = 2.0, 0.1 * rng.standard_normal(m), 0.1 * rng.standard_normal(m)
-    P, b = np.eye(m) + 0.1 * rng.standard_normal((m, m)), 0.1 * rng.standard_normal(m)
-    worst = 0.0
-    for make, params, grads in (
-            (lambda s_, t_: affine_codebook(E, s_, t_, a), (s, t), lambda G: affine_grads(G, E, s, a)[1:]),
-            (lambda P_, b_: E @ P_.T + b_, (P, b), lambda G: (G.T @ E, G.sum(axis=0)))):
-        Ecode = make(*params)
-        fr = freeze(W, Ecode, X, "ste")
-        hand = grads(manual_grads(W, Ecode, X, c.alpha, c.beta, frozen=fr).gE)
-        for i, (p_, g) in enumerate(zip(params, hand)):
-            fd = np.empty(p_.size)
-            for j in range(p_.size):
-                d = np.zeros(p_.size)
-                d[j] = h
-                up, dn = list(params), list(params)
-                up[i], dn[i] = p_ + d.reshape(p_.shape), p_ - d.reshape(p_.shape)
-                fd[j] = (surrogate_loss(W, make(*up), X, fr, c.alpha, c.beta)
-                         - surrogate_loss(W, make(*dn), X, fr, c.alpha, c.beta)) / (2 * h)
-            worst = max(worst, rel_err(fd.reshape(p_.shape), g))
-    return {"gW_rel_err": 0.0, "gE_rel_err": worst, "loss_rel_err": 0.0, "coords": "all"}
 
 
 _METRIC_KEYS = ("recon_mse", "in_sub_dist", "usage_entropy", "dead_frac", "perplexity")
@@ -2439,10 +2616,9 @@ def format_report(summary):
                    "high-resolution approximation "
                    + (f"{z:.5f}" if z is not None else f"none (no lattice tabulated for m={c['m']})"))
     g = summary["gradient_check"]
-    check = ("Gradient check, hand-derived vs finite differences (largest difference / largest "
-             "entry): " + ", ".join(f"{est} {max(g[est]['gW_rel_err'], g[est]['gE_rel_err']):.1e}"
-                                    for est in ESTIMATORS + ("sync", "wasserstein", "codebook_params", "fsq")
-                                    if est in g))
+    check = ("Gradient check, hand-derived vs finite differences of each method's own loss (largest "
+             "difference / largest entry): " + ", ".join(
+                 f"{n} {max(g[n]['gW_rel_err'], g[n]['params_rel_err']):.1e}" for n in res if n in g))
     a = summary["fd_vs_manual"]
     if a:
         check += f"; fd_ste vs manual_ste after training: metrics within {a['max_rel_metric_diff']:.1e}"
@@ -2534,8 +2710,10 @@ def _figure(w, h, nrows=1, ncols=1):
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
+# Twenty colours that stay apart; methods beyond them repeat a colour with another marker.
 _PALETTE = ("0.35", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:red", "tab:brown",
-            "tab:pink", "tab:olive", "tab:cyan", "navy", "gold", "lime", "teal")
+            "tab:pink", "tab:olive", "tab:cyan", "navy", "gold", "lime", "teal", "maroon", "darkviolet",
+            "sandybrown", "darkslategrey", "deepskyblue", "yellowgreen")
 
 
 def color(name):
@@ -2674,6 +2852,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+# The command line writes its results and uses every core unless told otherwise; a
+# library call does neither (see Config).
+CLI_DEFAULTS = {"outdir": "results_out", "workers": 0}
+
+
+def whole_number(text):
+    """An integer flag's value: ``1000000``, ``1e6`` or ``1_000_000``."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if not value.is_integer():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        return int(value)
+
+
+whole_number.__name__ = "whole number"   # argparse names the type in its message
+
+
 def add_config_flags(p, skip=(), defaults=True):
     """One flag per :class:`Config` field (its help is the field's), except ``skip``.
 
@@ -2691,9 +2888,10 @@ def add_config_flags(p, skip=(), defaults=True):
             p.add_argument(flag, nargs="+", default=list(f.default), metavar="NAME",
                            help=f"{help_}; registered: {', '.join(METHODS)}")
         else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=typ, default=f.default if defaults else argparse.SUPPRESS,
-                           help=help_ if defaults else f"{help_} (default: {f.default})")
+            typ = {"int": whole_number, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            default = CLI_DEFAULTS.get(f.name, f.default)
+            p.add_argument(flag, type=typ, default=default if defaults else argparse.SUPPRESS,
+                           help=help_ if defaults else f"{help_} (default: {default})")
     for name, (default, help_) in declared_params().items():  # the methods' own, from the registry
         method = next(m for m in METHODS if name.startswith(m + "_"))
         p.add_argument(f"--{name}", type=float, default=default if defaults else argparse.SUPPRESS,
@@ -2708,15 +2906,19 @@ def build_parser():
 
 
 def main(argv=None):
-    """CLI entry point: ``python vq_compare.py [--flag value ...]``; returns the exit status."""
-    settings = vars(build_parser().parse_args(argv))
+    """CLI entry point: ``python vq_compare.py [--flag value ...]``; returns the exit status
+    (2 for a bad flag or setting, one line on stderr, before any work)."""
+    try:
+        settings = vars(build_parser().parse_args(argv))
+    except SystemExit as e:                                 # --help, or a flag argparse refused
+        return e.code
     settings["methods"] = [m for item in settings["methods"] for m in item.split(",") if m]
     try:
-        make_config(**settings)                             # every setting checked before any work
+        cfg = make_config(**settings)                       # every setting checked before any work
     except ConfigError as e:
         sys.stderr.write(f"vq_compare.py: error: {e}\n")
         return 2
-    run_comparison(**settings)
+    run(cfg)
     return 0
 
 
