@@ -606,8 +606,8 @@ def build_parser():
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sweep", choices=SWEEPS + ("all",), nargs="+", default=["K", "beta", "steps", "verify"],
                    help="what to sweep (one or more; all: every one)")
-    p.add_argument("--seeds", type=int, default=5, help="seeds per cell (seed, seed+1, ...)")
-    p.add_argument("--jobs", type=int, default=0,
+    p.add_argument("--seeds", type=vq.whole_number, default=5, help="seeds per cell (seed, seed+1, ...)")
+    p.add_argument("--jobs", type=vq.whole_number, default=0,
                    help="processes for the k-means restarts (0: one per core); results do not "
                         "depend on it")
     p.add_argument("--outdir", default="sweeps_out", help="output folder")
@@ -624,8 +624,8 @@ def build_parser():
                         "shifted-start, codebook-only study over --shift_values, 5 seeds")
     for name, (kind, grid, label) in GRIDS.items():
         p.add_argument(f"--{name}_values", type=_grid(kind), nargs="+", default=grid, help=f"{label}: grid")
-    p.add_argument("--steps_max", type=int, default=500, help="steps sweep: training length")
-    p.add_argument("--steps_every", type=int, default=25, help="steps sweep: metrics every this many steps")
+    p.add_argument("--steps_max", type=vq.whole_number, default=500, help="steps sweep: training length")
+    p.add_argument("--steps_every", type=vq.whole_number, default=25, help="steps sweep: metrics every this many steps")
     p.add_argument("--methods", nargs="+", default=[], metavar="NAME",
                    help="methods (default: every registered one not marked opt-in; pca_lloyd is always run: "
                         "it is the paired reference)")
@@ -726,8 +726,12 @@ def parse_shard(text):
 
 
 def main(argv=None):
+    """``python sweeps.py [--flag value ...]``; returns the exit status (2 for bad input,
+    one line on stderr, before any work)."""
     try:
         args = parse_args(argv)
+    except SystemExit as e:                                 # --help, or a flag argparse refused
+        return e.code
     except (SweepError, vq.ConfigError) as e:
         sys.stderr.write(f"sweeps.py: error: {e}\n")
         return 2

@@ -930,13 +930,20 @@ BAD = [(["--m", "70"], "--m 70"), (["--rank", "65"], "--rank 65"), (["--K", "0"]
 
 
 @pytest.mark.parametrize("args,named", BAD)
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, named):
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, args, named):
+    monkeypatch.chdir(tmp_path)                              # main() as the command line runs it
     out = tmp_path / "out"
-    p = run_cli(*args, "--outdir", str(out), cwd=tmp_path)
-    assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and named in lines[0] and "Traceback" not in p.stderr
+    assert vq.main([*args, "--outdir", str(out)]) == 2
+    said = capsys.readouterr()
+    lines = said.err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and said.out == ""
     assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_bad_input_from_the_shell_is_one_line_and_no_traceback(tmp_path):
+    p = run_cli("--K", "0", "--outdir", str(tmp_path / "out"), cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == ["vq_compare.py: error: --K 0: must be a whole number >= 1"]
+    assert os.listdir(tmp_path) == []
 
 
 def test_outdir_that_cannot_be_created(tmp_path):
@@ -1007,6 +1014,16 @@ def run_sweeps(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+def sweep_here(*args):
+    """``sweeps.main`` in this process, its restarts too (--jobs 1): (exit status, stderr)."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = sweeps.main([*args, "--jobs", "1"])
+    return code, err.getvalue()
+
+
 def test_doctests_of_sweeps():
     result = doctest.testmod(sweeps)
     assert result.attempted >= 3 and result.failed == 0
@@ -1025,9 +1042,9 @@ def test_confidence_interval_of_a_known_sample():
 
 def test_tiny_sweep_end_to_end_and_jobs_do_not_change_results(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    pa = run_sweeps("--sweep", "K", "beta", "steps", "verify", "--outdir", str(a), "--jobs", "1", *SWEEP_ARGS)
+    code, err = sweep_here("--sweep", "K", "beta", "steps", "verify", "--outdir", str(a), *SWEEP_ARGS)
     pb = run_sweeps("--sweep", "K", "beta", "steps", "verify", "--outdir", str(b), "--jobs", "2", *SWEEP_ARGS)
-    assert pa.returncode == 0 and pb.returncode == 0, pa.stderr + pb.stderr
+    assert code == 0 and pb.returncode == 0, err + pb.stderr
     ra, rb = (a / "results.jsonl").read_text(), (b / "results.jsonl").read_text()
     lines = [json.loads(x) for x in ra.splitlines()]
     # cells on other processes: the same code, other BLAS threads; the last bits may move
@@ -1053,14 +1070,14 @@ def test_tiny_sweep_end_to_end_and_jobs_do_not_change_results(tmp_path):
 def test_resume_after_interruption_gives_the_same_lines(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = ["--sweep", "K", *SWEEP_ARGS]
-    assert run_sweeps("--outdir", str(full), *args).returncode == 0
+    assert sweep_here("--outdir", str(full), *args)[0] == 0
     text = (full / "results.jsonl").read_text()
     cut.mkdir()
     (cut / "sweep_config.json").write_text((full / "sweep_config.json").read_text())
     lines = text.splitlines(keepends=True)
     (cut / "results.jsonl").write_text("".join(lines[:4]) + lines[4][:25])   # killed mid-line
-    p = run_sweeps("--outdir", str(cut), "--resume", *args)
-    assert p.returncode == 0, p.stderr
+    code, err = sweep_here("--outdir", str(cut), "--resume", *args)
+    assert code == 0, err
     assert (cut / "results.jsonl").read_text() == text
 
 
@@ -1081,17 +1098,24 @@ SWEEP_BAD = [(["--K_values"], "--K_values"), (["--K_values", "x"], "--K_values")
 
 
 @pytest.mark.parametrize("args,named", SWEEP_BAD)
-def test_sweep_bad_input_exits_2_and_writes_nothing(tmp_path, args, named):
-    p = run_sweeps("--outdir", str(tmp_path / "o"), *args)
-    assert p.returncode == 2
-    assert len(p.stderr.strip().splitlines()) == 1 and named in p.stderr
+def test_sweep_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, args, named):
+    monkeypatch.chdir(tmp_path)
+    assert sweeps.main(["--outdir", str(tmp_path / "o"), *args]) == 2
+    said = capsys.readouterr()
+    assert len(said.err.strip().splitlines()) == 1 and named in said.err and said.out == ""
+    assert os.listdir(tmp_path) == []
+
+
+def test_sweep_bad_input_from_the_shell_exits_2(tmp_path):
+    p = run_sweeps("--outdir", str(tmp_path / "o"), "--seeds", "0")
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == ["sweeps.py: error: --seeds 0: must be >= 1"]
     assert not (tmp_path / "o").exists()
 
 
 def test_start_shift_and_lr_sweeps(tmp_path):
     out = tmp_path / "s"
-    p = run_sweeps("--sweep", "start", "lr", "--lr_values", "1", "0.25", "--outdir", str(out), *SWEEP_ARGS)
-    assert p.returncode == 0, p.stderr
+    code, err = sweep_here("--sweep", "start", "lr", "--lr_values", "1", "0.25", "--outdir", str(out), *SWEEP_ARGS)
+    assert code == 0, err
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     starts = [ln["value"] for ln in lines if ln["sweep"] == "start"]
     assert list(dict.fromkeys(starts)) == list(vq.START_REGIMES)           # in the documented order
@@ -1123,17 +1147,17 @@ def test_collapse_preset_is_the_shifted_codebook_only_study(tmp_path):
 def test_shards_run_as_separate_processes_merge_into_the_one_machine_sweep(tmp_path):
     args = ["--sweep", "K", "beta", *SWEEP_ARGS]
     shards = [subprocess.Popen([sys.executable, os.path.join(HERE, "sweeps.py"), *args, "--outdir",
-                                str(tmp_path / "sh"), "--shard", f"{i}/4"], stderr=subprocess.PIPE, text=True)
-              for i in range(4)]
+                                str(tmp_path / "sh"), "--shard", f"{i}/3"], stderr=subprocess.PIPE, text=True)
+              for i in range(3)]
     assert all(p.wait(timeout=300) == 0 for p in shards), [p.stderr.read() for p in shards]
     files = sorted(os.listdir(tmp_path / "sh"))
-    assert files == ["results.shard-0-of-4.jsonl", "results.shard-1-of-4.jsonl", "results.shard-2-of-4.jsonl",
-                     "results.shard-3-of-4.jsonl", "sweep_config.json"]
+    assert files == ["results.shard-0-of-3.jsonl", "results.shard-1-of-3.jsonl", "results.shard-2-of-3.jsonl",
+                     "sweep_config.json"]
     keys = [{(ln["sweep"], ln["value"], ln["seed"]) for ln in map(json.loads, (tmp_path / "sh" / f).read_text().splitlines())}
-            for f in files[:4]]
+            for f in files[:3]]
     assert sum(map(len, keys)) == len(set().union(*keys))                 # disjoint slices
-    assert run_sweeps(*args, "--outdir", str(tmp_path / "sh"), "--merge").returncode == 0
-    assert run_sweeps(*args, "--outdir", str(tmp_path / "one")).returncode == 0
+    assert sweep_here(*args, "--outdir", str(tmp_path / "sh"), "--merge")[0] == 0
+    assert sweep_here(*args, "--outdir", str(tmp_path / "one"))[0] == 0
     merged = [json.loads(x) for x in (tmp_path / "sh" / "results.jsonl").read_text().splitlines()]
     one = [json.loads(x) for x in (tmp_path / "one" / "results.jsonl").read_text().splitlines()]
     assert_close_json(merged, one, 1e-12)                                  # other processes: last bits
@@ -1142,25 +1166,25 @@ def test_shards_run_as_separate_processes_merge_into_the_one_machine_sweep(tmp_p
     assert [(r["sweep"], r["value"], r["method"]) for r in ra] == [(r["sweep"], r["value"], r["method"]) for r in rb]
     assert_close_json([{k: float(v) if v else v for k, v in r.items() if k not in ("sweep", "param", "method", "metric")} for r in ra],
                       [{k: float(v) if v else v for k, v in r.items() if k not in ("sweep", "param", "method", "metric")} for r in rb], 1e-12)
-    (tmp_path / "sh" / "results.shard-2-of-4.jsonl").unlink()             # a shard lost: refused
+    (tmp_path / "sh" / "results.shard-2-of-3.jsonl").unlink()             # a shard lost: refused
     os.remove(tmp_path / "sh" / "results.jsonl")
-    p = run_sweeps(*args, "--outdir", str(tmp_path / "sh"), "--merge")
-    assert p.returncode == 2 and "runs missing" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    code, err = sweep_here(*args, "--outdir", str(tmp_path / "sh"), "--merge")
+    assert code == 2 and "runs missing" in err and len(err.strip().splitlines()) == 1
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     out = tmp_path / "o"
-    assert run_sweeps("--sweep", "beta", "--outdir", str(out), *SWEEP_ARGS).returncode == 0
+    assert sweep_here("--sweep", "beta", "--outdir", str(out), *SWEEP_ARGS)[0] == 0
     before = sorted(os.listdir(out))
     stamp = (out / "results.jsonl").read_text()
-    p = run_sweeps("--sweep", "beta", "--outdir", str(out), "--resume", *SWEEP_ARGS, "--lrW", "0.01")
-    assert p.returncode == 2 and "lrW: 0.08 -> 0.01" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    assert "alpha" not in p.stderr and "None" not in p.stderr           # only what changed
+    code, err = sweep_here("--sweep", "beta", "--outdir", str(out), "--resume", *SWEEP_ARGS, "--lrW", "0.01")
+    assert code == 2 and "lrW: 0.08 -> 0.01" in err and len(err.strip().splitlines()) == 1
+    assert "alpha" not in err and "None" not in err                     # only what changed
     assert sorted(os.listdir(out)) == before and (out / "results.jsonl").read_text() == stamp
-    p = run_sweeps("--sweep", "beta", "--outdir", str(out), "--resume", *SWEEP_ARGS, "--alpha", "1.0")
-    assert p.returncode == 0, p.stderr                                   # a default, given: the same
-    p = run_sweeps("--sweep", "beta", "--outdir", str(out), *SWEEP_ARGS)     # no --resume
-    assert p.returncode == 2 and "--resume" in p.stderr
+    code, err = sweep_here("--sweep", "beta", "--outdir", str(out), "--resume", *SWEEP_ARGS, "--alpha", "1.0")
+    assert code == 0, err                                                # a default, given: the same
+    code, err = sweep_here("--sweep", "beta", "--outdir", str(out), *SWEEP_ARGS)   # no --resume
+    assert code == 2 and "--resume" in err
 
 
 # ---------------------------------------------------------------- dtypes, scale
@@ -1321,7 +1345,7 @@ def test_an_imported_run_with_workers_leaves_no_process():
     assert multiprocessing.active_children() == []
 
 
-def test_the_readme_recipe_adds_a_method_everywhere(tmp_path):
+def test_the_readme_recipe_adds_a_method_everywhere(tmp_path, monkeypatch):
     # followed literally: the recipe's lines go into vq_compare.py after the registry
     src = open(os.path.join(HERE, "vq_compare.py")).read()
     at = src.index("\n\ndef method_label(")
@@ -1339,25 +1363,25 @@ def test_the_readme_recipe_adds_a_method_everywhere(tmp_path):
         assert (tmp_path / "res" / f"{name}_logs.json").exists()
         chk = summary["gradient_check"][name]                         # checked like a built-in
         assert chk["gW_rel_err"] < 1e-6 and chk["params_rel_err"] < 1e-6
-    code = ("import sys, json; sys.path.insert(0, %r); import vq_compare as v; "
-            "s = v.run_comparison(%s, quiet=True, methods=['manual_ste', 'ste_beta1', 'ste_gain']); "
-            "f = v.plot_training_curves(s); h, l = f.axes[0].get_legend_handles_labels(); "
-            "c = v.plot_comparison(s); t = [x.get_text() for x in c.axes[0].get_yticklabels()]; "
-            "print(json.dumps([l, t, [v.color(n) for n in v.METHODS]]))"
-            % (str(tmp_path), ", ".join(f"{a[2:]}={b}" for a, b in zip(tiny[::2], tiny[1::2]))))
-    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 0, p.stderr
-    legend, ticks, colors = json.loads(p.stdout)
+    import importlib.util                                    # the edited file, imported as a user would
+    spec = importlib.util.spec_from_file_location("vq_compare", tmp_path / "vq_compare.py")
+    v = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(v)
+    settings = {a[2:]: int(b) for a, b in zip(tiny[::2], tiny[1::2])}
+    s = v.run_comparison(**settings, quiet=True, methods=["manual_ste", "ste_beta1", "ste_gain"])
+    legend = v.plot_training_curves(s).axes[0].get_legend_handles_labels()[1]
+    ticks = [x.get_text() for x in v.plot_comparison(s).axes[0].get_yticklabels()]
     for label in ("STE, beta = 1", "STE, learned gain"):
         assert label in legend and label in ticks                    # both plots
+    colors = [v.color(n) for n in v.METHODS]
     assert len(set(colors)) == len(colors)                           # each its own colour
-    p = subprocess.run([sys.executable, "sweeps.py", "--sweep", "K", "--K_values", "4", "--seeds", "1",
-                        *tiny, "--outdir", "sw", "--quiet"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
+    monkeypatch.setattr(sweeps, "vq", v)                             # sweeps.py on the edited file
+    code, err = sweep_here("--sweep", "K", "--K_values", "4", "--seeds", "1", *tiny, "--outdir",
+                           str(tmp_path / "sw"), "--quiet")
+    assert code == 0, err
     methods = {json.loads(x)["method"] for x in (tmp_path / "sw" / "results.jsonl").read_text().splitlines()}
     assert {"ste_beta1", "ste_gain"} <= methods
+
 
 # ---------------------------------------------------------------- properties (hypothesis)
 
