@@ -51,7 +51,7 @@ def test_doctests_of_vq_compare():
 def test_data_is_the_original_recipe(monkeypatch, block, n_train):
     monkeypatch.setattr(vq, "_DRAW_ROWS", block)         # drawn block by block, same numbers
     D, rank, n_eval, seed = 16, 3, 20, 7
-    rng = np.random.default_rng(seed)                     # NOTES.md, written out again
+    rng = np.random.default_rng(seed)                     # the original recipe, written out again
     U, _ = np.linalg.qr(rng.normal(size=(D, rank)))
     lam = np.geomspace(4.0, 0.25, rank)
     Sigma = (U * lam) @ U.T
@@ -155,7 +155,7 @@ def _tangent(W, G):
 def test_tied_orthonormal_nsvq_and_diveq_are_ste_with_alpha_1_beta_1(estimator):
     # With q~ = z + n u and W W^T = I: the code receives (2/B)(q - z), whatever u, and the
     # encoder's gradient differs from STE(1, 1)'s by a symmetric matrix times W, which the
-    # Riemannian step removes: the same trajectory (METHODS.md, section 9)
+    # Riemannian step removes: the same trajectory
     rng = np.random.default_rng(33)
     W, E, X = random_point(rng, 300, 10, 3, 7)
     for seed in range(3):
@@ -233,15 +233,18 @@ def test_wasserstein_distance_its_gradients_and_its_closed_form():
 
 
 def test_method_hyperparameters_come_from_the_registry_and_reach_the_method():
-    cfg = vq.make_config(outdir=None, affine_ste_nu=0.5)
-    assert cfg.method_params["affine_ste_nu"] == 0.5 and cfg.method_params["affine_ste_a"] == 2.0
-    assert set(cfg.method_params) == set(vq.declared_params())
-    base = vq.run_comparison(**{**TINY, "methods": ["affine_ste"]})
-    other = vq.run_comparison(**{**TINY, "methods": ["affine_ste"], "affine_ste_nu": 0.5})
-    assert other["config"]["method_params"]["affine_ste_nu"] == 0.5
-    assert base["results"]["affine_ste"]["pop_recon_mse"] != other["results"]["affine_ste"]["pop_recon_mse"]
+    # with a = 0 the affine codebook is the plain one, and in the tied orthonormal model the
+    # synchronized commitment nu is STE with alpha + nu: the flag's value reaches the method
+    # exactly when the two trajectories meet
+    assert set(vq.make_config().method_params) == set(vq.declared_params())
+    settings = {**TINY, "alpha": 1.0, "beta": 0.25, "affine_ste_a": 0.0}
+    sync = vq.run_comparison(**settings, methods=["affine_ste"], affine_ste_nu=0.5)["results"]["affine_ste"]
+    ste = vq.run_comparison(**{**settings, "alpha": 1.5}, methods=["manual_ste"])["results"]["manual_ste"]
+    default = vq.run_comparison(**settings, methods=["affine_ste"])["results"]["affine_ste"]      # nu = 2
+    assert np.abs(sync["E"] - ste["E"]).max() < 1e-9 and np.abs(sync["W"] - ste["W"]).max() < 1e-9
+    assert np.abs(default["E"] - ste["E"]).max() > 1e-6
     with pytest.raises(vq.ConfigError, match="unknown method parameter"):
-        vq.make_config(outdir=None, method_params={"nope_x": 1.0})
+        vq.make_config(method_params={"nope_x": 1.0})
 
 
 def test_the_readme_method_table_is_the_registry():
@@ -352,17 +355,31 @@ def test_new_methods_are_opt_in_and_checked_when_run():
         assert chk["gW_rel_err"] < 1e-6 and chk["params_rel_err"] < 1e-6 and chk["loss_rel_err"] < 1e-12
 
 
-def test_gradient_check_fails_on_a_wrong_gradient():
-    """The comparison can fail: the original framework's codebook gradient (per-cluster
-    mean instead of batch mean, NOTES.md defect 1) is caught."""
-    rng = np.random.default_rng(3)
-    W, E, X = random_point(rng, 100, 8, 3, 5)
-    fd = vq.fd_grads(W, E, X, 1.0, 0.25)
-    Z = X @ W.T
-    labels = vq.assign(Z, E)
-    counts, sums = vq.cluster_sums(Z, labels, 5)
-    wrong_gE = 2 * (E - sums / np.maximum(counts, 1)[:, None])
-    assert vq.rel_err(fd.gE, wrong_gE) > 0.5
+def test_the_checker_catches_a_wrong_gradient_and_a_wrong_forward_value(monkeypatch):
+    # two methods with a known defect each, registered as a user would, through the
+    # module's own checker: it must fail them where it passes the correct ones
+    p = small_problem()
+    Xb = p.X_train[:64]
+    ste = vq.METHODS["manual_ste"]
+
+    def per_cluster_mean(W, V, params, X, frozen, hp):   # the original framework's codebook step:
+        st = ste.loss_and_grads(W, V, params, X, frozen, hp)   # 2 (e_j - mean z), K times too large
+        counts = np.bincount(frozen.labels, minlength=len(params["E"]))
+        return st._replace(grads={"E": st.grads["E"] * len(X) / (hp.alpha * np.maximum(counts, 1))[:, None]})
+
+    def inverted(W, V, params, X, hp, rng):               # its later rotation scale ||z|| / ||q||
+        fr = vq.METHODS["rotation"].freeze(W, V, params, X, hp, rng)
+        return fr._replace(lam=1.0 / fr.lam)
+    monkeypatch.setitem(vq.METHODS, "mean_step", vq.dataclasses.replace(ste, loss_and_grads=per_cluster_mean))
+    monkeypatch.setitem(vq.METHODS, "inverted", vq.dataclasses.replace(vq.METHODS["rotation"], freeze=inverted))
+    hp = vq.hyperparameters(p.cfg, "manual_ste")
+    for name, bad in (("manual_ste", False), ("rotation", False), ("mean_step", True), ("inverted", True)):
+        chk = vq.gradient_errors(vq.METHODS[name], hp, p.W0, None, {"E": p.E0}, Xb)
+        worst = max(chk["gW_rel_err"], chk["params_rel_err"], chk["loss_rel_err"])
+        assert (worst > 1e-3) == bad, (name, chk)
+    out = vq.compare(vq.make_problem(vq.make_config(**{**TINY, "methods": ["manual_ste", "mean_step"]})))
+    assert out["gradient_check"]["mean_step"]["params_rel_err"] > 0.5       # in every report too
+    assert out["gradient_check"]["manual_ste"]["params_rel_err"] < 1e-6
 
 
 def test_surrogate_forward_value_is_the_true_loss():
@@ -409,19 +426,6 @@ def test_rotation_maps_z_onto_q_with_an_orthogonal_matrix():
     assert np.allclose(np.einsum("bij,bj->bi", R, z_hat), q_hat, atol=1e-12)
     assert np.allclose(R @ np.swapaxes(R, 1, 2), np.eye(4), atol=1e-12)
     assert np.allclose(np.einsum("bij,bj->bi", M, fr.Z0), fr.Q0, atol=1e-12)
-
-
-def test_inverted_rotation_scale_is_caught():
-    """The original framework's later scale ||z||/||q|| does not reproduce q: the
-    forward check above fails for it, and so does the loss identity."""
-    rng = np.random.default_rng(7)
-    W, E, X = random_point(rng, 50, 7, 4, 6)
-    fr = vq.freeze(W, E, X, "rotation")
-    inverted = fr._replace(lam=1.0 / fr.lam)
-    M = vq.rotation_matrices(inverted)
-    assert not np.allclose(np.einsum("bij,bj->bi", M, fr.Z0), fr.Q0, atol=1e-6)
-    true = vq.loss_terms(W, E, X, 1.0, 0.25).total
-    assert abs(vq.surrogate_loss(W, E, X, inverted, 1.0, 0.25) - true) > 1e-6
 
 
 def test_rotation_falls_back_to_ste_on_degenerate_samples():
@@ -862,7 +866,7 @@ def test_the_verdict_says_what_the_population_separates():
     assert max(map(len, text.splitlines())) <= 100
 
 
-def test_progress_lines_for_long_phases_and_silence_when_quiet(tmp_path):
+def test_progress_lines_for_long_phases_and_silence_when_quiet(tmp_path, capsys):
     import io
     buf = io.StringIO()
     p = small_problem(steps=40)
@@ -875,18 +879,29 @@ def test_progress_lines_for_long_phases_and_silence_when_quiet(tmp_path):
     p.progress = vq.Progress(enabled=False, after=0, every=0, stream=silent)
     vq.train(p, "manual_ste")
     assert silent.getvalue() == ""
-    run = run_cli("--D", "8", "--rank", "3", "--m", "2", "--K", "4", "--n_train", "300", "--n_eval", "100",
-                  "--steps", "3", "--batch", "32", "--n_pop", "1000", "--quiet", "--outdir", "o", cwd=tmp_path)
-    assert run.returncode == 0 and run.stdout == "" and run.stderr == ""
+    capsys.readouterr()
+    assert vq.main(["--D", "8", "--rank", "3", "--m", "2", "--K", "4", "--n_train", "300", "--n_eval", "100",
+                    "--steps", "3", "--batch", "32", "--n_pop", "1000", "--quiet", "--outdir",
+                    str(tmp_path / "o"), "--workers", "1"]) == 0
+    said = capsys.readouterr()
+    assert said.out == "" and said.err == ""
 
 
-def test_memory_estimate_grows_with_the_data_and_refuses_what_cannot_fit():
-    small, big = vq.make_config(outdir=None), vq.make_config(outdir=None, n_train=200000)
+def test_memory_estimate_grows_with_the_data_and_refuses_what_cannot_fit(monkeypatch):
+    small, big = vq.make_config(), vq.make_config(n_train=200000)
     assert vq.memory_estimate(big) - vq.memory_estimate(small) >= 8 * 180000 * 64   # the data alone
-    have = vq.available_memory()
-    if have is not None:                                   # Linux: refused, naming both figures
-        with pytest.raises(vq.ConfigError, match="available"):
-            vq.make_config(outdir=None, D=64, n_train=int(have // (8 * 64)) + 1)
+    monkeypatch.setattr(vq, "available_memory", lambda: 2 * vq.memory_estimate(small))
+    vq.make_config()                                        # fits
+    with pytest.raises(vq.ConfigError, match=r"needs about .* this machine has .* available"):
+        vq.make_config(n_train=20000 + 2 * vq.memory_estimate(small) // (8 * 64))
+    monkeypatch.setattr(vq, "available_memory", lambda: None)   # unknown: nothing refused
+    vq.make_config(n_train=10 ** 7)
+
+
+def test_available_memory_reads_this_machine():
+    if not os.path.exists("/proc/meminfo"):
+        pytest.skip("no /proc/meminfo: available_memory() is None here, tested above")
+    assert 1 << 20 < vq.available_memory() < 1 << 50
 
 
 def test_another_method_does_not_change_a_methods_numbers():
@@ -966,14 +981,19 @@ def test_cli_runs_and_writes_its_outputs(tmp_path):
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_help_explains_every_flag():
-    p = run_cli("--help", cwd=HERE)
-    assert p.returncode == 0
-    for f in vq.dataclasses.fields(vq.Config):
-        if f.name != "method_params":                       # given as the flags below
-            assert f"--{f.name}" in p.stdout
-    for name in vq.declared_params():                       # every method's hyperparameter
-        assert f"--{name}" in p.stdout
+def test_help_explains_every_flag_and_the_docs_name_only_real_ones(capsys):
+    assert vq.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    flags = re.findall(r"^  (?:-\w, )?(--\w+)", text, flags=re.M)
+    for flag in flags:                                      # every flag says something of its own
+        entry = text.split(flag, 1)[1].split("\n  --", 1)[0]
+        words = [w for w in re.findall(r"[a-z]{3,}", entry.lower()) if w not in flag]
+        assert len(words) >= 3, flag
+    docs = "".join(open(os.path.join(HERE, f)).read() for f in ("README.md", "vq_compare.py"))
+    named = set(re.findall(r"python vq_compare\.py[^\n`]*", docs))
+    for command in named:                                   # the documented commands parse
+        for flag in re.findall(r"(--\w+)", command.replace("[--flag value ...]", "")):
+            assert flag in flags, (flag, command)
 
 
 def test_cli_needs_no_display_and_leaves_the_backend_alone(tmp_path):
@@ -1136,12 +1156,19 @@ def test_start_shift_and_lr_sweeps(tmp_path):
 
 
 def test_collapse_preset_is_the_shifted_codebook_only_study(tmp_path):
+    # what the preset's settings do, not what they say: isotropic latents in 8 dimensions,
+    # codes started `shift` latent sd off the data, the encoder left where it starts
     args = sweeps.parse_args(["--preset", "collapse", "--outdir", str(tmp_path / "c")])
-    assert args.sweep == ["shift"] and args.shift_values == [0.0, 1.0, 2.0, 4.0, 8.0] and args.seeds == 5
-    s = args.settings
-    assert (s["start"], s["train_encoder"], s["D"], s["rank"], s["m"], s["lmax"], s["lmin"]) == \
-        ("shifted", 0, 8, 8, 8, 1.0, 1.0)
-    assert s["methods"] == list(vq.default_methods())                         # every method
+    assert args.sweep == ["shift"] and args.seeds >= 5
+    settings = {**args.settings, "n_train": 4000, "n_eval": 500, "K": 64, "n_init": 1, "steps": 5,
+                "n_pop": 1000, "shift": 4.0, "methods": ["manual_ste"]}
+    out = vq.run_comparison(**settings, quiet=True)
+    p = vq.make_problem(vq.make_config(**settings))
+    assert np.allclose(p.lam, 1.0) and out["bounds"]["pca_floor"] == 0       # isotropic, nothing dropped
+    sd = vq.latents(p.X_train, p.W0).std(axis=0)
+    off = p.E0.mean(axis=0) / sd                             # 64 codes of sd 1 around 4: within 5 se
+    assert np.all(np.abs(off - 4.0) < 5 / 8)
+    assert np.array_equal(out["results"]["manual_ste"]["W"], p.W0)            # the encoder fixed
 
 
 def test_shards_run_as_separate_processes_merge_into_the_one_machine_sweep(tmp_path):
@@ -1411,3 +1438,99 @@ def test_property_lloyd_never_worse_than_its_start_and_labels_match(n, m, K, see
     assert r.inertia <= vq.nearest(Z, E0)[1].sum() * (1 + 1e-12) + 1e-12
     labels, dist = vq.nearest(Z, r.E)
     assert np.array_equal(labels, r.labels) and dist.sum() == pytest.approx(r.inertia, rel=1e-12, abs=1e-12)
+
+
+# ---------------------------------------------------------------- the protocol and the library
+
+def test_the_training_curve_is_the_paired_difference_it_claims():
+    p = small_problem(steps=10, log_every=5)
+    res = vq.train(p, "manual_ste")
+    row = res.logs["eval"][-1]
+    n = min(vq.N_CURVE, p.cfg.n_pop)                        # its own stream, drawn again here
+    S = vq.derived_rng(p.cfg.seed, "curves").standard_normal((n, len(p.lam))) * np.sqrt(p.lam)
+    X = S @ p.U.T
+    err = lambda W, E: np.sum((X - E[vq.assign(X @ W.T, E)] @ W) ** 2, axis=1)
+    d = err(res.W, res.E) - err(p.W0, p.E0)
+    assert row["pop_diff_to_start"] == pytest.approx(d.mean(), rel=1e-9, abs=1e-12)
+    assert row["pop_diff_to_start_se"] == pytest.approx(d.std(ddof=1) / math.sqrt(n), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["affine_ste", "simvq", "ema_ste"])
+def test_reseeding_a_parametrised_codebook_puts_the_code_on_the_latent(name):
+    # a re-seeded code of a codebook made of other parameters: the codebook its new
+    # parameters give has the latent at that row, and the other rows unchanged
+    p = small_problem(methods=[name], dead_threshold=1.0)
+    method, hp = vq.METHODS[name], vq.hyperparameters(p.cfg, name)
+    rng = np.random.default_rng(1)
+    params = method.init(p, hp)
+    params = {k: v + 0.1 * rng.normal(size=v.shape) if k in ("C", "s", "t", "P", "b") else v
+              for k, v in params.items()}                   # off the start: s, t, P, b not trivial
+    before = method.codebook(params, hp)
+    codes, values = np.array([1, 4]), rng.normal(size=(2, p.cfg.m))
+    after = method.codebook(method.reset(params, codes, values, hp), hp)
+    assert np.allclose(after[codes], values, rtol=0, atol=1e-12)
+    keep = np.setdiff1d(np.arange(len(before)), codes)
+    assert np.allclose(after[keep], before[keep], rtol=0, atol=1e-15)
+
+
+def test_subspace_angle_of_a_known_rotation():
+    for deg in (0.0, 1e-6, 30.0, 89.0):                     # the sine form: exact near 0 too
+        t = math.radians(deg)
+        W = np.array([[math.cos(t), math.sin(t), 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+        U_m = np.eye(4)[:, [0, 2]]
+        assert vq.subspace_angle_deg(W, U_m) == pytest.approx(deg, rel=1e-9, abs=1e-12)
+
+
+def test_the_optimizer_steps_each_parameter_at_its_rate():
+    rng = np.random.default_rng(2)
+    W = vq.stiefel_project(rng.normal(size=(3, 7)))
+    G, E, gE = rng.normal(size=(3, 7)), rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+    opt = vq.Optimizer({"W": 0.1, "E": 0.3})
+    Wn = opt.step("W", W, G, factor=0.5)
+    assert np.allclose(Wn @ Wn.T, np.eye(3), atol=1e-12)   # on the manifold
+    assert np.array_equal(Wn, vq.riemannian_step(W, G, 0.05))
+    assert np.allclose(opt.step("E", E, gE, factor=0.5), E - 0.15 * gE, rtol=0, atol=1e-15)
+    # a parameter shared by the K codes steps at lrE / K in a run
+    run = vq.Run(small_problem(methods=["simvq"]), "simvq")
+    assert run.optimizer.rates["P"] == pytest.approx(TINY_LR_E / TINY["K"]) and run.optimizer.rates["C"] == TINY_LR_E
+
+
+TINY_LR_E = vq.Config().lrE
+
+
+def test_verify_trains_both_runs_with_the_one_loop(monkeypatch):
+    # the schedule, the untied decoder, a fixed encoder and dead codes reach the verify
+    # sweep's runs: its manual run ends where train() ends
+    runs, Run = [], vq.Run
+    monkeypatch.setattr(vq, "Run", lambda p, n: runs.append(Run(p, n)) or runs[-1])
+    settings = dict(lr_schedule="cosine", decoder="untied", dead_threshold=2.0, start="shifted", steps=12)
+    out = sweeps.verify_trajectories(small_problem(**settings))
+    monkeypatch.setattr(vq, "Run", Run)
+    alone = vq.train(small_problem(**settings), "manual_ste")
+    fd, man = runs
+    assert np.array_equal(man.W, alone.W) and np.array_equal(man.V, alone.V) and np.array_equal(man.E, alone.E)
+    assert sum(man.logs["reseeded"]) > 0 and len(out["gW_rel_err"]) == 12
+    assert max(out["gW_rel_err"] + out["gE_rel_err"]) < 1e-6 and max(out["max_abs_W_diff"]) < 1e-6
+
+
+def test_a_script_without_a_main_guard_runs_writes_nothing_and_leaves_no_process(tmp_path):
+    (tmp_path / "script.py").write_text(
+        "import multiprocessing, sys\nsys.path.insert(0, %r)\nimport vq_compare\n"
+        "out = vq_compare.run_comparison(steps=20, n_pop=20000, quiet=True)\n"
+        "assert multiprocessing.active_children() == []\nprint(sorted(out['results']))\n" % HERE)
+    p = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "manual_ste" in p.stdout and sorted(os.listdir(tmp_path)) == ["script.py"]
+
+
+def test_library_settings_are_checked_by_name_and_type():
+    with pytest.raises(vq.ConfigError, match=r"--step 10: unknown setting \(did you mean --steps\?\)"):
+        vq.run_comparison(step=10)
+    with pytest.raises(vq.ConfigError, match=r"--K '32': must be an integer, got str"):
+        vq.run_comparison(K="32")
+    with pytest.raises(vq.ConfigError, match=r"--lrE 'fast': must be a number, got str"):
+        vq.make_config(lrE="fast")
+    assert vq.make_config(n_pop=1e6).n_pop == 1_000_000    # a whole number written as a float
+    cfg = vq.make_config()
+    assert cfg.outdir == "" and cfg.workers == 1           # writes nothing, starts no process
+    assert vq.build_parser().parse_args([]).outdir == "results_out"   # the command line does
