@@ -195,14 +195,15 @@ def _fd(f, P, h=1e-6):
 def test_affine_and_simvq_codebook_gradients_by_the_chain_rule():
     rng = np.random.default_rng(37)
     W, C, X = random_point(rng, 100, 8, 3, 6)
-    a, s, t = 2.0, 0.1 * rng.normal(size=3), 0.1 * rng.normal(size=3)
-    E = vq.affine_codebook(C, s, t, a)
+    hp = vq.types.SimpleNamespace(a=2.0)
+    params = {"C": C, "s": 0.1 * rng.normal(size=3), "t": 0.1 * rng.normal(size=3)}
+    E = vq.affine_codebook(params, hp)
     fr = vq.freeze(W, E, X, "ste", nu=2.0)                  # assignments frozen at the point
     loss = lambda E_: vq.surrogate_loss(W, E_, X, fr, 1.0, 0.25)
-    gC, gs, gt = vq.affine_grads(vq.manual_grads(W, E, X, 1.0, 0.25, frozen=fr).gE, C, s, a)
-    assert vq.rel_err(_fd(lambda C_: loss(vq.affine_codebook(C_, s, t, a)), C), gC) < 1e-6
-    assert vq.rel_err(_fd(lambda s_: loss(vq.affine_codebook(C, s_, t, a)), s), gs) < 1e-6
-    assert vq.rel_err(_fd(lambda t_: loss(vq.affine_codebook(C, s, t_, a)), t), gt) < 1e-6
+    hand = vq.affine_grads(params, vq.manual_grads(W, E, X, 1.0, 0.25, frozen=fr).gE, hp)
+    for name in ("C", "s", "t"):                            # one entry at a time, by this test's loop
+        fd = _fd(lambda x: loss(vq.affine_codebook({**params, name: x}, hp)), params[name])
+        assert vq.rel_err(fd, hand[name]) < 1e-6
     P, b = np.eye(3) + 0.1 * rng.normal(size=(3, 3)), 0.1 * rng.normal(size=3)   # SimVQ: E = C P^T + b
     E = C @ P.T + b
     fr = vq.freeze(W, E, X, "ste")
@@ -210,7 +211,7 @@ def test_affine_and_simvq_codebook_gradients_by_the_chain_rule():
     assert vq.rel_err(_fd(lambda P_: vq.surrogate_loss(W, C @ P_.T + b, X, fr, 1.0, 0.25), P), G.T @ C) < 1e-6
     assert vq.rel_err(_fd(lambda b_: vq.surrogate_loss(W, C @ P.T + b_, X, fr, 1.0, 0.25), b), G.sum(0)) < 1e-6
     # at s = t = 0 (P = I, b = 0) both forward the plain codebook: the start is shared
-    assert np.array_equal(vq.affine_codebook(C, np.zeros(3), np.zeros(3), a), C)
+    assert np.array_equal(vq.affine_codebook({"C": C, "s": np.zeros(3), "t": np.zeros(3)}, hp), C)
 
 
 def test_wasserstein_distance_its_gradients_and_its_closed_form():
@@ -302,25 +303,28 @@ def test_with_an_untied_decoder_the_tied_equivalences_separate():
 
 def test_fsq_cells_codebook_and_gradients():
     rng = np.random.default_rng(43)
-    levels, m, D = [5, 4, 2], 3, 9
+    hp, D = vq.types.SimpleNamespace(K=40, m=3), 9
+    levels, m = vq.fsq_levels(40, 3), 3                     # [4, 3, 3]: even and odd L
     X = rng.normal(size=(200, D)) * 2
     W = vq.stiefel_project(rng.normal(size=(m, D)))
-    s, a = rng.uniform(0.5, 1.5, size=m), rng.uniform(0.5, 2, size=m)
+    params = {"s": rng.uniform(0.5, 1.5, size=m), "a": rng.uniform(0.5, 2, size=m)}
     Z = vq.latents(X, W)
-    y, _, hw = vq.fsq_bound(Z * s, levels)
-    forward = a * np.round(y) / hw                          # what FSQ outputs
-    E = vq.fsq_codebook(a, levels)
-    assert E.shape == (40, m) and len(np.unique(forward, axis=0)) <= 40
-    assert np.array_equal(E[vq.fsq_assign(Z, s, levels)], forward)   # its cells, its codes
+    y, _, hw = vq.fsq_bound(Z * params["s"], levels)
+    forward = params["a"] * np.round(y) / hw                # what FSQ outputs
+    E = vq.fsq_codebook(params["a"], levels)
+    assert E.shape == (36, m) and len(np.unique(forward, axis=0)) <= 36
+    assert np.array_equal(E[vq.fsq_assign(Z, params["s"], levels)], forward)   # its cells, its codes
     assert vq.fsq_bound(np.zeros((1, 1)), [5])[0][0, 0] == 0        # odd L: 0 stays 0
     for V in (None, W + 0.2 * rng.normal(size=W.shape)):
-        loss, gW, gs, ga, gV, delta = vq.fsq_grads(W, s, a, X, levels, V)
-        f = lambda W_=W, s_=s, a_=a, V_=V: vq.fsq_grads(W_, s_, a_, X, levels, V_, delta)[0]
-        assert vq.rel_err(_fd(lambda W_: f(W_=W_), W, 1e-6), gW) < 1e-6
-        assert vq.rel_err(_fd(lambda s_: f(s_=s_), s, 1e-6), gs) < 1e-6
-        assert vq.rel_err(_fd(lambda a_: f(a_=a_), a, 1e-6), ga) < 1e-6
+        delta = vq.fsq_freeze(W, V, params, X, hp)
+        st = vq.fsq_grads(W, V, params, X, delta, hp)
+        f = lambda W_=W, V_=V, **p: vq.fsq_loss(W_, V_, {**params, **p}, X, delta, hp)
+        assert st.loss == pytest.approx(f(), rel=1e-12)     # the forward value is the loss
+        assert vq.rel_err(_fd(lambda W_: f(W_=W_), W, 1e-6), st.gW) < 1e-6
+        assert vq.rel_err(_fd(lambda s_: f(s=s_), params["s"], 1e-6), st.grads["s"]) < 1e-6
+        assert vq.rel_err(_fd(lambda a_: f(a=a_), params["a"], 1e-6), st.grads["a"]) < 1e-6
         if V is not None:
-            assert vq.rel_err(_fd(lambda V_: f(V_=V_), V, 1e-6), gV) < 1e-6
+            assert vq.rel_err(_fd(lambda V_: f(V_=V_), V, 1e-6), st.gV) < 1e-6
     assert vq.fsq_levels(8, 4) is None                      # fewer codes than 2^m: refused
 
 
@@ -620,15 +624,14 @@ def test_ema_codebook_converges_to_cluster_means():
     labels = np.repeat([0, 1, 2], 40)
     means = np.array([Z[labels == j].mean(0) for j in range(3)])
     E = centres + 1.0                                       # start away from the means
-    state = (np.zeros(3), np.zeros((3, 2)), 0)
-    for _ in range(300):
-        E, *state = vq.ema_codebook_update(E, *state, Z, vq.assign(Z, E), decay=0.9, eps=0.0)
-    assert np.allclose(E, means, atol=1e-12) and state[2] == 300
-    state = (np.zeros(3), np.zeros((3, 2)), 0)                               # with smoothing: within O(eps)
-    E2 = centres.copy()
-    for _ in range(300):
-        E2, *state = vq.ema_codebook_update(E2, *state, Z, vq.assign(Z, E2), decay=0.9, eps=1e-5)
-    assert np.allclose(E2, means, rtol=1e-5, atol=1e-5)
+    hp = vq.types.SimpleNamespace(ema_decay=0.9, ema_eps=0.0)
+    for eps, E, tol in ((0.0, centres + 1.0, 1e-12), (1e-5, centres.copy(), 1e-5)):   # smoothing: O(eps)
+        hp.ema_eps = eps
+        params = {"E": E, "counts": np.zeros(3), "sums": np.zeros((3, 2)), "t": 0}
+        for _ in range(300):
+            fr = vq.types.SimpleNamespace(Z0=Z, labels=vq.assign(Z, params["E"]))
+            params, _ = vq.ema_update(params, fr, hp)
+        assert np.allclose(params["E"], means, rtol=tol, atol=tol) and params["t"] == 300
 
 
 def small_problem(**settings):

@@ -1423,33 +1423,16 @@ def hyperparameters(cfg, name):
                                  dead_threshold=cfg.dead_threshold, **own)
 
 
-def plain_codebook(params, hp):
-    """The codebook is the parameter ``E`` itself."""
-    return params["E"]
-
-
-def plain_codebook_grads(params, gE, hp):
-    return {"E": gE}
-
-
-def start_codebook(problem, hp):
-    """The shared start codebook as the parameter ``E``."""
-    return {"E": problem.E0.copy()}
-
-
-def vq_loss_weights(hp):
-    """The codebook and commitment weights (alpha, beta) of the shared loss."""
-    return hp.alpha, hp.beta
-
-
-def vq_method(label, paper="", estimator="ste", weights=vq_loss_weights, init=start_codebook,
-              codebook=plain_codebook, codebook_grads=plain_codebook_grads, **fields):
+def vq_method(label, paper="", estimator="ste", weights=lambda hp: (hp.alpha, hp.beta),
+              init=lambda problem, hp: {"E": problem.E0.copy()}, codebook=lambda params, hp: params["E"],
+              codebook_grads=lambda params, gE, hp: {"E": gE}, **fields):
     """A method that quantizes to a codebook and trains with a gradient estimator (see
     :class:`Frozen`): the loss ``recon + alpha codebook + beta commitment`` with
     ``(alpha, beta) = weights(hp)``, the codebook ``codebook(params, hp)`` of its
-    parameters, whose gradients follow from the codebook's by ``codebook_grads(params,
-    gE, hp)`` (the chain rule). ``hp.nu`` (synchronized commitment) and ``hp.noise``
-    (DiVeQ) are read where the method has them. Other ``fields`` go to :class:`Method`."""
+    parameters (by default the shared start codebook ``E`` itself), whose gradients follow
+    from the codebook's by ``codebook_grads(params, gE, hp)`` (the chain rule). ``hp.nu``
+    (synchronized commitment) and ``hp.noise`` (DiVeQ) are read where the method has them.
+    Other ``fields`` go to :class:`Method`."""
     def freeze_(W, V, params, Xb, hp, rng):
         E = codebook(params, hp).astype(W.dtype, copy=False)
         return freeze(W, E, Xb, estimator, rng, getattr(hp, "noise", 1e-3), getattr(hp, "nu", 0.0))
@@ -1465,7 +1448,12 @@ def vq_method(label, paper="", estimator="ste", weights=vq_loss_weights, init=st
                   loss_and_grads=loss_and_grads_, estimator=estimator, **fields)
 
 
-# --- STE by finite differences: the autograd stand-in
+def reset_codes(params, codes, values, hp):
+    """Dead-code re-seeding of a plain codebook: the codes take the latents."""
+    E = params["E"].copy()
+    E[codes] = values
+    return {**params, "E": E}
+
 
 def fd_ste_loss_and_grads(W, V, params, Xb, frozen, hp):
     """STE's gradients by :func:`fd_grads` (central differences of the frozen surrogate)."""
@@ -1477,54 +1465,39 @@ def fd_ste_budget(problem, hp):
     """Why fd_ste is skipped: its loss evaluations exceed ``--fd_max_evals``."""
     c = problem.cfg
     n = problem.W0.size + problem.E0.size + (0 if problem.V0 is None else problem.V0.size)
-    evals = c.steps * 2 * n
-    if evals > c.fd_max_evals and not c.force_fd:
-        return (f"{evals:.3g} loss evaluations (steps x 2 x {n} parameters) exceed --fd_max_evals "
-                f"{c.fd_max_evals:g}; --force_fd runs it")
+    if c.steps * 2 * n > c.fd_max_evals and not c.force_fd:
+        return (f"{c.steps * 2 * n:.3g} loss evaluations (steps x 2 x {n} parameters) exceed "
+                f"--fd_max_evals {c.fd_max_evals:g}; --force_fd runs it")
     return None
 
 
-# --- EMA codebook (van den Oord et al. 2017, app. A.1; DeepMind Sonnet)
+def ema_init(problem, hp):
+    """The codebook and its moving averages (hidden, before debiasing), and the updates made."""
+    K, m = problem.E0.shape
+    return {"E": problem.E0.copy(), "counts": np.zeros(K), "sums": np.zeros((K, m)), "t": np.zeros(())}
 
-def ema_codebook_update(E, counts, sums, t, Z, labels, decay, eps=1e-5):
+
+def ema_update(params, frozen, hp):
     """One EMA codebook update (van den Oord et al. 2017, app. A.1), debiased and
-    Laplace-smoothed as DeepMind Sonnet's ``VectorQuantizerEMA``.
+    Laplace-smoothed as DeepMind Sonnet's ``VectorQuantizerEMA``, from the batch's
+    clusters at the point before the step.
 
     ``N_j <- decay N_j + (1-decay) n_j``, ``M_j <- decay M_j + (1-decay) sum_{i in j} z_i``,
     both divided by ``1 - decay^t``; the counts are Laplace-smoothed,
     ``N_j' = (N_j + eps) / (sum N + K eps) * sum N``, and ``e_j = M_j / N_j'``. While
     every code is used this is Sonnet's update; a code never used keeps its vector
     (Sonnet's becomes exactly 0).
-
-    Returns the new codebook (K, m), moving averages (K,) and (K, m) (hidden, before
-    debiasing) and the number of updates made.
     """
-    K = E.shape[0]
-    n_j, s_j = cluster_sums(Z, labels, K)
-    counts = decay * counts + (1 - decay) * n_j
-    sums = decay * sums + (1 - decay) * s_j
-    t = t + 1
-    debias = 1 - decay ** t
-    N, M = counts / debias, sums / debias
-    total = N.sum()
-    smoothed = (N + eps) / (total + K * eps) * total
-    E_new = np.array(E, dtype=np.float64)
-    used = N > 0
+    E, decay = params["E"], hp.ema_decay
+    n_j, s_j = cluster_sums(frozen.Z0, frozen.labels, E.shape[0])
+    counts = decay * params["counts"] + (1 - decay) * n_j
+    sums = decay * params["sums"] + (1 - decay) * s_j
+    t = params["t"] + 1
+    N, M = counts / (1 - decay ** t), sums / (1 - decay ** t)
+    smoothed = (N + hp.ema_eps) / (N.sum() + E.shape[0] * hp.ema_eps) * N.sum()
+    E_new, used = np.array(E, dtype=np.float64), N > 0
     E_new[used] = M[used] / smoothed[used, None]
-    return E_new.astype(E.dtype, copy=False), counts, sums, t
-
-
-def ema_init(problem, hp):
-    K, m = problem.E0.shape
-    return {"E": problem.E0.copy(), "counts": np.zeros(K), "sums": np.zeros((K, m)), "t": np.zeros(())}
-
-
-def ema_update(params, frozen, hp):
-    """The codebook's step: moving averages of the batch's cluster sizes and sums at the
-    point before the step."""
-    E, counts, sums, t = ema_codebook_update(params["E"], params["counts"], params["sums"], params["t"],
-                                             frozen.Z0, frozen.labels, hp.ema_decay, hp.ema_eps)
-    return {"E": E, "counts": counts, "sums": sums, "t": t}, frozen
+    return {"E": E_new.astype(E.dtype, copy=False), "counts": counts, "sums": sums, "t": t}, frozen
 
 
 def ema_reset(params, codes, values, hp):
@@ -1538,56 +1511,34 @@ def ema_reset(params, codes, values, hp):
     return params
 
 
-def no_codebook_grads(params, gE, hp):
-    return {}
-
-
-# --- Affine codebook with synchronized commitment (Huh et al., ICML 2023)
-
-def affine_codebook(C, s, t, a):
+def affine_codebook(params, hp):
     """Huh et al.'s affine reparameterisation: ``E = (1 + a s) * C + a t`` (K, m), s and t
     of shape (m,) shared by every code (vqtorch ``nn/affine.py``, ``AffineTransform``);
     stacks of C (P, K, m) or of s, t (P, m) give stacks of codebooks."""
+    C, s, t, a = params["C"], params["s"], params["t"], hp.a
     return (1 + a * s[..., None, :]) * C + a * t[..., None, :]
 
 
-def affine_grads(gE, C, s, a):
-    """The gradients of C (K, m), s and t (m,) from that of the codebook ``gE``:
-    ``G * (1 + a s)``, ``a sum_j G_j * C_j``, ``a sum_j G_j``."""
-    return gE * (1 + a * s), a * np.sum(gE * C, axis=0), a * np.sum(gE, axis=0)
-
-
-def affine_init(problem, hp):
-    m = problem.E0.shape[1]
-    return {"C": problem.E0.astype(np.float64), "s": np.zeros(m), "t": np.zeros(m)}
-
-
-def affine_params_codebook(params, hp):
-    return affine_codebook(params["C"], params["s"], params["t"], hp.a)
-
-
-def affine_params_grads(params, gE, hp):
-    gC, gs, gt = affine_grads(gE, params["C"], params["s"], hp.a)
-    return {"C": gC, "s": gs, "t": gt}
-
-
-def affine_weights(hp):
-    """The alternating optimisation's task step has no commitment term."""
-    return hp.alpha, (0.0 if hp.alternate else hp.beta)
+def affine_grads(params, gE, hp):
+    """The gradients of C, s and t from the codebook's ``G``: ``G * (1 + a s)``,
+    ``a sum_j G_j * C_j``, ``a sum_j G_j``."""
+    return {"C": gE * (1 + hp.a * params["s"]), "s": hp.a * np.sum(gE * params["C"], axis=0),
+            "t": hp.a * np.sum(gE, axis=0)}
 
 
 def affine_update(params, frozen, hp):
     """With ``alternate``: the codes' own step first (vqtorch ``inplace_optimizer``), C alone
     down ``mean_{i,d} (e_k - sg(z_i))^2`` at ``inner_lr`` (a damped Lloyd step), the
-    assignments kept; the task step then sees the moved codes."""
+    assignments kept; the task step then sees the moved codes (and, as the authors', no
+    commitment term: see the registry's weights)."""
     if not hp.alternate:
         return params, frozen
     K, m = params["C"].shape
-    E = affine_params_codebook(params, hp).astype(frozen.Z0.dtype)
+    E = affine_codebook(params, hp).astype(frozen.Z0.dtype)
     counts, sums = cluster_sums(frozen.Z0, frozen.labels, K)
     g_inner = (2.0 / (frozen.Z0.shape[0] * m)) * (counts[:, None] * E - sums)
     params = {**params, "C": params["C"] - hp.inner_lr * g_inner * (1 + hp.a * params["s"])}
-    E = affine_params_codebook(params, hp).astype(frozen.Z0.dtype)
+    E = affine_codebook(params, hp).astype(frozen.Z0.dtype)
     return params, frozen._replace(Q0=E[frozen.labels], C=E[frozen.labels] - frozen.Z0)
 
 
@@ -1598,31 +1549,17 @@ def affine_reset(params, codes, values, hp):
     return {**params, "C": C}
 
 
-# --- SimVQ (Zhu et al. 2024): the codebook a learned linear map of a frozen basis
-
-def simvq_init(problem, hp):
-    m = problem.E0.shape[1]
-    return {"C": problem.E0.astype(np.float64), "P": np.eye(m), "b": np.zeros(m)}
-
-
 def simvq_codebook(params, hp):
-    """``E = C P^T + 1 b^T``; stacks of P (n, m, m) or b (n, m) give stacks."""
+    """SimVQ's ``E = C P^T + 1 b^T``; stacks of P (n, m, m) or b (n, m) give stacks."""
     return params["C"] @ np.swapaxes(params["P"], -1, -2) + params["b"][..., None, :]
 
 
-def simvq_grads(params, gE, hp):
-    """``dL/dP = G^T C``, ``dL/db = sum_j G_j``; the basis C is frozen."""
-    return {"P": gE.T @ params["C"], "b": gE.sum(axis=0)}
-
-
 def simvq_reset(params, codes, values, hp):
-    """A re-seeded code sets its row of the basis: ``C_j P^T + b`` = the latent."""
+    """A re-seeded code sets its row of the frozen basis: ``C_j P^T + b`` = the latent."""
     C = params["C"].copy()
     C[codes] = np.linalg.lstsq(params["P"], (values - params["b"]).T, rcond=None)[0].T
     return {**params, "C": C}
 
-
-# --- Wasserstein distributional matching (Fang et al. 2025)
 
 def _sym_power(S, power, floor=1e-12):
     """``S^power`` of a symmetric positive semi-definite matrix (or a stack), its
@@ -1672,21 +1609,18 @@ def wasserstein_grads(Z, E):
     return Wd, gZ, gE
 
 
-_ste = vq_method("STE")   # the plain STE surrogate, which the Wasserstein method extends
-
-
 def wasserstein_loss(W, V, params, Xb, frozen, hp):
     Z = Xb @ np.swapaxes(W, -1, -2)                         # (…, B, m)
-    return _ste.loss(W, V, params, Xb, frozen, hp) + hp.weight * wasserstein_distance(Z, params["E"])
+    return (surrogate_loss(W, params["E"], Xb, frozen, hp.alpha, hp.beta, V)
+            + hp.weight * wasserstein_distance(Z, params["E"]))
 
 
 def wasserstein_loss_and_grads(W, V, params, Xb, frozen, hp):
     """STE plus ``weight`` times the distance, its gradient reaching the codes and,
     through the latents, the encoder."""
-    st = _ste.loss_and_grads(W, V, params, Xb, frozen, hp)
+    gr = manual_grads(W, params["E"], Xb, hp.alpha, hp.beta, frozen=frozen, V=V)
     Wd, gZ, gE = wasserstein_grads(latents(Xb, W), params["E"])
-    return Step(st.loss + hp.weight * Wd, st.gW + hp.weight * (gZ.T @ Xb), st.gV,
-                {"E": st.grads["E"] + hp.weight * gE})
+    return Step(gr.loss + hp.weight * Wd, gr.gW + hp.weight * (gZ.T @ Xb), gr.gV, {"E": gr.gE + hp.weight * gE})
 
 
 # --- FSQ (Mentzer et al., ICLR 2024): no codebook, rounding per dimension
@@ -1749,31 +1683,36 @@ def fsq_assign(Z, s, levels):
     return (k @ basis).astype(np.intp)
 
 
-def fsq_loss(W, V, s, a, X, levels, delta):
+def fsq_loss(W, V, params, X, delta, hp):
     """FSQ's loss from its definition with the rounding offset ``delta`` (B, m) fixed:
     ``mean ||x - q~ Dec||^2``, ``q~ = a * (bound(s z) + delta) / (L//2)``; any one of W,
     V (the decoder, None: W), s, a may be a stack (P, ...): then (P,) losses."""
+    levels = fsq_levels(hp.K, hp.m)
     Z = X @ np.swapaxes(W, -1, -2)                          # (…, B, m)
-    y = fsq_bound(Z * s[..., None, :], levels)[0]
-    F = a[..., None, :] * (y + delta) / np.floor(np.asarray(levels) / 2)
+    y = fsq_bound(Z * params["s"][..., None, :], levels)[0]
+    F = params["a"][..., None, :] * (y + delta) / np.floor(np.asarray(levels) / 2)
     Dec = W if V is None else V
     Y = Z if V is None else X @ np.swapaxes(V, -1, -2)
     G = Dec @ np.swapaxes(Dec, -1, -2)                      # (…, m, m)
     recon = np.sum(X * X) - 2 * np.sum(Y * F, axis=(-2, -1)) + np.sum((F @ G) * F, axis=(-2, -1))
     return recon / X.shape[0]
-def fsq_grads(W, s, a, X, levels, V=None, delta=None):
+
+
+def fsq_freeze(W, V, params, X, hp, rng=None):
+    """The straight-through rounding offset ``delta = sg(round(y) - y)`` (B, m) at this point."""
+    y = fsq_bound(latents(X, W) * params["s"], fsq_levels(hp.K, hp.m))[0]
+    return np.round(y) - y
+
+
+def fsq_grads(W, V, params, X, delta, hp):
     """Loss and gradients of FSQ in the linear model (Mentzer et al., ICLR 2024; their
     Colab ``FSQ.quantize`` and lucidrains ``finite_scalar_quantization.py``), with the
     adaptation to an orthonormal encoder: a learned input scale s and output scale a,
-    ``q~ = a * round_ste(bound(s z)) / (L//2)``, ``x^ = q~ W`` (or ``q~ V``). The rounding
-    is straight-through: ``delta = sg(round(y) - y)``, given to fix it (finite
-    differences), else taken at this point. No VQ loss terms.
-
-    Returns (loss, gW, gs, ga, gV, delta)."""
-    B = X.shape[0]
+    ``q~ = a * round_ste(bound(s z)) / (L//2)``, ``x^ = q~ W`` (or ``q~ V``), the rounding
+    straight through (``delta`` from :func:`fsq_freeze`). No VQ loss terms."""
+    B, s, a = X.shape[0], params["s"], params["a"]
     Z = latents(X, W)                                       # (B, m)
-    y, dy, hw = fsq_bound(Z * s, levels)
-    delta = np.round(y) - y if delta is None else delta
+    y, dy, hw = fsq_bound(Z * s, fsq_levels(hp.K, hp.m))
     zhat = (y + delta) / hw                                 # (B, m) the levels, straight through
     F = a * zhat                                            # forward value
     Dec = W if V is None else V
@@ -1782,11 +1721,10 @@ def fsq_grads(W, s, a, X, levels, V=None, delta=None):
     loss = (np.einsum("bd,bd->", X, X) - 2 * np.einsum("bm,bm->", Y, F) + np.einsum("bm,bm->", FG, F)) / B
     g = (-2.0 / B) * (Y - FG)                               # gradient reaching q~
     slope = dy / hw                                         # d zhat / d(s z)
-    dZ = g * a * slope * s                                  # through the bound, per dimension
-    gs, ga = np.sum(g * a * slope * Z, axis=0), np.sum(g * zhat, axis=0)
     gDec = ((2.0 / B) * (F.T @ F)) @ Dec - ((2.0 / B) * F).T @ X
-    gW = dZ.T @ X + (gDec if V is None else 0.0)
-    return float(loss), gW, gs, ga, (None if V is None else gDec), delta
+    gW = (g * a * slope * s).T @ X + (gDec if V is None else 0.0)   # through the bound, per dimension
+    grads = {"s": np.sum(g * a * slope * Z, axis=0), "a": np.sum(g * zhat, axis=0)}
+    return Step(float(loss), gW, None if V is None else gDec, grads)
 
 
 def fsq_init(problem, hp):
@@ -1796,39 +1734,14 @@ def fsq_init(problem, hp):
     return {"s": 1 / sd, "a": sd.astype(np.float64)}
 
 
-def fsq_method_codebook(params, hp):
-    return fsq_codebook(params["a"], fsq_levels(hp.K, hp.m))
-
-
-def fsq_freeze(W, V, params, Xb, hp, rng):
-    """The straight-through rounding offset ``sg(round(y) - y)`` at this point."""
-    return fsq_grads(W, params["s"], params["a"], Xb, fsq_levels(hp.K, hp.m), V)[5]
-
-
-def fsq_method_loss(W, V, params, Xb, frozen, hp):
-    return fsq_loss(W, V, params["s"], params["a"], Xb, fsq_levels(hp.K, hp.m), frozen)
-
-
-def fsq_loss_and_grads(W, V, params, Xb, frozen, hp):
-    loss, gW, gs, ga, gV, _ = fsq_grads(W, params["s"], params["a"], Xb, fsq_levels(hp.K, hp.m), V, frozen)
-    return Step(loss, gW, gV, {"s": gs, "a": ga})
-
-
 def fsq_cells(params, hp):
     """Its own cells: the rounding of :func:`fsq_assign` at the scale ``s``."""
     s, levels = params["s"].copy(), fsq_levels(hp.K, hp.m)
     return lambda Z: fsq_assign(Z, s, levels)
 
 
-def fsq_note(problem, hp):
-    levels = fsq_levels(hp.K, hp.m)
-    return f"levels {levels}: {math.prod(levels)} codes"
-
-
 def fsq_skip(problem, hp):
-    if fsq_levels(hp.K, hp.m) is None:
-        return f"K={hp.K} < 2^m={2 ** hp.m}: a dimension with one level"
-    return None
+    return None if fsq_levels(hp.K, hp.m) else f"K={hp.K} < 2^m={2 ** hp.m}: a dimension with one level"
 
 
 # --- Fitted methods: the k-means reference and exact alternating minimisation
@@ -1914,8 +1827,8 @@ METHODS: dict[str, Method] = {
     "rotation": vq_method("Rotation trick", "Fifty et al., ICLR 2025 (Table-1 code)", "rotation"),
     # STE encoder (reconstruction + commitment), the codebook by moving averages
     "ema_ste": vq_method("EMA STE", "van den Oord et al. 2017, app. A.1; DeepMind Sonnet",
-                         weights=lambda hp: (0.0, hp.beta), init=ema_init,
-                         codebook_grads=no_codebook_grads, update=ema_update, reset=ema_reset),
+                         weights=lambda hp: (0.0, hp.beta), init=ema_init, codebook_grads=lambda p, gE, hp: {},
+                         update=ema_update, reset=ema_reset),
     "procrustes_lloyd": Method("Procrustes-Lloyd", "alternating exact minimisation", fit=fit_procrustes_lloyd),
     # cfifty/rotation_trick exp_weights_and_configs/table_3/rot_vqgan.py, VQModel.get_rotation:
     # the gradient flows through z/||z||
@@ -1933,18 +1846,24 @@ METHODS: dict[str, Method] = {
                                                         "(0: DiVeQ-Detach)"),)),
     # minyoungg/vqtorch nn/vq.py VectorQuant, nn/affine.py; s = t = 0 at the start, C the
     # shared start codebook; SGD at --lrE where the authors use AdamW
-    "affine_ste": vq_method("Affine STE + sync", "Huh et al., ICML 2023", weights=affine_weights,
-                            init=affine_init, codebook=affine_params_codebook,
-                            codebook_grads=affine_params_grads, update=affine_update, reset=affine_reset,
-                            shared=("s", "t"), in_default=False, hyperparameters=(
+    "affine_ste": vq_method("Affine STE + sync", "Huh et al., ICML 2023",
+                            weights=lambda hp: (hp.alpha, 0.0 if hp.alternate else hp.beta),
+                            init=lambda problem, hp: {"C": problem.E0.astype(np.float64), "s": np.zeros(hp.m),
+                                                      "t": np.zeros(hp.m)},
+                            codebook=affine_codebook, codebook_grads=affine_grads, update=affine_update,
+                            reset=affine_reset, shared=("s", "t"), in_default=False, hyperparameters=(
                                 ("a", 2.0, "affine learning-rate multiplier (vqtorch affine_lr)"),
                                 ("nu", 2.0, "synchronized commitment (vqtorch sync_nu)"),
                                 ("alternate", 0.0, "1: the alternating optimisation (codes first)"),
                                 ("inner_lr", 1.0, "the codes' own step of the alternating optimisation"))),
-    # youngsheen/SimVQ taming/modules/vqvae/quantize.py SimVQ: the frozen basis is the shared
-    # start codebook with P = I, b = 0 (the authors draw it from N(0, 1/m)); SGD, not Adam
-    "simvq": vq_method("SimVQ", "Zhu et al., arXiv 2411.02038", init=simvq_init, codebook=simvq_codebook,
-                       codebook_grads=simvq_grads, reset=simvq_reset, shared=("P", "b"), in_default=False),
+    # youngsheen/SimVQ taming/modules/vqvae/quantize.py SimVQ: the frozen basis C is the
+    # shared start codebook with P = I, b = 0 (the authors draw it from N(0, 1/m)); SGD, not
+    # Adam; dL/dP = G^T C, dL/db = sum_j G_j
+    "simvq": vq_method("SimVQ", "Zhu et al., arXiv 2411.02038",
+                       init=lambda problem, hp: {"C": problem.E0.astype(np.float64), "P": np.eye(hp.m),
+                                                 "b": np.zeros(hp.m)},
+                       codebook=simvq_codebook, codebook_grads=lambda p, gE, hp: {"P": gE.T @ p["C"], "b": gE.sum(0)},
+                       reset=simvq_reset, shared=("P", "b"), in_default=False),
     # weight 1 here; the authors' simulation weighs it 10 against a codebook loss of 0.1
     "wasserstein": dataclasses.replace(
         vq_method("STE + Wasserstein", "Fang et al., arXiv 2506.15078"),
@@ -1952,9 +1871,11 @@ METHODS: dict[str, Method] = {
         hyperparameters=(("weight", 1.0, "weight of the Wasserstein distance"),)),
     # Mentzer et al.'s Colab FSQ.quantize and lucidrains finite_scalar_quantization.py:
     # scored with its own rounding cells; it does not share the start codebook
-    "fsq": Method("FSQ", "Mentzer et al., ICLR 2024", init=fsq_init, codebook=fsq_method_codebook,
-                  freeze=fsq_freeze, loss=fsq_method_loss, loss_and_grads=fsq_loss_and_grads,
-                  assign=fsq_cells, skip=fsq_skip, note=fsq_note, in_default=False),
+    "fsq": Method("FSQ", "Mentzer et al., ICLR 2024", init=fsq_init,
+                  codebook=lambda params, hp: fsq_codebook(params["a"], fsq_levels(hp.K, hp.m)),
+                  freeze=fsq_freeze, loss=fsq_loss, loss_and_grads=fsq_grads, assign=fsq_cells, skip=fsq_skip,
+                  note=lambda problem, hp: f"levels {fsq_levels(hp.K, hp.m)}: {math.prod(fsq_levels(hp.K, hp.m))} codes",
+                  in_default=False),
 }
 
 
@@ -2115,13 +2036,6 @@ class Run:
                  self.method.note(self.problem, self.hp) if self.method.note else ""]
         return Result(W, E, V, self.cells(), self.params, self.status, self.diverged_at_step,
                       " ".join(n for n in notes if n), self.logs)
-
-
-def reset_codes(params, codes, values, hp):
-    """Dead-code re-seeding of a plain codebook: the codes take the latents."""
-    E = params["E"].copy()
-    E[codes] = values
-    return {**params, "E": E}
 
 
 def train(problem, name):
