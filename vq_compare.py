@@ -7,20 +7,13 @@ Stiefel manifold), a codebook ``E`` of shape (K, m) and the transposed decoder::
     k = argmin_j ||z - e_j||^2,  Q = E[k]
     X_hat = Q @ W                      # (n, D)
 
-trained on synthetic low-rank Gaussian data by
-
-* ``pca_lloyd``        PCA encoder + k-means codebook (k-means++, Lloyd, restarts);
-* ``fd_ste``           straight-through estimator, gradients by central finite
-                       differences of the frozen surrogate (our autograd stand-in);
-* ``manual_ste``       the same surrogate with hand-derived gradients;
-* ``rotation``         the rotation trick (Fifty et al., "Restructuring Vector
-                       Quantization with the Rotation Trick", ICLR 2025);
-* ``ema_ste``          STE encoder + exponential-moving-average codebook (van den Oord
-                       et al., "Neural Discrete Representation Learning", 2017, app. A.1;
-                       debiasing and Laplace smoothing as DeepMind Sonnet's
-                       ``VectorQuantizerEMA``);
-* ``procrustes_lloyd`` exact alternating minimisation: Lloyd step for E, orthogonal
-                       Procrustes for W; never increases the training error.
+trained on synthetic low-rank Gaussian data by every method of the registry ``METHODS``
+(``python vq_compare.py --help`` lists them): the k-means reference (PCA encoder +
+Lloyd), the straight-through estimator with finite-difference (our autograd stand-in)
+and hand-derived gradients, the rotation trick, an EMA codebook, exact alternating
+minimisation (Procrustes-Lloyd), and the literature's tricks (NSVQ, DiVeQ, affine
+codebook with synchronized commitment, SimVQ, Wasserstein matching, FSQ), each with
+its paper and its authors' code named where it is declared.
 
 Every report carries the floors no method can beat (PCA floor, Gaussian Shannon bound),
 an unconstrained K-means reference, and each model's error on a large fresh sample of
@@ -185,16 +178,9 @@ def make_lowrank_data(D, rank, n_train, n_eval, seed, lmax=4.0, lmin=0.25, progr
 
     Draws exactly what the original framework drew, in the same order
     (``rng.multivariate_normal`` for the training set, then for the eval set), so the
-    same seed gives the same arrays.
+    same seed gives the same arrays: ``X_train`` (n_train, D), ``X_eval`` (n_eval, D) and
+    ``Sigma`` (D, D), of eigenvalues ``geomspace(lmax, lmin, rank)`` and zeros.
 
-    Returns
-    -------
-    X_train : ndarray of shape (n_train, D)
-    X_eval : ndarray of shape (n_eval, D)
-    Sigma : ndarray of shape (D, D), eigenvalues ``geomspace(lmax, lmin, rank)`` and zeros
-
-    Examples
-    --------
     >>> Xt, Xe, S = make_lowrank_data(D=5, rank=2, n_train=3, n_eval=4, seed=0)
     >>> Xt.shape, Xe.shape, S.shape, int(np.linalg.matrix_rank(S))
     ((3, 5), (4, 5), (5, 5), 2)
@@ -424,17 +410,8 @@ def lloyd(Z, E_init, max_iter=300):
     moved by ``a`` and the farthest-moving centre by ``b``; while ``a + b < g`` it keeps
     its centre (triangle inequality, with the rounding error of the distances taken off
     ``g``). The centres are recomputed from full sums each iteration, so they are those
-    of :func:`lloyd_plain` (tested, float64 and float32).
-
-    Parameters
-    ----------
-    Z : ndarray of shape (n, m)
-    E_init : ndarray of shape (K, m)
-    max_iter : int, centre updates at most
-
-    Returns
-    -------
-    LloydResult(E (K, m), labels (n,), inertia, n_iter)
+    of :func:`lloyd_plain` (tested, float64 and float32). ``Z`` (n, m), ``E_init`` (K, m),
+    ``max_iter`` centre updates at most; returns ``LloydResult(E, labels, inertia, n_iter)``.
 
     Examples
     --------
@@ -535,18 +512,10 @@ def best_run(runs):
 def kmeans(Z, K, seed=0, n_init=8, max_iter=300, workers=1):
     """k-means: ``n_init`` k-means++ starts, Lloyd from each, the lowest inertia kept.
 
-    Parameters
-    ----------
-    Z : ndarray of shape (n, m)
-    K : int, number of centres, 1 <= K <= n
-    seed : int or numpy.random.Generator
-    n_init, max_iter : restarts, and centre updates per restart at most
-    workers : processes the restarts are spread over (see :func:`process_pool`);
-        the result does not depend on it
-
-    Returns
-    -------
-    LloydResult(E (K, m), labels (n,), inertia, n_iter, seconds) of the best restart
+    ``Z`` (n, m); ``1 <= K <= n``; ``seed`` an int or a Generator; ``max_iter`` centre
+    updates per restart at most; ``workers`` processes for the restarts (see
+    :func:`process_pool`: the result does not depend on it). Returns the best restart's
+    ``LloydResult(E (K, m), labels (n,), inertia, n_iter, seconds)``.
 
     Examples
     --------
@@ -639,28 +608,11 @@ def reconstruction_errors(x_sq, Z, E, W, assigned=None, V=None, Y=None):
     return x_sq - np.einsum("nm,nm->n", Z, Z) + dist + corr[labels], labels, dist
 
 
-class LossTerms(NamedTuple):
-    recon: float        # mean ||x - q W||^2
-    codebook: float     # alpha * mean ||sg(z) - e_k||^2
-    commitment: float   # beta * mean ||z - sg(e_k)||^2
-    total: float
-
-
 class Grads(NamedTuple):
     loss: float          # surrogate (= true) loss at (W, E)
     gW: np.ndarray       # (m, D) Euclidean gradient
     gE: np.ndarray       # (K, m)
     gV: np.ndarray = None  # (m, D) the untied decoder's, when there is one
-
-
-def loss_terms(W, E, X, alpha, beta):
-    """The VQ-VAE loss on a batch ``X`` (B, D), straight from its definition."""
-    B = X.shape[0]
-    Z = latents(X, W)                                       # (B, m)
-    Q = E[assign(Z, E)]                                     # (B, m)
-    recon = float(np.sum((X - Q @ W) ** 2)) / B
-    vq = float(np.sum((Z - Q) ** 2)) / B
-    return LossTerms(recon, alpha * vq, beta * vq, recon + (alpha + beta) * vq)
 
 
 ESTIMATORS = ("ste", "rotation", "rotation_unit", "nsvq", "diveq")
@@ -680,8 +632,6 @@ class Frozen(NamedTuple):
     * with ``nu`` (STE only): ``q~ = z + sg(q - z) + nu q - sg(nu q)``, the synchronized
       commitment of Huh et al. (ICML 2023; vqtorch ``VectorQuant.straight_through_approximation``):
       forward value q, the code receives ``nu`` times the gradient reaching q~.
-
-    Where the rotation is undefined a sample falls back to STE (``C`` its offset).
     """
     labels: np.ndarray   # (B,) assignments k
     Z0: np.ndarray       # (B, m) sg(z)
@@ -759,18 +709,9 @@ def surrogate_loss(W, E, X, fr, alpha, beta, V=None):
     """The frozen surrogate, evaluated from its definition; W and E may be stacks.
 
     ``L = mean ||x - q~ W||^2 + alpha mean ||sg(z) - e_k||^2 + beta mean ||z - sg(e_k)||^2``
-    with ``q~ = lam R z + C`` from :class:`Frozen`. At the point where ``fr`` was built
-    its value is the true loss.
-
-    Parameters
-    ----------
-    W : ndarray of shape (m, D) or (P, m, D); E : ndarray of shape (K, m) or (P, K, m)
-    X : ndarray of shape (B, D); fr : Frozen; alpha, beta : float
-    V : None (the decoder is W) or the untied decoder, (m, D) or (P, m, D): ``x^ = q~ V``
-
-    Returns
-    -------
-    float, or ndarray of shape (P,) when W or E is a stack
+    with ``q~`` from :class:`Frozen` ``fr``; at the point where ``fr`` was built its value
+    is the true loss. W (m, D), E (K, m) and the untied decoder V (None: the decoder is W,
+    else ``x^ = q~ V``) may each be a stack (P, ...): then the P values, else a float.
     """
     B, D = X.shape
     Ws = W.reshape((-1,) + W.shape[-2:])                    # (P, m, D)
@@ -901,23 +842,13 @@ def central_differences(loss, point, h=1e-5, coords=None, block=256):
 
     The one finite-difference routine: the autograd stand-in of ``fd_ste`` and the
     gradient check of every method use it. ``loss(values)`` takes a dict like ``point``
-    in which one array is replaced by a stack (P, *shape) of perturbed copies and returns
-    the P losses, so each block of ``block`` perturbations is a few large products rather
-    than many small ones. The loss must be evaluated from its definition (never from the
-    hand-derived gradients, or nothing is checked).
+    (float64 arrays) in which one array is replaced by a stack (P, *shape) of perturbed
+    copies and returns the P losses, so each block of ``block`` perturbations is a few
+    large products rather than many small ones. The loss must be evaluated from its
+    definition (never from the hand-derived gradients, or nothing is checked).
+    ``coords``: None for every entry, or name -> flat indices (the rest come back NaN).
+    Returns name -> gradient, each of the shape of ``point[name]``.
 
-    Parameters
-    ----------
-    loss : callable, dict -> ndarray of shape (P,)
-    point : dict name -> ndarray, where the differences are taken (float64)
-    coords : None for every entry, or dict name -> flat indices (the rest come back NaN)
-
-    Returns
-    -------
-    dict name -> ndarray of the shape of ``point[name]``
-
-    Examples
-    --------
     >>> f = lambda p: np.sum(p["a"] ** 3, axis=-1) + 2 * p["b"][..., 0]
     >>> g = central_differences(f, {"a": np.array([1.0, 2.0]), "b": np.array([5.0])}, h=1e-4)
     >>> np.round(g["a"], 6), np.round(g["b"], 6)
@@ -979,23 +910,12 @@ def ste_surrogate(W, E, st, alpha, beta):
 def fd_grads(W, E, X, alpha, beta, estimator="ste", h=1e-5, coords=None, frozen=None, V=None):
     """Gradients of the frozen surrogate by :func:`central_differences` over W, E (and V).
 
-    The stand-in for autograd: assignments (and the STE offset or the rotation) are
-    frozen at (W, E), then each entry is perturbed by +-h and the loss evaluated again,
-    in float64 (the gradients come back in the dtype of W and E). The plain STE loss is
-    evaluated through the batch's sufficient statistics (:func:`ste_surrogate`), every
-    other from its definition (:func:`surrogate_loss`).
-
-    Parameters
-    ----------
-    W : (m, D); E : (K, m); X : (B, D); estimator : one of :data:`ESTIMATORS`; h : step
-    coords : None for every entry, or dict name ("W", "E", "V") -> flat indices; the
-        other entries of the returned gradients are NaN
-    frozen : the frozen quantities to use (the noise of nsvq and diveq included)
-    V : the untied decoder (m, D), or None
-
-    Returns
-    -------
-    Grads(loss, gW (m, D), gE (K, m), gV)
+    The stand-in for autograd: the quantities of :class:`Frozen` (given as ``frozen``,
+    the noise of nsvq and diveq included, or frozen here at (W, E)) stay fixed while each
+    entry moves by +-h, in float64; the gradients come back in the dtype of W and E as
+    ``Grads(loss, gW, gE, gV)``. The plain STE loss is evaluated through the batch's
+    sufficient statistics (:func:`ste_surrogate`), every other from its definition
+    (:func:`surrogate_loss`). ``coords``: see :func:`central_differences` ("W", "E", "V").
     """
     out_dtype = np.result_type(W, E)
     W, E, X = (np.asarray(a, dtype=np.float64) for a in (W, E, X))   # differences need float64
@@ -1186,12 +1106,7 @@ def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16, progress=quiet)
     Works in the rank-``rank`` coordinates ``s`` (x = s U^T), chunk by chunk, so neither
     time nor memory grows with D: for a VQ model ``z = s (W U)^T`` and ``||x||^2 = ||s||^2``.
     Every model sees the same samples, so differences between models are paired.
-
-    Parameters
-    ----------
-    models : dict name -> (W, E) for a VQ model, or name -> C (K, rank), a codebook in
-        the coordinates of U (the unconstrained reference).
-    U : ndarray of shape (D, rank); lam : ndarray of shape (rank,); rng : Generator
+    ``models``: name -> a model of :func:`sample_errors`; ``U`` (D, rank), ``lam`` (rank,).
     """
     names = list(models)
     sd = np.sqrt(lam)
@@ -1223,7 +1138,7 @@ class Problem:
     W_pca: np.ndarray        # (m, D) PCA encoder
     E_kmeans: np.ndarray     # (K, m) k-means codebook on the PCA latents: pca_lloyd's model
     start_seconds: float     # time to build (W_pca, E_kmeans)
-    reference: tuple         # (C (K, rank), seconds): see unconstrained_reference
+    reference: tuple         # (C (K, rank), seconds): k-means in data space, see start_point
     W0: np.ndarray = None    # (m, D) start of every trained method (--start), see start_regime
     E0: np.ndarray = None    # (K, m)
     V0: np.ndarray = None    # (m, D) the untied decoder's start (W0), None for the tied one
@@ -1322,10 +1237,8 @@ def lr_factor(cfg, t):
 class Optimizer:
     """Steps every trained parameter by its gradient: ``W`` by Riemannian SGD on the
     Stiefel manifold (:func:`riemannian_step`), every other parameter by Euclidean SGD,
-    each at its own base rate times the schedule's factor.
-
-    Plain SGD keeps no state; ``state`` holds one dict per parameter name for optimizers
-    that do (momentum, moments), so that they are a few lines in :meth:`step`.
+    each at its own base rate times the schedule's factor. Plain SGD keeps no state;
+    ``state`` holds one dict per parameter for optimizers that do (momentum, moments).
     """
 
     def __init__(self, rates):
@@ -1345,11 +1258,9 @@ class Optimizer:
 
 @dataclasses.dataclass
 class Result:
-    """What one method produced: its model, how its run went, and its scores.
-
-    Training (or fitting) sets the model and the run's fields; :func:`score` adds the
-    eval metrics and :func:`population_scores` the population error to ``scores``.
-    """
+    """What one method produced: its model and how its run went (set by training or
+    fitting), and its scores (eval metrics by :func:`score`, the population error by
+    :func:`population_scores`)."""
     W: np.ndarray = None          # (m, D) encoder
     E: np.ndarray = None          # (K, m) codebook
     V: np.ndarray = None          # (m, D) untied decoder, None for the tied one
@@ -1385,13 +1296,12 @@ class Step(NamedTuple):
 class Method:
     """A registered method: what it is and what it declares; :func:`train` trains it.
 
-    A gradient method declares its parameters (``init``), the codebook they give
-    (``codebook``), what its surrogate holds fixed on a batch (``freeze``), that surrogate
-    evaluated from its definition (``loss``: the gradient check differentiates it) and
-    its hand-derived gradients (``loss_and_grads``). Optional: a non-gradient step before
-    the gradient step (``update``, EMA's), its own cells (``assign``), its dead-code
-    re-seeding (``reset``). A fitted method declares ``fit`` instead. Every callable
-    takes ``hp``, the settings it reads (:func:`hyperparameters`).
+    A gradient method declares its parameters (``init``), the codebook they give, what
+    its surrogate holds fixed on a batch (``freeze``), that surrogate from its definition
+    (``loss``: the checker differentiates it) and its hand-derived gradients
+    (``loss_and_grads``); optionally a non-gradient step (``update``, EMA's), its own
+    cells (``assign``) and its re-seeding (``reset``). A fitted method declares ``fit``.
+    Every callable takes ``hp``, the settings it reads (:func:`hyperparameters`).
     """
     label: str
     paper: str = ""
@@ -1418,9 +1328,8 @@ def hyperparameters(cfg, name):
     """What the method ``name`` reads (``hp``): the shared loss weights and sizes, and its
     own hyperparameters by their short names (``hp.nu`` for ``--affine_ste_nu``)."""
     own = {n: cfg.method_params[f"{name}_{n}"] for n, _, _ in METHODS[name].hyperparameters}
-    return types.SimpleNamespace(alpha=cfg.alpha, beta=cfg.beta, K=cfg.K, m=cfg.m, fd_h=cfg.fd_h,
-                                 ema_decay=cfg.ema_decay, ema_eps=cfg.ema_eps,
-                                 dead_threshold=cfg.dead_threshold, **own)
+    shared = ("alpha", "beta", "K", "m", "fd_h", "ema_decay", "ema_eps", "dead_threshold")
+    return types.SimpleNamespace(**{k: getattr(cfg, k) for k in shared}, **own)
 
 
 def vq_method(label, paper="", estimator="ste", weights=lambda hp: (hp.alpha, hp.beta),
@@ -1762,9 +1671,8 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10, train_encoder=True):
     kept up to date as points change cluster, ``Q^T X = E^T S`` and the centroids of
     ``Z = X W^T`` are ``S W^T / counts``. The reassignment searches only the points whose
     bound says they might change code (as :func:`lloyd` does), with the labels of a full
-    search (tested).
-
-    Returns W (m, D), E (K, m) and the training error before round 1 and after each round.
+    search (tested). Returns W (m, D), E (K, m) and the training error before round 1
+    and after each round.
     """
     K = E.shape[0]
     x_sq = np.einsum("nd,nd->n", X, X, dtype=np.float64)
@@ -1925,27 +1833,20 @@ class Run:
     """One gradient method's training, a batch at a time: what :func:`train` carries from
     step to step (parameters, optimizer, code counts, iterate sums, logs).
 
-    Each step: the method freezes its surrogate on the batch (its noise from its own
-    stream), takes its non-gradient step if it has one, gives its loss and gradients; if
-    they are finite, the optimizer steps W (Riemannian, unless ``train_encoder`` is 0),
-    the untied decoder V at the encoder's rate, and every parameter the method trains at
-    ``lrE`` (``lrE / K`` for parameters shared by the K codes), all times the schedule's
-    factor (:func:`lr_factor`). Then, shared by every method:
-
-    * dead codes (``dead_threshold > 0``): the rule of lucidrains' vector-quantize-pytorch
-      (``threshold_ema_dead_code``): each code's count per batch, at the point before the
-      step, is averaged, ``N_j <- d N_j + (1-d) n_j`` from ``N_j = 1`` (``d =
-      dead_decay``); after the step a code with ``N_j < dead_threshold`` takes a latent of
-      the batch, drawn without replacement when the batch has enough, through the
-      method's ``reset`` (or into its parameter ``E``), and ``N_j`` is set to the
-      threshold (not for a method with its own cells, nor one with neither);
-    * tail averaging (``tail_average > 0``): the reported model is the mean of the
-      iterates over the last steps (W projected back onto the manifold);
-    * logs: the batch loss, re-seeded codes, and every ``log_every`` steps the eval
-      metrics and the training curve's point (:func:`curve_point`).
-
-    A non-finite loss, gradient or parameter, or an eval error above ``DIVERGED`` times
-    the start's, stops the run, which is then reported as diverged at that step.
+    Each step: the method freezes its surrogate on the batch (noise from its own stream),
+    takes its non-gradient step if it has one, gives its loss and gradients; the
+    optimizer steps W (Riemannian, unless ``train_encoder`` is 0), the untied decoder V at
+    the encoder's rate and every parameter the method trains at ``lrE`` (``lrE / K`` for
+    those shared by the K codes), all times :func:`lr_factor`. Then, for every method:
+    dead codes (``dead_threshold > 0``, lucidrains' ``threshold_ema_dead_code``): each
+    code's count per batch before the step is averaged, ``N_j <- d N_j + (1-d) n_j`` from
+    ``N_j = 1``; a code with ``N_j < dead_threshold`` after the step takes a latent of the
+    batch (without replacement when it has enough) through the method's ``reset`` (or
+    into its parameter ``E``; not for a method with its own cells) and ``N_j`` is set to
+    the threshold; tail averaging (the mean of the last iterates, W projected back); logs
+    (batch loss, re-seeded codes, every ``log_every`` steps the eval metrics and the
+    curve's point, :func:`curve_point`). A non-finite loss, gradient or parameter, or an
+    eval error above ``DIVERGED`` times the start's, stops the run as diverged.
     """
 
     def __init__(self, problem, name):
@@ -2058,10 +1959,8 @@ def gradient_errors(method, hp, W, V, params, Xb, rng=None, h=1e-5, n_coords=Non
     """A gradient method's hand-derived gradients against :func:`central_differences` of
     its own ``loss``, over W, V and every parameter it trains, at one point and batch
     (in float64; ``rng``: its noise, and the entries checked when ``n_coords`` limits
-    them per tensor).
-
-    Returns {"gW_rel_err": W and V, "params_rel_err": its own parameters (E, ...),
-    "loss_rel_err", "coords"}: largest difference over largest entry, per tensor.
+    them per tensor). Returns largest difference over largest entry, per tensor:
+    {"gW_rel_err": W and V, "params_rel_err": its own, "loss_rel_err", "coords"}.
     """
     W, Xb = np.asarray(W, dtype=np.float64), np.asarray(Xb, dtype=np.float64)
     V = None if V is None else np.asarray(V, dtype=np.float64)
@@ -2285,8 +2184,11 @@ def make_problem(cfg, start=None, pool=None, progress=quiet):
 
 def start_point(cfg, X_train, U, pool, progress=quiet):
     """The PCA encoder W0, the k-means codebook E0 on its latents, and the unconstrained
-    reference (:func:`unconstrained_reference`): their k-means restarts are independent,
-    so they run as one batch of tasks on ``pool``.
+    reference: k-means with K codes directly in data space (no rank-m restriction), from
+    the baseline's restarts' seeds and from the baseline's codebook lifted into data space
+    (so never worse on the training data than the baseline), in the coordinates ``X U``
+    (n, rank) where the data lie. The restarts are independent: one batch of tasks on
+    ``pool``.
 
     Returns (W0 (m, D), E0 (K, m), seconds of the start point, reference).
     """
@@ -2315,20 +2217,6 @@ def start_point(cfg, X_train, U, pool, progress=quiet):
     ref_runs = results(ref, len(base_runs))
     return (W0, E0, pca_seconds + sum(r.seconds for r in base_runs),
             (best_run(ref_runs).E, sum(r.seconds for r in ref_runs)))
-
-
-def unconstrained_reference(problem):
-    """K-means with K codes directly in data space (no rank-m restriction): the
-    baseline's k-means++ restarts, plus a start from the baseline's codebook lifted into
-    data space, so that it is never worse on the training data than the baseline. The
-    data lie in span(U), so it works in the coordinates ``X @ U`` (n, rank).
-
-    Returns (C (K, rank), its eval recon_mse, seconds of compute summed over processes).
-    """
-    C, seconds = problem.reference
-    S_eval = problem.X_eval.astype(np.float64, copy=False) @ problem.U  # (n_eval, rank)
-    out_of_span = problem.eval_sq - np.einsum("nr,nr->n", S_eval, S_eval)
-    return C, float(np.mean(nearest(S_eval, C)[1] + out_of_span)), seconds
 
 
 def run_comparison(**settings):
@@ -2366,9 +2254,11 @@ def compare(problem):
     """
     cfg = problem.cfg
     records = {}
-    for name in cfg.methods:
-        t0 = time.perf_counter()
-        records[name] = run_method(problem, name)
+    for name in cfg.methods:               # each skipped with its reason, fitted, or trained
+        t0, method, hp = time.perf_counter(), METHODS[name], hyperparameters(cfg, name)
+        reason = method.skip(problem, hp) if method.skip else None
+        records[name] = (Result(status="skipped", note=reason) if reason else
+                         method.fit(problem, hp) if method.fit else train(problem, name))
         records[name].seconds += time.perf_counter() - t0
         score(problem, records[name])
     floors, pop = bounds(problem, records), population_scores(problem, records)
@@ -2379,15 +2269,6 @@ def compare(problem):
     return {"config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)}, "methods": registry,
             "results": results, "bounds": {**floors, **pop},
             "gradient_check": check_gradients(problem, cfg.methods), "fd_vs_manual": agreement(results)}
-
-
-def run_method(problem, name):
-    """One method's :class:`Result`: skipped with its reason, fitted, or trained."""
-    method, hp = METHODS[name], hyperparameters(problem.cfg, name)
-    reason = method.skip(problem, hp) if method.skip else None
-    if reason:
-        return Result(status="skipped", note=reason)
-    return method.fit(problem, hp) if method.fit else train(problem, name)
 
 
 def score(problem, rec):
@@ -2409,7 +2290,9 @@ def bounds(problem, records):
     each model's measured index entropy), the Zador approximation and the unconstrained
     k-means on the eval set."""
     cfg = problem.cfg
-    _, uncon_eval, ref_seconds = unconstrained_reference(problem)
+    C, ref_seconds = problem.reference
+    S_eval = problem.X_eval.astype(np.float64, copy=False) @ problem.U  # (n_eval, rank)
+    uncon_eval = float(np.mean(nearest(S_eval, C)[1] + problem.eval_sq - np.einsum("nr,nr->n", S_eval, S_eval)))
     for r in records.values():         # the bound at each model's measured index entropy
         if r.ok:
             r.scores["entropy_bound"] = rank_m_bound(problem.lam, cfg.m, bits=r.scores["usage_entropy"] / math.log(2))
