@@ -254,15 +254,39 @@ def subspace_angle_deg(W, U_m):
     return float(np.degrees(np.arcsin(min(1.0, np.linalg.norm(resid, 2)))))
 
 
+# Multiply-adds of one block's product in latents, the nearest-code search and k-means++:
+# a product this small runs on one BLAS thread (OpenBLAS threads larger ones), so k-means
+# restarts on parallel processes do not oversubscribe the cores, and on a busy machine no
+# BLAS thread of the training loop waits for a core (a batch's products are too small for
+# threads to pay); the (rows x K) distances stay in cache and memory does not grow with n.
+_PRODUCT = 1 << 18
+
+
+def _block_rows(width):
+    return max(1, _PRODUCT // max(1, width))
+
+
 def latents(X, W):
     """The latents ``Z = X W^T`` (n, m) of the rows of ``X`` (n, D), computed as
-    ``(W X^T)^T``: the same products, which BLAS runs faster for tall ``X`` (here it is a
-    pass over the data; the result is Fortran-ordered).
+    ``(W X^T)^T`` (the same products, which BLAS runs faster for tall ``X``) in blocks of
+    rows of at most ``_PRODUCT`` multiply-adds each (see there).
 
     >>> latents(np.arange(6.0).reshape(3, 2), np.array([[1.0, -1.0]])).ravel()
     array([-1., -1., -1.])
     """
-    return (W @ X.T).T
+    rows = _block_rows(W.shape[0] * X.shape[1])
+    if X.shape[0] <= rows:
+        return (W @ X.T).T
+    out = np.empty((W.shape[0], X.shape[0]), dtype=np.result_type(X, W))
+    for s in range(0, X.shape[0], rows):
+        np.matmul(W, X[s:s + rows].T, out=out[:, s:s + rows])
+    return out.T                                            # (n, m), Fortran-ordered
+
+
+def gram(X):
+    """``X^T X`` (D, D), summed over blocks of rows of at most ``_PRODUCT`` multiply-adds."""
+    rows = _block_rows(X.shape[1] ** 2)
+    return sum(X[s:s + rows].T @ X[s:s + rows] for s in range(0, X.shape[0], rows))
 
 
 def pca_encoder(X, m):
@@ -281,17 +305,6 @@ def pca_encoder(X, m):
 # ----------------------------------------------------------------------------
 # Quantizer: nearest code, Lloyd, k-means++, k-means with restarts
 # ----------------------------------------------------------------------------
-
-# Multiply-adds of one block's product in the nearest-code search and k-means++: its
-# (rows x K) distances stay in cache, memory does not grow with n, and a product this
-# small runs on one BLAS thread, so k-means restarts on parallel processes do not
-# oversubscribe the cores (OpenBLAS threads larger products).
-_PRODUCT = 1 << 18
-
-
-def _block_rows(width):
-    return max(1, _PRODUCT // max(1, width))
-
 
 def nearest(Z, E, second=False):
     """Nearest code of every row of ``Z`` (n, m) in ``E`` (K, m), in bounded memory.
@@ -883,7 +896,7 @@ class SteStats(NamedTuple):
 
 def ste_stats(X, fr, K):
     counts, sums = cluster_sums(fr.Z0, fr.labels, K)
-    Sxx = X.T @ X
+    Sxx = gram(X)
     return SteStats(X.shape[0], float(np.trace(Sxx)), Sxx, X.T @ fr.C, fr.C.T @ fr.C,
                     X.T @ fr.Q0, float(np.sum(fr.Q0 ** 2)), counts, sums, float(np.sum(fr.Z0 ** 2)))
 
@@ -1094,8 +1107,8 @@ def sample_errors(model, S, s_sq, U):
     if isinstance(model, tuple):
         W, E, V = (None if a is None else np.asarray(a, dtype=np.float64) for a in (*model, None, None)[:3])
         assign = model[3] if len(model) > 3 else None
-        Y = None if V is None else S @ (V @ U).T            # (c, m) x V^T
-        Z = S @ (W @ U).T
+        Y = None if V is None else latents(S, V @ U)        # (c, m) x V^T
+        Z = latents(S, W @ U)
         return reconstruction_errors(s_sq, Z, E, W, None if assign is None else own_codes(assign, Z, E), V=V, Y=Y)[0]
     return nearest(S, np.asarray(model, dtype=np.float64))[1]
 
