@@ -171,19 +171,40 @@ def _task_config(task):
     return vq.make_config(**settings)
 
 
-def prepare_starts(tasks, pool):
-    """Compute the start point and reference of every problem of ``tasks`` (cells that
-    share data and k-means settings share them), their k-means restarts spread over the
-    processes of ``pool``, and hand them to the tasks (``task["start"]``). Returns the
-    number of problems."""
+def run_tasks(tasks, pool, done):
+    """Run ``tasks`` on the processes of ``pool`` and hand each one's result lines to
+    ``done(task, lines)`` as soon as it and the tasks before it have finished. The k-means
+    restarts of every problem (cells that share data and k-means settings share them) are
+    submitted first; each cell follows as soon as its problem's start point is known, so
+    the processes never wait for the main one. Returns the number of problems."""
     groups = {}
     for task in tasks:
         groups.setdefault(_problem_key(_task_config(task)), []).append(task)
+    starts = []
     for group in groups.values():
-        start = vq.make_problem(_task_config(group[0]), pool=pool).start()
-        for task in group:
-            task["start"] = start
+        cfg = _task_config(group[0])
+        X_train, _, U, _ = vq.problem_data(cfg)
+        starts.append(vq.start_point(cfg, X_train, U, pool))
+    cells, runs = [], {}
+    for group, finish in zip(groups.values(), starts):
+        W0, E0, seconds, reference = finish()
+        start = W0, E0, seconds, reference()
+        for task in group:             # a cell another sweep already runs (the same settings) runs once
+            same = (_task_config(task), task["sweep"] if task["sweep"] in ("steps", "verify") else "")
+            key = json.dumps(vq._json_ready(dataclasses.asdict(same[0])), sort_keys=True) + same[1]
+            if key not in runs:
+                runs[key] = pool.submit(run_task, {**task, "start": start})
+            cells.append((task, runs[key]))
+        while cells and cells[0][1].done():
+            done(*_relabelled(*cells.pop(0)))
+    for cell in cells:
+        done(*_relabelled(*cell))
     return len(groups)
+
+
+def _relabelled(task, future):
+    """The task and the lines of the run of its settings, under its own sweep and value."""
+    return task, [{**line, "sweep": task["sweep"], "value": task["value"]} for line in future.result()]
 
 
 def run_task(task):
@@ -193,7 +214,7 @@ def run_task(task):
     base = {"sweep": sweep, "value": value, "seed": task["seed"]}
     if sweep == "verify":
         return [{**base, "method": "fd_vs_manual", **verify_trajectories(problem)}]
-    out = vq.compare(problem)
+    out = vq.compare(problem, check=False)                  # the lines carry no gradient check
     b = out["bounds"]
     lines = []
     for name, r in out["results"].items():
@@ -354,16 +375,11 @@ def run_sweep(args, log=print):
         log(f"resuming: {len(planned) - len(tasks)} of {len(planned)} runs already in {args.outdir}")
     t0 = time.perf_counter()
     n_done = 0
-    # The k-means restarts are the parallel work (small products, one BLAS thread each);
-    # the cells, whose larger products BLAS spreads over the cores itself, run here in turn.
-    with vq.process_pool(args.jobs) as pool:
-        n_problems = prepare_starts(tasks, pool)
-    if n_problems:
-        log(f"start points and references of {n_problems} problems: {time.perf_counter() - t0:.1f} s")
-    t_cells = time.perf_counter()
-    with open(res_path, "a") as fh:
-        for task in tasks:
-            lines = run_task(task)
+    # Every task runs on the pool: its products are small enough for one BLAS thread
+    # each, so --jobs processes keep as many cores busy.
+    with open(res_path, "a") as fh, vq.process_pool(args.jobs) as pool:
+        def done(task, lines):
+            nonlocal n_done
             for line in lines:
                 fh.write(json.dumps(line, sort_keys=True) + "\n")
             fh.flush()
@@ -372,11 +388,12 @@ def run_sweep(args, log=print):
             cell = _task_key(task)[:2]
             remaining[cell] -= 1
             if remaining[cell] == 0:
-                now = time.perf_counter()
-                elapsed, left = now - t0, (now - t_cells) / n_done * (len(tasks) - n_done)
+                elapsed = time.perf_counter() - t0
                 finished = total_cells - sum(1 for v in remaining.values() if v > 0)
                 log(f"[{finished}/{total_cells} cells] {task['sweep']}={task['value']} done "
-                    f"({args.seeds} seeds): {elapsed:.1f} s elapsed, ~{left:.1f} s left")
+                    f"({args.seeds} seeds): {elapsed:.1f} s elapsed, "
+                    f"~{elapsed / n_done * (len(tasks) - n_done):.1f} s left")
+        run_tasks(tasks, pool, done)
     lines = sorted(_all_lines(args.outdir), key=lambda ln: _order(ln, methods))
     if args.shard:
         return lines

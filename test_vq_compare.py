@@ -1328,7 +1328,7 @@ def test_start_point_and_reference_equal_their_definitions():
     S = X_train @ p.U
     ref = vq.kmeans(S, cfg.K, vq.derived_rng(cfg.seed, "unconstrained"), 3, cfg.kmeans_iter)
     lifted = vq.lloyd(S, base.E @ (W0 @ p.U), cfg.kmeans_iter)
-    C = p.reference[0]
+    C = p.unconstrained()[0]
     assert np.array_equal(C, vq.best_run([ref, lifted]).E)
     # never worse on the training data than the rank-m baseline it can start from
     assert vq.nearest(S, C)[1].sum() <= vq.nearest(S, base.E @ (W0 @ p.U))[1].sum() * (1 + 1e-12)

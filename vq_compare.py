@@ -283,10 +283,13 @@ def latents(X, W):
     return out.T                                            # (n, m), Fortran-ordered
 
 
-def gram(X):
-    """``X^T X`` (D, D), summed over blocks of rows of at most ``_PRODUCT`` multiply-adds."""
-    rows = _block_rows(X.shape[1] ** 2)
-    return sum(X[s:s + rows].T @ X[s:s + rows] for s in range(0, X.shape[0], rows))
+def t_dot(A, X):
+    """``A^T X`` (p, D) of ``A`` (n, p) and ``X`` (n, D), summed over blocks of rows of at
+    most ``_PRODUCT`` multiply-adds (see there): a batch's gradients and statistics."""
+    rows = _block_rows(A.shape[1] * X.shape[1])
+    if A.shape[0] <= rows:
+        return A.T @ X
+    return sum(A[s:s + rows].T @ X[s:s + rows] for s in range(0, A.shape[0], rows))
 
 
 def pca_encoder(X, m):
@@ -829,9 +832,9 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None, rng=None, n
     # decoder path F^T dX_t = 2/B (F^T F Dec - F^T X): the untied decoder's gradient; the
     # tied W takes it with the encoder path, (dZ - 2/B F)^T X + 2/B F^T F W
     if V is None:
-        gW, gDec = (dZ - (2.0 / B) * F).T @ X + ((2.0 / B) * (F.T @ F)) @ W, None   # (m, D)
+        gW, gDec = t_dot(dZ - (2.0 / B) * F, X) + ((2.0 / B) * (F.T @ F)) @ W, None   # (m, D)
     else:
-        gW, gDec = dZ.T @ X, ((2.0 / B) * (F.T @ F)) @ V - ((2.0 / B) * F).T @ X
+        gW, gDec = t_dot(dZ, X), ((2.0 / B) * (F.T @ F)) @ V - t_dot((2.0 / B) * F, X)
     counts, sums = cluster_sums(Z, fr.labels, E.shape[0])
     gE = (2.0 * alpha / B) * (counts[:, None] * E - sums)
     if c is not None:
@@ -896,7 +899,7 @@ class SteStats(NamedTuple):
 
 def ste_stats(X, fr, K):
     counts, sums = cluster_sums(fr.Z0, fr.labels, K)
-    Sxx = gram(X)
+    Sxx = t_dot(X, X)
     return SteStats(X.shape[0], float(np.trace(Sxx)), Sxx, X.T @ fr.C, fr.C.T @ fr.C,
                     X.T @ fr.Q0, float(np.sum(fr.Q0 ** 2)), counts, sums, float(np.sum(fr.Z0 ** 2)))
 
@@ -1151,7 +1154,7 @@ class Problem:
     W_pca: np.ndarray        # (m, D) PCA encoder
     E_kmeans: np.ndarray     # (K, m) k-means codebook on the PCA latents: pca_lloyd's model
     start_seconds: float     # time to build (W_pca, E_kmeans)
-    reference: tuple         # (C (K, rank), seconds): k-means in data space, see start_point
+    reference: object        # (C (K, rank), seconds): see unconstrained(); a function while it runs
     W0: np.ndarray = None    # (m, D) start of every trained method (--start), see start_regime
     E0: np.ndarray = None    # (K, m)
     V0: np.ndarray = None    # (m, D) the untied decoder's start (W0), None for the tied one
@@ -1167,9 +1170,16 @@ class Problem:
         if self.eval_sq is None:
             self.eval_sq = np.einsum("nd,nd->n", self.X_eval, self.X_eval, dtype=np.float64)
 
+    def unconstrained(self):
+        """(C (K, rank), seconds): k-means in data space (see :func:`start_point`), waited
+        for on first use: its restarts may run on while the methods train."""
+        if callable(self.reference):
+            self.reference = self.reference()
+        return self.reference
+
     def start(self):
         """What :func:`start_point` computed: to build another problem on the same data."""
-        return self.W_pca, self.E_kmeans, self.start_seconds, self.reference
+        return self.W_pca, self.E_kmeans, self.start_seconds, self.unconstrained()
 
 
 def start_regime(cfg, X_train, W_pca, E_kmeans):
@@ -1542,7 +1552,7 @@ def wasserstein_loss_and_grads(W, V, params, Xb, frozen, hp):
     through the latents, the encoder."""
     gr = manual_grads(W, params["E"], Xb, hp.alpha, hp.beta, frozen=frozen, V=V)
     Wd, gZ, gE = wasserstein_grads(latents(Xb, W), params["E"])
-    return Step(gr.loss + hp.weight * Wd, gr.gW + hp.weight * (gZ.T @ Xb), gr.gV, {"E": gr.gE + hp.weight * gE})
+    return Step(gr.loss + hp.weight * Wd, gr.gW + hp.weight * t_dot(gZ, Xb), gr.gV, {"E": gr.gE + hp.weight * gE})
 
 
 # --- FSQ (Mentzer et al., ICLR 2024): no codebook, rounding per dimension
@@ -1643,8 +1653,8 @@ def fsq_grads(W, V, params, X, delta, hp):
     loss = (np.einsum("bd,bd->", X, X) - 2 * np.einsum("bm,bm->", Y, F) + np.einsum("bm,bm->", FG, F)) / B
     g = (-2.0 / B) * (Y - FG)                               # gradient reaching q~
     slope = dy / hw                                         # d zhat / d(s z)
-    gDec = ((2.0 / B) * (F.T @ F)) @ Dec - ((2.0 / B) * F).T @ X
-    gW = (g * a * slope * s).T @ X + (gDec if V is None else 0.0)   # through the bound, per dimension
+    gDec = ((2.0 / B) * (F.T @ F)) @ Dec - t_dot((2.0 / B) * F, X)
+    gW = t_dot(g * a * slope * s, X) + (gDec if V is None else 0.0)   # through the bound, per dimension
     grads = {"s": np.sum(g * a * slope * Z, axis=0), "a": np.sum(g * zhat, axis=0)}
     return Step(float(loss), gW, None if V is None else gDec, grads)
 
@@ -2181,18 +2191,26 @@ def make_problem(cfg, start=None, pool=None, progress=quiet):
 
     ``start``: the :meth:`Problem.start` of a problem with the same data settings, to
     reuse its start point and reference instead of computing them again; ``pool``: an
-    executor for the k-means restarts (default: one opened and closed here); ``progress``:
+    executor for the k-means restarts (default: one opened and closed here), which must
+    stay open until the reference is used (:meth:`Problem.unconstrained`); ``progress``:
     see :class:`Progress`.
     """
-    dtype = np.dtype(cfg.dtype)
+    X_train, X_eval, U, lam = problem_data(cfg, progress)
+    if start is None and pool is not None:                  # the reference may run on while the methods train
+        start = start_point(cfg, X_train, U, pool, progress)()
+    elif start is None:
+        with process_pool(cfg.workers) as ex:
+            W0, E0, seconds, reference = start_point(cfg, X_train, U, ex, progress)()
+            start = W0, E0, seconds, reference()
+    return Problem(cfg, X_train, X_eval, U, lam, *start, progress=progress)
+
+
+def problem_data(cfg, progress=quiet):
+    """The training and eval data in ``cfg.dtype`` and the true eigenbasis and eigenvalues."""
     X_train, X_eval, _ = make_lowrank_data(cfg.D, cfg.rank, cfg.n_train, cfg.n_eval,
                                            cfg.seed, cfg.lmax, cfg.lmin, progress)
     U, lam = lowrank_factor(cfg.D, cfg.rank, cfg.seed, cfg.lmax, cfg.lmin)
-    X_train, X_eval = X_train.astype(dtype, copy=False), X_eval.astype(dtype, copy=False)
-    if start is None:
-        with process_pool(cfg.workers) if pool is None else contextlib.nullcontext(pool) as ex:
-            start = start_point(cfg, X_train, U, ex, progress)
-    return Problem(cfg, X_train, X_eval, U, lam, *start, progress=progress)
+    return X_train.astype(cfg.dtype, copy=False), X_eval.astype(cfg.dtype, copy=False), U, lam
 
 
 def start_point(cfg, X_train, U, pool, progress=quiet):
@@ -2200,10 +2218,10 @@ def start_point(cfg, X_train, U, pool, progress=quiet):
     reference: k-means with K codes directly in data space (no rank-m restriction), from
     the baseline's restarts' seeds and from the baseline's codebook lifted into data space
     (so never worse on the training data than the baseline), in the coordinates ``X U``
-    (n, rank) where the data lie. The restarts are independent: one batch of tasks on
-    ``pool``.
-
-    Returns (W0 (m, D), E0 (K, m), seconds of the start point, reference).
+    (n, rank) where the data lie. The restarts are independent: they are submitted to
+    ``pool`` at once, and the function returned waits for the baseline's and returns (W0
+    (m, D), E0 (K, m), seconds of the start point, a function that waits for the
+    reference's and returns it), so that the caller may work meanwhile.
     """
     t0 = time.perf_counter()
     if cfg.D >= 1024:
@@ -2223,13 +2241,18 @@ def start_point(cfg, X_train, U, pool, progress=quiet):
             out.append(f.result())
             progress("k-means restarts (start point and reference)", done + len(out), n_runs)
         return out
-    base_runs = results(base, 0)
-    E0 = best_run(base_runs).E
-    lifted = E0.astype(np.float64) @ (W0.astype(np.float64) @ U)   # (K, rank) E0 in data space
-    ref.append(pool.submit(kmeans_restart, S_train, cfg.K, None, cfg.kmeans_iter, lifted))
-    ref_runs = results(ref, len(base_runs))
-    return (W0, E0, pca_seconds + sum(r.seconds for r in base_runs),
-            (best_run(ref_runs).E, sum(r.seconds for r in ref_runs)))
+
+    def finish():
+        base_runs = results(base, 0)
+        E0 = best_run(base_runs).E
+        lifted = E0.astype(np.float64) @ (W0.astype(np.float64) @ U)   # (K, rank) E0 in data space
+        ref.append(pool.submit(kmeans_restart, S_train, cfg.K, None, cfg.kmeans_iter, lifted))
+
+        def reference():                                    # waited for when first needed
+            ref_runs = results(ref, len(base_runs))
+            return best_run(ref_runs).E, sum(r.seconds for r in ref_runs)
+        return W0, E0, pca_seconds + sum(r.seconds for r in base_runs), reference
+    return finish
 
 
 def run_comparison(**settings):
@@ -2247,8 +2270,9 @@ def run_comparison(**settings):
 def run(cfg):
     """Run the comparison a validated :class:`Config` describes (see :func:`run_comparison`)."""
     t0 = time.perf_counter()
-    problem = make_problem(cfg, progress=Progress(not cfg.quiet))   # data, the shared start point
-    summary = compare(problem)                              # every method from that start
+    with process_pool(cfg.workers) as pool:
+        problem = make_problem(cfg, pool=pool, progress=Progress(not cfg.quiet))   # data, the shared start
+        summary = compare(problem)                          # every method from that start
     summary["total_seconds"] = time.perf_counter() - t0
     if cfg.outdir:
         write_outputs(summary, cfg.outdir)
@@ -2259,8 +2283,9 @@ def run(cfg):
     return summary
 
 
-def compare(problem):
-    """Run ``problem.cfg.methods`` on a problem and score them; returns the summary dict.
+def compare(problem, check=True):
+    """Run ``problem.cfg.methods`` on a problem and score them; returns the summary dict
+    (with ``check`` false, without the gradient checks).
 
     Settings that change neither the data nor the start point (``steps``, ``beta``, the
     learning rates, ``methods``, ...) may be changed in ``problem.cfg`` between calls.
@@ -2281,7 +2306,8 @@ def compare(problem):
     results = {n: r.as_dict() for n, r in records.items()}
     return {"config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)}, "methods": registry,
             "results": results, "bounds": {**floors, **pop},
-            "gradient_check": check_gradients(problem, cfg.methods), "fd_vs_manual": agreement(results)}
+            "gradient_check": check_gradients(problem, cfg.methods) if check else {},
+            "fd_vs_manual": agreement(results)}
 
 
 def score(problem, rec):
@@ -2303,7 +2329,7 @@ def bounds(problem, records):
     each model's measured index entropy), the Zador approximation and the unconstrained
     k-means on the eval set."""
     cfg = problem.cfg
-    C, ref_seconds = problem.reference
+    C, ref_seconds = problem.unconstrained()
     S_eval = problem.X_eval.astype(np.float64, copy=False) @ problem.U  # (n_eval, rank)
     uncon_eval = float(np.mean(nearest(S_eval, C)[1] + problem.eval_sq - np.einsum("nr,nr->n", S_eval, S_eval)))
     for r in records.values():         # the bound at each model's measured index entropy
@@ -2326,7 +2352,7 @@ def population_scores(problem, records):
     out = {}
     models = {n: (r.W, r.E, r.V, r.assign) for n, r in records.items() if r.ok}
     if cfg.n_pop > 0:
-        pop = population_errors({**models, "unconstrained_kmeans": problem.reference[0]}, problem.U, problem.lam,
+        pop = population_errors({**models, "unconstrained_kmeans": problem.unconstrained()[0]}, problem.U, problem.lam,
                                 cfg.n_pop, derived_rng(cfg.seed, "population"), progress=problem.progress)
         mean = dict(zip(pop.names, pop.mean))
         for i, name in enumerate(pop.names):
