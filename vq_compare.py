@@ -7,21 +7,18 @@ Stiefel manifold), a codebook ``E`` of shape (K, m) and the transposed decoder::
     k = argmin_j ||z - e_j||^2,  Q = E[k]
     X_hat = Q @ W                      # (n, D)
 
-trained on synthetic low-rank Gaussian data by every method of the registry ``METHODS``
-(``python vq_compare.py --help`` lists them): the k-means reference (PCA encoder +
-Lloyd), the straight-through estimator with finite-difference (our autograd stand-in)
-and hand-derived gradients, the rotation trick, an EMA codebook, exact alternating
-minimisation (Procrustes-Lloyd), and the literature's tricks (NSVQ, DiVeQ, affine
-codebook with synchronized commitment, SimVQ, Wasserstein matching, FSQ), each with
-its paper and its authors' code named where it is declared.
+trained on synthetic low-rank Gaussian data by every method of the registry ``METHODS``:
+the k-means reference, the straight-through estimator with finite-difference (our
+autograd stand-in) and hand-derived gradients, the rotation trick, an EMA codebook,
+exact alternating minimisation, and the literature's tricks (NSVQ, DiVeQ, affine codebook
+with synchronized commitment, SimVQ, Wasserstein matching, FSQ), each with its paper and
+its authors' code named where it is declared. Every report carries the floors no method
+can beat, references, and each model's error on a large fresh sample of the true
+distribution with its standard error.
 
-Every report carries the floors no method can beat (PCA floor, Gaussian Shannon bound),
-an unconstrained K-means reference, and each model's error on a large fresh sample of
-the true distribution with its standard error.
-
-Run ``python vq_compare.py --help``; ``python vq_compare.py`` runs the default
-comparison and writes ``results_out/``. Imported, or pasted whole into a notebook cell,
-the file defines everything and runs nothing: then call ``run_comparison(...)``.
+``python vq_compare.py`` runs the default comparison and writes ``results_out/``
+(``--help`` lists the flags). Imported, or pasted whole into a notebook cell, the file
+defines everything and runs nothing: then call ``run_comparison(...)``.
 
 The file reads in the order the data flow: configuration and random streams; data;
 Stiefel geometry and PCA; the quantizer; losses and hand-derived gradients; finite
@@ -49,9 +46,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-# ----------------------------------------------------------------------------
-# Configuration and random streams
-# ----------------------------------------------------------------------------
+# ------------------------------------------- Configuration and random streams
 
 
 def _f(default, help):
@@ -85,8 +80,7 @@ class Config:
                               "k-means codes), random_codes (PCA encoder, Gaussian codes at the "
                               "latents' scale), shifted (the same, mean offset by --shift), "
                               "random (random orthonormal encoder, Gaussian codes)")
-    shift: float = _f(4.0, "shifted start: offset of the codes' mean, in latent standard deviations "
-                           "per latent coordinate")
+    shift: float = _f(4.0, "shifted start: offset of the codes' mean, in latent standard deviations per latent coordinate")
     train_encoder: int = _f(1, "1: train the encoder W; 0: W stays at its start, only the codebook learns")
     decoder: str = _f("tied", "tied: the decoder is W; untied: a free decoder V (m, D), started at W, "
                               "trained by every gradient method")
@@ -157,9 +151,7 @@ def quiet(*_):
     """A progress callback that says nothing."""
 
 
-# ----------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------
+# ----------------------------------------------------------------------- Data
 
 def lowrank_factor(D, rank, seed, lmax=4.0, lmin=0.25, rng=None):
     """Eigenbasis ``U`` (D, rank) and eigenvalues ``lam`` (rank,) of the data covariance.
@@ -199,13 +191,9 @@ _DRAW_ROWS = 2048   # rows per block of the data draw: a few MB, in cache
 
 
 def _mvn_draw(rng, factor, n, progress=quiet):
-    """``rng.multivariate_normal(zeros(D), Sigma, size=n)`` in blocks of rows.
-
-    NumPy draws all n x D standard normals, then multiplies: two n x D arrays at once.
-    Block by block the stream is consumed in the same order, so the numbers are the
-    same (NumPy's own products may round differently in the last bit on another BLAS:
-    the test allows that), with one n x D array plus a block.
-    """
+    """``rng.multivariate_normal(zeros(D), Sigma, size=n)`` in blocks of rows: the stream
+    consumed in the same order, so the same numbers (to the last bit of another BLAS's
+    products), with one n x D array plus a block where NumPy holds two n x D arrays."""
     D = factor.shape[0]
     out = np.empty((n, D))
     for a in range(0, n, _DRAW_ROWS):
@@ -216,9 +204,7 @@ def _mvn_draw(rng, factor, n, progress=quiet):
     return out
 
 
-# ----------------------------------------------------------------------------
-# Stiefel geometry and PCA
-# ----------------------------------------------------------------------------
+# --------------------------------------------------- Stiefel geometry and PCA
 
 def stiefel_project(W):
     """Polar factor of ``W`` (m, D), m <= D: the nearest matrix with orthonormal rows.
@@ -305,9 +291,7 @@ def pca_encoder(X, m):
     return np.ascontiguousarray(W * sign[:, None])
 
 
-# ----------------------------------------------------------------------------
-# Quantizer: nearest code, Lloyd, k-means++, k-means with restarts
-# ----------------------------------------------------------------------------
+# ----------- Quantizer: nearest code, Lloyd, k-means++, k-means with restarts
 
 def nearest(Z, E, second=False):
     """Nearest code of every row of ``Z`` (n, m) in ``E`` (K, m), in bounded memory.
@@ -578,11 +562,9 @@ def _spawnable(fn):
 def process_pool(workers):
     """An executor over ``workers`` fresh processes (0: one per core), closed when the
     block ends; this process itself (an in-process executor) when ``workers`` is 1 or
-    when a fresh interpreter could not import this code (pasted into a notebook).
-
-    For independent tasks on small arrays (k-means restarts on latents, sweep cells):
-    arguments and results are pickled. Results never depend on where a task runs.
-    """
+    when a fresh interpreter could not import this code (pasted into a notebook). For
+    independent tasks on small arrays (k-means restarts, sweep cells): arguments and
+    results are pickled; results never depend on where a task runs."""
     workers = workers or os.cpu_count() or 1
     if workers <= 1 or not _spawnable(kmeans_restart):
         yield _InProcess()
@@ -592,9 +574,7 @@ def process_pool(workers):
         yield pool
 
 
-# ----------------------------------------------------------------------------
-# Losses, the frozen surrogate and hand-derived gradients
-# ----------------------------------------------------------------------------
+# -------------------- Losses, the frozen surrogate and hand-derived gradients
 
 def own_codes(assign, Z, E):
     """Labels (n,) and squared distances (n,) of a quantizer with its own assignment rule
@@ -607,13 +587,11 @@ def own_codes(assign, Z, E):
 def reconstruction_errors(x_sq, Z, E, W, assigned=None, V=None, Y=None):
     """Per-sample ``||x - q W||^2`` (n,), labels (n,) and in-subspace ``||z - q||^2`` (n,)
     of the model (W, E), from the latents ``Z = X W^T`` (n, m) and ``x_sq = ||x||^2`` (n,);
-    ``assigned``: the (labels, squared distances) of the nearest codes, when known.
-
-    ``||x - qW||^2 = ||x||^2 - 2 z.q + ||qW||^2 = ||x||^2 - ||z||^2 + ||z - q||^2
-    + (||qW||^2 - ||q||^2)``; the last term is zero for orthonormal rows (rounding
-    aside), so the error is the out-of-subspace residual plus the distortion, and no
-    (n, D) reconstruction is formed. With an untied decoder ``V`` (m, D) and ``Y = X V^T``:
-    ``||x - qV||^2 = ||x||^2 - 2 y.q + ||qV||^2``.
+    ``assigned``: the (labels, squared distances) of the nearest codes, when known. No
+    (n, D) reconstruction is formed: ``||x - qW||^2 = ||x||^2 - ||z||^2 + ||z - q||^2 +
+    (||qW||^2 - ||q||^2)``, the out-of-subspace residual plus the distortion (the last
+    term is zero for orthonormal rows, rounding aside); with an untied decoder ``V`` (m, D)
+    and ``Y = X V^T``, ``||x - qV||^2 = ||x||^2 - 2 y.q + ||qV||^2``.
     """
     labels, dist = nearest(Z, E) if assigned is None else assigned
     if V is not None:
@@ -842,9 +820,7 @@ def manual_grads(W, E, X, alpha, beta, estimator="ste", frozen=None, rng=None, n
     return Grads(float(loss), gW, gE.astype(E.dtype, copy=False), gDec)
 
 
-# ----------------------------------------------------------------------------
-# Finite differences: the autograd stand-in (evaluates the loss only)
-# ----------------------------------------------------------------------------
+# -------- Finite differences: the autograd stand-in (evaluates the loss only)
 
 def _perturbed(P, idx, delta):
     """A stack (len(idx), *P.shape) of copies of ``P``, copy i with flat entry idx[i] + delta."""
@@ -962,9 +938,7 @@ def rel_err(a, b):
     return float(np.max(np.abs(a[mask] - b[mask]), initial=0.0)) / scale
 
 
-# ----------------------------------------------------------------------------
-# Metrics, floors and the population error
-# ----------------------------------------------------------------------------
+# ----------------------------------- Metrics, floors and the population error
 
 def usage_stats(labels, K):
     """``usage_entropy`` (nats), ``perplexity`` and ``dead_frac`` of a labelling."""
@@ -1139,9 +1113,7 @@ def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16, progress=quiet)
     return Population(names, mean, np.sqrt(np.maximum(np.diag(cov), 0) / n_pop), cov, n_pop)
 
 
-# ----------------------------------------------------------------------------
-# The problem: data, true spectrum and the shared start point
-# ----------------------------------------------------------------------------
+# ---------------- The problem: data, true spectrum and the shared start point
 
 @dataclasses.dataclass
 class Problem:
@@ -1193,7 +1165,6 @@ def start_regime(cfg, X_train, W_pca, E_kmeans):
       of Fang et al. 2025);
     * ``random``: a random orthonormal encoder (polar factor of a Gaussian matrix) and
       codes as ``random_codes`` at its latents' scale.
-
     Drawn from the ``"start"`` stream: the same for every method, whatever else runs.
     """
     if cfg.start == "kmeans":
@@ -1253,9 +1224,7 @@ def lr_factor(cfg, t):
     return 1 - done if cfg.lr_schedule == "linear" else 1.0
 
 
-# ----------------------------------------------------------------------------
-# The optimizer: how a parameter steps, apart from what its gradient is
-# ----------------------------------------------------------------------------
+# ------ The optimizer: how a parameter steps, apart from what its gradient is
 
 class Optimizer:
     """Steps every trained parameter by its gradient: ``W`` by Riemannian SGD on the
@@ -1275,9 +1244,7 @@ class Optimizer:
         return p - lr * g
 
 
-# ----------------------------------------------------------------------------
-# Methods: what each declares (parameters, loss, gradients), and the registry
-# ----------------------------------------------------------------------------
+# ---- Methods: what each declares (parameters, loss, gradients), and the registry
 
 @dataclasses.dataclass
 class Result:
@@ -1412,8 +1379,7 @@ def ema_init(problem, hp):
 def ema_update(params, frozen, hp):
     """One EMA codebook update (van den Oord et al. 2017, app. A.1), debiased and
     Laplace-smoothed as DeepMind Sonnet's ``VectorQuantizerEMA``, from the batch's
-    clusters at the point before the step.
-
+    clusters at the point before the step:
     ``N_j <- decay N_j + (1-decay) n_j``, ``M_j <- decay M_j + (1-decay) sum_{i in j} z_i``,
     both divided by ``1 - decay^t``; the counts are Laplace-smoothed,
     ``N_j' = (N_j + eps) / (sum N + K eps) * sum N``, and ``e_j = M_j / N_j'``. While
@@ -1533,7 +1499,7 @@ def wasserstein_grads(Z, E):
     A, B = _sym_power(S_z, 0.5), _sym_power(S_c, 0.5)
     M = A @ S_c @ A
     trace = np.trace(S_z) + np.trace(S_c) - 2 * np.trace(_sym_power(M, 0.5))
-    Wd = math.sqrt(float(np.sum((mu_z - mu_c) ** 2)) + max(trace, 0.0) + 1e-8)
+    Wd = float(wasserstein_distance(Z, E))
     G_c = (np.eye(len(mu_z)) - A @ _sym_power(M, -0.5) @ A) / (2 * Wd) if trace > 0 else 0.0
     G_z = (np.eye(len(mu_z)) - B @ _sym_power(B @ S_z @ B, -0.5) @ B) / (2 * Wd) if trace > 0 else 0.0
     gZ = (2 / n) * Zc @ G_z + (mu_z - mu_c) / (n * Wd)
@@ -1835,9 +1801,7 @@ def method_label(name):
     return METHODS[name].label if name in METHODS else name
 
 
-# ----------------------------------------------------------------------------
-# The training loop: one for every gradient method
-# ----------------------------------------------------------------------------
+# --------------------------- The training loop: one for every gradient method
 
 def batches(cfg, X):
     """The training batches ``(t, X_b)``, t = 1..steps, drawn with replacement from the
@@ -1974,9 +1938,7 @@ def train(problem, name):
     return run.result()
 
 
-# ----------------------------------------------------------------------------
-# The gradient checker: one for every method
-# ----------------------------------------------------------------------------
+# --------------------------------- The gradient checker: one for every method
 
 def gradient_errors(method, hp, W, V, params, Xb, rng=None, h=1e-5, n_coords=None):
     """A gradient method's hand-derived gradients against :func:`central_differences` of
@@ -2030,9 +1992,7 @@ def check_gradients(problem, names):
             params[k] = params[k] + 0.1 * scale * rng.standard_normal(params[k].shape)
         out[name] = gradient_errors(method, hp, W, V, params, Xb, rng, c.fd_h, n_coords)
     return out
-# ----------------------------------------------------------------------------
-# The comparison
-# ----------------------------------------------------------------------------
+# ------------------------------------------------------------- The comparison
 
 class ConfigError(ValueError):
     """An invalid setting; ``flag`` and ``value`` name it."""
@@ -2047,11 +2007,10 @@ def check_outdir(outdir, flag="outdir"):
     path = os.path.abspath(outdir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(flag, outdir, "exists and is not a folder")
-    missing = path
+    missing = path                                          # the first folder makedirs would create
     while not os.path.exists(os.path.dirname(missing)) and os.path.dirname(missing) != missing:
-        missing = os.path.dirname(missing)                  # the first folder makedirs would create
-    created = not os.path.exists(path)
-    probe = os.path.join(path, f".probe-{os.getpid()}")
+        missing = os.path.dirname(missing)
+    created, probe = not os.path.exists(path), os.path.join(path, f".probe-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
         with open(probe, "wb") as fh:
@@ -2068,17 +2027,15 @@ def validate(cfg):
     def need(ok, flag, reason):
         if not ok:
             raise ConfigError(flag, getattr(cfg, flag), reason)
+    kinds = {"int": ("an integer", (int, np.integer)), "str": ("a string", (str,)),
+             "float": ("a number", (int, float, np.integer, np.floating))}
     for f in dataclasses.fields(Config):                    # types first: a string is no number
         v, kind = getattr(cfg, f.name), f.type if isinstance(f.type, str) else f.type.__name__
-        if kind == "int" and not (isinstance(v, (int, np.integer)) and not isinstance(v, bool)):
-            if isinstance(v, (float, np.floating)) and float(v).is_integer():
-                setattr(cfg, f.name, int(v))                # 1e6 or 2.0: a whole number
-                continue
-            raise ConfigError(f.name, repr(v), f"must be an integer, got {type(v).__name__}")
-        if kind == "float" and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))):
-            raise ConfigError(f.name, repr(v), f"must be a number, got {type(v).__name__}")
-        if kind == "str" and not isinstance(v, str):
-            raise ConfigError(f.name, repr(v), f"must be a string, got {type(v).__name__}")
+        if kind == "int" and isinstance(v, (float, np.floating)) and float(v).is_integer():
+            v = int(v)                                      # 1e6 or 2.0: a whole number
+            setattr(cfg, f.name, v)
+        if kind in kinds and (isinstance(v, bool) or not isinstance(v, kinds[kind][1])):
+            raise ConfigError(f.name, repr(v), f"must be {kinds[kind][0]}, got {type(v).__name__}")
     for flag in ("D", "rank", "m", "K", "n_train", "n_eval", "batch", "kmeans_iter"):
         need(getattr(cfg, flag) >= 1, flag, "must be a whole number >= 1")
     for flag in ("steps", "seed", "n_pop", "pl_rounds", "n_init", "log_every", "workers"):
@@ -2093,14 +2050,11 @@ def validate(cfg):
         v = getattr(cfg, flag)
         need(math.isfinite(v) and v >= 0, flag, "must be finite and >= 0")
     need(cfg.lmin <= cfg.lmax, "lmin", f"must be <= lmax={cfg.lmax}")
-    need(0 <= cfg.ema_decay < 1, "ema_decay", "must be in [0, 1)")
-    need(0 <= cfg.dead_decay < 1, "dead_decay", "must be in [0, 1)")
-    need(cfg.start in START_REGIMES, "start", "must be one of " + ", ".join(START_REGIMES))
-    need(cfg.train_encoder in (0, 1), "train_encoder", "must be 0 or 1")
-    need(cfg.decoder in ("tied", "untied"), "decoder", "must be tied or untied")
-    need(cfg.lr_schedule in LR_SCHEDULES, "lr_schedule", "must be one of " + ", ".join(LR_SCHEDULES))
-    need(0 <= cfg.tail_average < 1, "tail_average", "must be in [0, 1)")
-    need(cfg.dtype in ("float64", "float32"), "dtype", "must be float64 or float32")
+    for flag in ("ema_decay", "dead_decay", "tail_average"):
+        need(0 <= getattr(cfg, flag) < 1, flag, "must be in [0, 1)")
+    for flag, choices in (("start", START_REGIMES), ("train_encoder", (0, 1)), ("decoder", ("tied", "untied")),
+                          ("lr_schedule", LR_SCHEDULES), ("dtype", ("float64", "float32"))):
+        need(getattr(cfg, flag) in choices, flag, "must be one of " + ", ".join(map(str, choices)))
     for name in cfg.methods:
         if name not in METHODS:
             raise ConfigError("methods", name, "unknown method (known: " + ", ".join(METHODS) + ")")
@@ -2187,14 +2141,10 @@ def auto_restarts(n, K, budget=1 << 22):
 
 
 def make_problem(cfg, start=None, pool=None, progress=quiet):
-    """The data, the true spectrum and the shared start point of a comparison.
-
-    ``start``: the :meth:`Problem.start` of a problem with the same data settings, to
-    reuse its start point and reference instead of computing them again; ``pool``: an
-    executor for the k-means restarts (default: one opened and closed here), which must
-    stay open until the reference is used (:meth:`Problem.unconstrained`); ``progress``:
-    see :class:`Progress`.
-    """
+    """The data, the true spectrum and the shared start point of a comparison. ``start``:
+    the :meth:`Problem.start` of a problem with the same data settings, to reuse;
+    ``pool``: an executor for the k-means restarts (default: one opened and closed here),
+    open until the reference is used (:meth:`Problem.unconstrained`)."""
     X_train, X_eval, U, lam = problem_data(cfg, progress)
     if start is None and pool is not None:                  # the reference may run on while the methods train
         start = start_point(cfg, X_train, U, pool, progress)()
@@ -2256,14 +2206,12 @@ def start_point(cfg, X_train, U, pool, progress=quiet):
 
 
 def run_comparison(**settings):
-    """Run a comparison: the library and notebook entry point (``main()`` wraps it).
-
-    Takes the settings as keyword arguments with the flags' names (see :class:`Config`).
-    Like a scikit-learn estimator it writes nothing unless given ``outdir``, and runs in
-    this process unless given ``workers``. Returns a dict shaped like ``summary.json`` in
-    which each method's entry also holds its trained ``W`` (m, D), ``E`` (K, m), ``V`` and
-    its ``logs``. Raises :class:`ConfigError` for a bad or unknown setting, before any work.
-    """
+    """Run a comparison: the library and notebook entry point, with the flags' names as
+    keywords (see :class:`Config`). Like a scikit-learn estimator it writes nothing unless
+    given ``outdir`` and runs in this process unless given ``workers``. Returns a dict
+    shaped like ``summary.json``, each method's entry also with its trained ``W`` (m, D),
+    ``E`` (K, m), ``V`` and ``logs``. A bad or unknown setting raises :class:`ConfigError`
+    before any work."""
     return run(make_config(**settings))
 
 
@@ -2390,9 +2338,7 @@ def agreement(results):
             "max_abs_E_diff": float(np.max(np.abs(a["E"] - b["E"])))}
 
 
-# ----------------------------------------------------------------------------
-# Reporting and plots
-# ----------------------------------------------------------------------------
+# -------------------------------------------------------- Reporting and plots
 
 def _fmt(x, spec):
     """``format(x, spec)`` without a signed zero: -0.000 prints as 0.000."""
@@ -2679,9 +2625,7 @@ def plot_training_curves(summary):
     return fig
 
 
-# ----------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------
+# --------------------------------------------------------------- Command line
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):                              # one line, exit status 2

@@ -1,7 +1,7 @@
 """Benchmarks of vq_compare: prints figures, asserts nothing (these machines are shared).
 
     python benchmarks/bench.py            # everything (a few minutes)
-    python benchmarks/bench.py --only kmeans step scaling memory default sweeps realistic
+    python benchmarks/bench.py --only kmeans step scaling memory default busy sweeps realistic
 
 Each timing is min / median / max over repeats measured in this one run, so ratios
 between rows compare like with like. scikit-learn and PyTorch are compared against only
@@ -266,6 +266,33 @@ def bench_sweep(name, args, repeats):
     print(_cpu_line(cpus, times))
 
 
+def bench_busy(repeats, seconds=240):
+    """The default run while two other processes keep both cores busy, against the same run
+    limited to one BLAS thread (the peer: BLAS threads must not make a busy machine slower).
+    The busy processes stop by themselves after ``seconds``."""
+    print("\n## default run on a busy machine (two CPU-bound processes), against one BLAS thread")
+    spin = f"import time\nt = time.time()\nwhile time.time() - t < {seconds}: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    try:
+        times = {"default": [], "one BLAS thread": []}
+        for _ in range(repeats):
+            for name, env in (("default", {}), ("one BLAS thread", {"OPENBLAS_NUM_THREADS": "1"})):
+                with tempfile.TemporaryDirectory() as out:
+                    t0 = time.perf_counter()
+                    subprocess.run([sys.executable, "vq_compare.py", "--quiet", "--outdir", out], cwd=ROOT,
+                                   check=True, env={**os.environ, **env})
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    for name, t in times.items():
+        print(f"{name:16s} wall {fmt(np.array(t))}")
+    ratios = np.array(times["default"]) / np.array(times["one BLAS thread"])
+    print(f"ratio default / one BLAS thread, pair by pair: {', '.join(f'{r:.2f}' for r in ratios)}; "
+          f"median {np.median(ratios):.2f}")
+
+
 REALISTIC = ["--D", "512", "--rank", "24", "--m", "16", "--K", "512", "--n_train", "100000",
              "--n_eval", "20000", "--steps", "500"]
 
@@ -273,7 +300,7 @@ REALISTIC = ["--D", "512", "--rank", "24", "--m", "16", "--K", "512", "--n_train
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", nargs="+", default=["kmeans", "memory", "step", "scaling", "default",
-                                                 "sweeps", "realistic"])
+                                                 "busy", "sweeps", "realistic"])
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     print(f"numpy {np.__version__}, {os.cpu_count()} cores, python {sys.version.split()[0]}")
@@ -289,6 +316,8 @@ def main():
         bench_end_to_end("default run", [], a.repeats)
         bench_end_to_end("the original's three methods",
                          ["--methods", "pca_lloyd", "fd_ste", "manual_ste"], a.repeats)
+    if "busy" in a.only:
+        bench_busy(a.repeats)
     if "sweeps" in a.only:
         bench_sweep("the original's comprehensive set", ["--preset", "original"], a.repeats)
         bench_sweep("smoke run", ["--quick"], a.repeats)
