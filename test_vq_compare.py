@@ -535,7 +535,9 @@ def test_assignment_in_chunks_equals_brute_force(monkeypatch):
     monkeypatch.setattr(vq, "_PRODUCT", 17 * 3 * 100)     # force many blocks
     labels, dist, dist2 = vq.nearest(Z, E, second=True)
     D2 = ((Z[:, None, :] - E[None]) ** 2).sum(-1)
-    assert np.array_equal(labels, D2.argmin(1))
+    # two formulas for a distance: a label may differ only where two codes tie to rounding
+    tie = D2[np.arange(len(Z)), labels] - D2.min(1) <= 1e-12 * D2.max()
+    assert tie.all() and (labels == D2.argmin(1)).mean() > 0.999
     assert np.allclose(dist, D2.min(1), atol=1e-12)
     assert np.allclose(dist2, np.sort(D2, axis=1)[:, 1], atol=1e-12)
     pp = vq.kmeans_plusplus(Z, 17, np.random.default_rng(1))  # blocked candidate distances
@@ -620,7 +622,9 @@ def test_procrustes_lloyd_bounds_and_running_sums_change_nothing(dtype):
         assert len(hist) == len(histp) == 61
         tol = 1e-10 if dtype == np.float64 else 1e-4
         assert np.abs(W - Wp).max() <= tol and np.abs(E - Ep).max() <= tol * np.abs(Ep).max()
-        assert np.array_equal(vq.assign(X @ W.T, E), vq.assign(X @ Wp.T, Ep))
+        lab, d1, d2 = vq.nearest(X @ W.T, E, second=True)  # the two models differ by tol at most:
+        moved = lab != vq.assign(X @ Wp.T, Ep)               # a label may differ at a near-tie only
+        assert np.all(d2[moved] - d1[moved] <= 100 * tol * (1 + d2[moved]))
         assert np.allclose(hist, histp, rtol=tol)
 
 
