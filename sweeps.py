@@ -540,11 +540,16 @@ def plot_sweep(rows, sweep, note=""):
     ax0, ax1 = axes[0]
     if sweep == "verify":
         ax0.bar([str(r["value"]) for r in rs], [r["mean"] for r in rs])
-        ax0.set_yscale("log")
-        ax0.set_title("largest gradient rel. error (fd vs manual)")
+        ax0.set_title("fd_ste's gradient against manual_ste's, at the manual run's point", fontsize=10)
+        ax0.set_ylabel("largest difference / largest entry,\nover every step and seed (log)")
         ax1.bar([str(r["value"]) for r in rs], [max(r["eval_recon_mse"], 1e-17) for r in rs])
-        ax1.set_yscale("log")
-        ax1.set_title("largest eval recon rel. difference along the run")
+        ax1.set_title("the two runs, trained side by side by the one loop", fontsize=10)
+        ax1.set_ylabel("largest relative difference of their\neval errors along the runs (log)")
+        for ax in (ax0, ax1):
+            ax.set_yscale("log")
+            ax.set_xlabel("training steps of the run")
+        fig.suptitle(f"verify sweep: {note}", fontsize=9)
+        fig.subplots_adjust(left=0.1, right=0.98, wspace=0.35, top=0.82, bottom=0.14)
         return fig
     methods = list(dict.fromkeys(r["method"] for r in rs))
     values = sorted({r["value"] for r in rs}, key=_value_key)
