@@ -171,6 +171,12 @@ def _task_config(task):
     return vq.make_config(**settings)
 
 
+# The methods a fresh interpreter knows (the module's registry, recipe lines in the file
+# included): cells of a method registered later in this process (a notebook, a script's
+# main block) run here, since a worker could not find it.
+SHIPPED = frozenset(vq.METHODS)
+
+
 def run_tasks(tasks, pool, done):
     """Run ``tasks`` on the processes of ``pool`` and hand each one's result lines to
     ``done(task, lines)`` as soon as it and the tasks before it have finished. The k-means
@@ -186,6 +192,7 @@ def run_tasks(tasks, pool, done):
         X_train, _, U, _ = vq.problem_data(cfg)
         starts.append(vq.start_point(cfg, X_train, U, pool))
     cells, runs = [], {}
+    here = not all(set(task["settings"]["methods"]) <= SHIPPED for task in tasks)
     for group, finish in zip(groups.values(), starts):
         W0, E0, seconds, reference = finish()
         start = W0, E0, seconds, reference()
@@ -193,7 +200,7 @@ def run_tasks(tasks, pool, done):
             same = (_task_config(task), task["sweep"] if task["sweep"] in ("steps", "verify") else "")
             key = json.dumps(vq._json_ready(dataclasses.asdict(same[0])), sort_keys=True) + same[1]
             if key not in runs:
-                runs[key] = pool.submit(run_task, {**task, "start": start})
+                runs[key] = (vq._InProcess() if here else pool).submit(run_task, {**task, "start": start})
             cells.append((task, runs[key]))
         while cells and cells[0][1].done():
             done(*_relabelled(*cells.pop(0)))

@@ -1548,3 +1548,18 @@ def test_library_settings_are_checked_by_name_and_type():
     cfg = vq.make_config()
     assert cfg.outdir == "" and cfg.workers == 1           # writes nothing, starts no process
     assert vq.build_parser().parse_args([]).outdir == "results_out"   # the command line does
+
+
+def test_a_sweep_of_a_method_registered_at_run_time_runs_with_worker_processes(tmp_path, monkeypatch):
+    # a method added by a script, not the file: the workers could not find it, so its
+    # cells run in this process; the k-means restarts still use the workers
+    monkeypatch.setitem(vq.METHODS, "late_ste", vq.vq_method("STE, added late"))
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = sweeps.main(["--sweep", "K", "--K_values", "4", "--seeds", "1", *SWEEP_ARGS[:18],
+                            "--methods", "late_ste", "--jobs", "2", "--quiet", "--outdir", str(tmp_path / "s")])
+    assert code == 0, err.getvalue()
+    methods = {json.loads(x)["method"] for x in (tmp_path / "s" / "results.jsonl").read_text().splitlines()}
+    assert methods == {"pca_lloyd", "late_ste"}
