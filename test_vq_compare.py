@@ -73,7 +73,7 @@ def test_data_is_the_original_recipe(monkeypatch, block, n_train):
         assert np.abs(a - b).max() <= D * np.finfo(float).eps * np.abs(b).max()
         assert not np.signbit(a[a == 0]).any()              # no -0.0, as NumPy's mean + ...
     U2, lam2 = vq.lowrank_factor(D, rank, seed)
-    assert np.array_equal((U2 * lam2) @ U2.T, Sigma)
+    assert np.array_equal((U2 * lam2) @ U2.T, Sigma)         # the same code: the same bits
 
 
 # ---------------------------------------------------------------- geometry
@@ -218,7 +218,7 @@ def test_affine_and_simvq_codebook_gradients_by_the_chain_rule():
     assert vq.rel_err(_fd(lambda P_: vq.surrogate_loss(W, C @ P_.T + b, X, fr, 1.0, 0.25), P), G.T @ C) < 1e-6
     assert vq.rel_err(_fd(lambda b_: vq.surrogate_loss(W, C @ P.T + b_, X, fr, 1.0, 0.25), b), G.sum(0)) < 1e-6
     # at s = t = 0 (P = I, b = 0) both forward the plain codebook: the start is shared
-    assert np.array_equal(vq.affine_codebook({"C": C, "s": np.zeros(3), "t": np.zeros(3)}, hp), C)
+    assert np.array_equal(vq.affine_codebook({"C": C, "s": np.zeros(3), "t": np.zeros(3)}, hp), C)  # 1 * C + 0
 
 
 def test_wasserstein_distance_its_gradients_and_its_closed_form():
