@@ -197,8 +197,8 @@ def run_tasks(tasks, pool, done):
         W0, E0, seconds, reference = finish()
         start = W0, E0, seconds, reference()
         for task in group:             # a cell another sweep already runs (the same settings) runs once
-            same = (_task_config(task), task["sweep"] if task["sweep"] in ("steps", "verify") else "")
-            key = json.dumps(vq._json_ready(dataclasses.asdict(same[0])), sort_keys=True) + same[1]
+            key = json.dumps(vq._json_ready(dataclasses.asdict(_task_config(task))), sort_keys=True)
+            key += task["sweep"] if task["sweep"] in ("steps", "verify") else ""   # their own lines
             if key not in runs:
                 runs[key] = (vq._InProcess() if here else pool).submit(run_task, {**task, "start": start})
             cells.append((task, runs[key]))
