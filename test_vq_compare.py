@@ -6,6 +6,7 @@ out by hand; tolerances are stated next to each assert.
 """
 import csv
 import doctest
+import itertools
 import json
 import math
 import zlib
@@ -309,20 +310,28 @@ def test_with_an_untied_decoder_the_tied_equivalences_separate():
     assert untied["gradient_check"]["nsvq"]["gW_rel_err"] < 1e-6       # W and V checked
 
 
-def test_fsq_cells_codebook_and_gradients():
+@pytest.mark.parametrize("symmetric", [1.0, 0.0])
+def test_fsq_cells_codebook_and_gradients(symmetric):
     rng = np.random.default_rng(43)
-    hp, D = vq.types.SimpleNamespace(K=40, m=3), 9
-    levels, m = vq.fsq_levels(40, 3), 3                     # [4, 3, 3]: even and odd L
+    hp, D, m = vq.types.SimpleNamespace(K=40, m=3, symmetric=symmetric), 9, 3
+    levels = [4, 3, 2]                                      # even and odd L, and L = 2
     X = rng.normal(size=(200, D)) * 2
     W = vq.stiefel_project(rng.normal(size=(m, D)))
-    params = {"s": rng.uniform(0.5, 1.5, size=m), "a": rng.uniform(0.5, 2, size=m)}
-    Z = vq.latents(X, W)
-    y, _, hw = vq.fsq_bound(Z * params["s"], levels)
-    forward = params["a"] * np.round(y) / hw                # what FSQ outputs
-    E = vq.fsq_codebook(params["a"], levels)
-    assert E.shape == (36, m) and len(np.unique(forward, axis=0)) <= 36
-    assert np.array_equal(E[vq.fsq_assign(Z, params["s"], levels)], forward)   # its cells, its codes
-    assert vq.fsq_bound(np.zeros((1, 1)), [5])[0][0, 0] == 0        # odd L: 0 stays 0
+    params = {"s": rng.uniform(0.5, 1.5, size=m), "a": rng.uniform(0.5, 2, size=m), "levels": np.array(levels, float)}
+    T = vq.latents(X, W) * params["s"]
+    L = np.array(levels, float)
+    if symmetric:        # lucidrains symmetry_preserving_bound, from its formula
+        values = 2 / (L - 1) * np.floor((L - 1) * (np.tanh(T) + 1) / 2 + 0.5) - 1
+    else:                # lucidrains bound: round(tanh(t + shift) half_l - offset) / (L // 2)
+        half_l, offset = (L - 1) * 1.001 / 2, np.where(L % 2 == 0, 0.5, 0.0)
+        values = np.round(np.tanh(T + np.arctanh(offset / half_l)) * half_l - offset) / (L // 2)
+    forward = params["a"] * values                          # what FSQ outputs
+    E = vq.fsq_codebook(params["a"], levels, symmetric)
+    assert E.shape == (24, m) and len(np.unique(forward, axis=0)) <= 24
+    cells = vq.fsq_assign(vq.latents(X, W), params["s"], levels, symmetric)
+    assert np.allclose(E[cells], forward, rtol=0, atol=1e-12)    # its cells, its codes (two formulas)
+    grid = np.unique(E[:, 2] / params["a"][2])              # the two-level dimension
+    assert np.allclose(grid, [-1, 1] if symmetric else [-1, 0])    # symmetric: +-1; the paper's: {-1, 0}
     for V in (None, W + 0.2 * rng.normal(size=W.shape)):
         delta = vq.fsq_freeze(W, V, params, X, hp)
         st = vq.fsq_grads(W, V, params, X, delta, hp)
@@ -334,6 +343,24 @@ def test_fsq_cells_codebook_and_gradients():
         if V is not None:
             assert vq.rel_err(_fd(lambda V_: f(V_=V_), V, 1e-6), st.gV) < 1e-6
     assert vq.fsq_levels(8, 4) is None                      # fewer codes than 2^m: refused
+
+
+def test_fsq_levels_are_the_best_allotment_by_variance():
+    var = np.array([0.5, 3.0, 1.0])
+    for K in (8, 20, 64, 100):
+        levels = vq.fsq_levels(K, 3, var)
+        assert math.prod(levels) <= K and min(levels) >= 2
+        cost = lambda Ls: sum(v * vq.lloyd_max(L) for v, L in zip(var, Ls))
+        every = [Ls for Ls in itertools.product(range(2, K + 1), repeat=3) if math.prod(Ls) <= K]
+        assert cost(levels) == pytest.approx(min(cost(Ls) for Ls in every), rel=1e-12)   # by brute force
+        assert levels[1] == max(levels)                      # the most levels to the largest variance
+
+
+def test_fsq_with_symmetric_levels_on_the_default_problem():
+    out = vq.run_comparison(K=64, methods=["fsq"], n_pop=100_000, n_init=1, kmeans_iter=2)   # FSQ: no codebook
+    r, bound = out["results"]["fsq"], out["bounds"]["rank_m_bound"]
+    assert r["pop_recon_mse"] <= 1.55 * bound                # was 1.93 x with the paper's bound at L = 2
+    assert r["dead_frac"] == 0                               # every one of its 64 cells in use
 
 
 def test_fsq_runs_and_is_scored_with_its_own_cells():
@@ -557,16 +584,19 @@ def test_fd_ste_follows_manual_ste():
     assert out["fd_vs_manual"]["max_rel_metric_diff"] < 1e-6
 
 
-def test_W_keeps_orthonormal_rows_after_every_step(monkeypatch):
+@pytest.mark.parametrize("optimizer", vq.OPTIMIZERS)
+def test_W_keeps_orthonormal_rows_after_every_step(monkeypatch, optimizer):
     worst = []
-    step = vq.riemannian_step
+    step = vq.Optimizer.step
 
-    def checked(W, G, lr):
-        W_new = step(W, G, lr)
-        worst.append(np.abs(W_new @ W_new.T - np.eye(W.shape[0])).max())
-        return W_new
-    monkeypatch.setattr(vq, "riemannian_step", checked)
-    vq.run_comparison(**{**TINY, "methods": ["manual_ste", "rotation", "ema_ste"]})
+    def checked(self, name, p, g, factor=1.0):
+        new = step(self, name, p, g, factor)
+        if name == "W":
+            worst.append(np.abs(new @ new.T - np.eye(new.shape[0])).max())
+        return new
+    monkeypatch.setattr(vq.Optimizer, "step", checked)
+    lr = {"lrE": 0.01, "lrW": 0.01} if optimizer.startswith("adam") else {}
+    vq.run_comparison(**{**TINY, "methods": ["manual_ste", "rotation", "ema_ste"], "optimizer": optimizer, **lr})
     assert len(worst) == 3 * TINY["steps"]
     assert max(worst) < 1e-10
 
@@ -747,6 +777,8 @@ def test_pca_lloyd_reproduces_the_lloyd_max_quantizer_of_the_unit_gaussian(K, ma
                             methods=["pca_lloyd"], outdir=None, quiet=True, workers=1)
     r = out["results"]["pca_lloyd"]
     assert abs(r["pop_recon_mse"] - max_1960) <= 3 * r["pop_recon_se"] + 5e-5 * max_1960  # table's digits
+    half_ulp = 0.5 * 10 ** (math.floor(math.log10(max_1960)) - 3)        # the table's four digits
+    assert abs(vq.lloyd_max(K) - max_1960) <= half_ulp                      # FSQ's reference, by quadrature
 
 
 def test_rank_m_bound_closed_forms():
@@ -1564,3 +1596,115 @@ def test_a_sweep_of_a_method_registered_at_run_time_runs_with_worker_processes(t
     assert code == 0, err.getvalue()
     methods = {json.loads(x)["method"] for x in (tmp_path / "s" / "results.jsonl").read_text().splitlines()}
     assert methods == {"pca_lloyd", "late_ste"}
+
+
+# ------------------------------------------------ optimizers, recipes, variants
+
+def reference_steps(kind, p, grads, lrs, mu=0.9, b1=0.9, b2=0.999, wd=0.0, eps=1e-8):
+    """Each optimizer written out from its definition (PyTorch's documentation), a loop
+    over steps with no shared code: the parameters after each step."""
+    buf, m, v, out = np.zeros_like(p), np.zeros_like(p), np.zeros_like(p), []
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        if kind == "adamw":
+            p = p - lr * wd * p
+        else:
+            g = g + wd * p
+        if kind == "sgd":
+            p = p - lr * g
+        elif kind == "momentum":
+            buf = mu * buf + g
+            p = p - lr * buf
+        else:
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g ** 2
+            m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+            p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("kind", vq.OPTIMIZERS)
+def test_each_optimizer_steps_as_its_definition(kind):
+    rng = np.random.default_rng(5)
+    p0, grads = rng.normal(size=(6, 3)), rng.normal(size=(7, 6, 3))
+    factors = np.linspace(1, 0.3, 7)                        # a schedule
+    opt = vq.Optimizer({"E": 0.05}, kind, momentum=0.8, betas=(0.85, 0.99), weight_decay=0.1)
+    want = reference_steps(kind, p0, grads, 0.05 * factors, mu=0.8, b1=0.85, b2=0.99, wd=0.1)
+    p = p0
+    for g, f, w in zip(grads, factors, want):
+        p = opt.step("E", p, g, f)
+        assert np.abs(p - w).max() <= 1e-12 * max(1.0, np.abs(w).max())
+
+
+@pytest.mark.parametrize("kind", vq.OPTIMIZERS)
+def test_riemannian_optimizers_stay_on_the_manifold_and_are_the_euclidean_ones_in_the_tangent_space(kind):
+    rng = np.random.default_rng(6)
+    W = vq.stiefel_project(rng.normal(size=(3, 8)))
+    grads = rng.normal(size=(5, 3, 8))
+    # at rate 0 W stays put: the Riemannian state is the Euclidean state of the projected
+    # gradients, and the step that moves is the Euclidean direction projected and retracted
+    opt = vq.Optimizer({"W": 0.1}, kind, weight_decay=0.3)  # weight decay does not reach W
+    for g in grads[:-1]:
+        assert np.array_equal(opt.step("W", W, g, 0.0), vq.stiefel_project(W))
+    tangent = [vq.tangent(W, g) for g in grads]
+    euclid = reference_steps(kind, np.zeros_like(W), tangent, [0.0] * 4 + [1.0])[-1]   # minus the direction
+    want = vq.stiefel_project(W + 0.1 * vq.tangent(W, euclid))
+    got = opt.step("W", W, grads[-1])
+    assert np.abs(got - want).max() < 1e-12
+    # and along a run every W has orthonormal rows, the moments carried to each new point
+    opt, path = vq.Optimizer({"W": 0.2}, kind), [W]
+    for g in rng.normal(size=(30, 3, 8)):
+        path.append(opt.step("W", path[-1], g))
+        assert np.abs(path[-1] @ path[-1].T - np.eye(3)).max() < 1e-12
+        if "buf" in opt.state["W"]:                         # momentum lies in the new tangent space
+            assert np.abs(vq.tangent(path[-1], opt.state["W"]["buf"]) - opt.state["W"]["buf"]).max() < 1e-12
+
+
+def test_a_variant_is_the_method_with_its_own_settings():
+    base = vq.run_comparison(**TINY, methods=["affine_ste"], affine_ste_nu=0.0, optimizer="adam", lrE=0.01)
+    variant = vq.run_comparison(**TINY, methods=["affine_ste[nu=0, optimizer=adam, lrE=0.01]"])
+    a, b = base["results"]["affine_ste"], variant["results"]["affine_ste[nu=0, optimizer=adam, lrE=0.01]"]
+    assert np.array_equal(a["E"], b["E"]) and np.array_equal(a["W"], b["W"])   # the same code, the same settings
+    assert variant["methods"]["affine_ste[nu=0, optimizer=adam, lrE=0.01]"]["settings"]["optimizer"] == "adam"
+    # the matched ablation: sync nu without the affine map (a = 0) is STE with alpha + nu
+    out = vq.run_comparison(**TINY, methods=["affine_ste[a=0]", "manual_ste[alpha=3]"])
+    s, t = out["results"]["affine_ste[a=0]"], out["results"]["manual_ste[alpha=3]"]
+    assert np.abs(s["E"] - t["E"]).max() < 1e-9 and np.abs(s["W"] - t["W"]).max() < 1e-9
+    for bad, words in (("affine_ste[mu=0]", "mu is not a setting"), ("manual_ste[lrE=-1]", "--lrE -1.0: must be"),
+                       ("manual_ste[optimizer=lbfgs]", "must be one of sgd")):
+        with pytest.raises(vq.ConfigError, match=re.escape(words)):
+            vq.make_config(**TINY, methods=[bad])
+
+
+def test_the_command_line_splits_methods_outside_brackets():
+    args = vq.build_parser().parse_args(["--methods", "manual_ste,affine_ste[nu=0, a=0]", "rotation"])
+    assert re.split(r",(?![^\[]*\])", args.methods[0]) == ["manual_ste", "affine_ste[nu=0, a=0]"]
+    assert vq.main(["--methods", "manual_ste[K=3]", "--outdir", ""]) == 2
+
+
+def test_authors_recipes_reach_each_method_and_keep_the_checker_exact():
+    out = vq.run_comparison(**TINY, recipe="authors", lrE=0.01, lrW=0.01,
+                            methods=["manual_ste", "wasserstein", "wasserstein[encoder=1]", "simvq", "affine_ste"])
+    for name, check in out["gradient_check"].items():
+        if isinstance(check, dict):
+            assert check["gW_rel_err"] < 1e-6 and check["params_rel_err"] < 1e-6, name
+    # per-element means: the VQ terms weigh D/m times more against the reconstruction
+    s = out["methods"]["manual_ste"]["settings"]
+    assert s["beta"] / s["alpha"] == pytest.approx(0.25) and s["alpha"] == pytest.approx(TINY["D"] / TINY["m"])
+    # the authors detach the latents: W's step ignores the distance, unlike the encoder path
+    prob = small_problem(recipe="authors")
+    Xb, hp = prob.X_train[:64], vq.hyperparameters(vq.method_config(prob.cfg, "wasserstein")[1], "wasserstein")
+    fr = vq.freeze(prob.W0, prob.E0 + 1.0, Xb)
+    detached = vq.wasserstein_loss_and_grads(prob.W0, None, {"E": prob.E0 + 1.0}, Xb, fr, hp)
+    ste = vq.manual_grads(prob.W0, prob.E0 + 1.0, Xb, hp.alpha, hp.beta, frozen=fr)
+    assert np.array_equal(detached.gW, ste.gW)
+    hp.encoder = 1.0
+    assert np.abs(vq.wasserstein_loss_and_grads(prob.W0, None, {"E": prob.E0 + 1.0}, Xb, fr, hp).gW - ste.gW).max() > 1e-6
+
+
+def test_periodic_replacement_copies_used_codes_on_its_period():
+    out = vq.run_comparison(**{**TINY, "steps": 30}, start="shifted", methods=["nsvq", "nsvq[replace_every=5]"])
+    r, plain = out["results"]["nsvq[replace_every=5]"], out["results"]["nsvq"]
+    replaced = np.flatnonzero(r["logs"]["reseeded"]) + 1                 # steps that replaced codes
+    assert replaced.size and np.all(replaced % 5 == 0) and replaced.max() <= 30 - 2 * 5
+    assert r["status"] == "ok" and r["dead_frac"] < plain["dead_frac"]

@@ -34,10 +34,12 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -66,8 +68,18 @@ class Config:
     batch: int = _f(1024, "batch size (sampled with replacement from the training set)")
     alpha: float = _f(1.0, "codebook-loss weight")
     beta: float = _f(0.25, "commitment-loss weight")
-    lrW: float = _f(0.08, "encoder learning rate (Riemannian SGD on the Stiefel manifold)")
-    lrE: float = _f(0.2, "codebook learning rate (SGD)")
+    lrW: float = _f(0.08, "encoder learning rate (on the Stiefel manifold, see --optimizer)")
+    lrE: float = _f(0.2, "codebook learning rate (every parameter of a method's own)")
+    lrV: float = _f(0.0, "untied decoder's learning rate (0: --lrW)")
+    optimizer: str = _f("sgd", "sgd, momentum (heavy ball), adam or adamw, for every trained parameter; "
+                               "W takes its Riemannian version")
+    momentum: float = _f(0.9, "momentum: the heavy-ball coefficient")
+    betas: tuple = _f((0.9, 0.999), "adam, adamw: decay of the first and second moment averages")
+    weight_decay: float = _f(0.0, "L2 penalty (sgd, momentum, adam) or decoupled decay (adamw); "
+                                   "none on W, where the tangent space removes it")
+    recipe: str = _f("shared", "shared: one optimizer and one set of loss weights for every method; "
+                               "authors: each method with its authors' optimizer, loss reduction, "
+                               "weights and knobs (the registry's recipes)")
     seed: int = _f(0, "seed of the data, k-means, batches and population sample")
     outdir: str = _f("", "output folder ('' writes nothing; the command line's default is results_out)")
     lmax: float = _f(4.0, "largest covariance eigenvalue")
@@ -87,6 +99,11 @@ class Config:
     dead_threshold: float = _f(0.0, "re-seed a code whose moving-average count per batch falls below "
                                     "this with a latent of the batch, every trained method (0 disables)")
     dead_decay: float = _f(0.8, "decay of the moving-average code counts for --dead_threshold")
+    fsq_levels: tuple = _f((), "fsq: levels per latent dimension (empty: allotted by the start latents' "
+                                "variances, at most K codes)")
+    replace_every: int = _f(0, "every this many steps, codes used in fewer than --replace_below of those "
+                               "batches become copies of used codes (NSVQ's and DiVeQ's replacement; 0: off)")
+    replace_below: float = _f(0.01, "--replace_every: the share of batches below which a code is replaced")
     lr_schedule: str = _f("constant", "learning rates along training: constant, cosine or linear "
                                       "(decay to zero over --steps)")
     tail_average: float = _f(0.0, "report the average of the iterates over this last fraction of "
@@ -219,15 +236,16 @@ def stiefel_project(W):
     return U @ Vt                                           # (m, D)
 
 
-def riemannian_step(W, G, lr):
-    """One Riemannian SGD step on the Stiefel manifold (the shared optimizer of W).
-
-    Projects the Euclidean gradient ``G`` (m, D) onto the tangent space at ``W``,
-    steps, and retracts with the polar factor.
-    """
+def tangent(W, G):
+    """The projection of ``G`` (m, D) onto the tangent space of the Stiefel manifold at ``W``."""
     sym = G @ W.T                                           # (m, m)
-    G_R = G - 0.5 * (sym + sym.T) @ W                       # (m, D) tangent projection
-    return stiefel_project(W - lr * G_R)                    # polar retraction
+    return G - 0.5 * (sym + sym.T) @ W
+
+
+def riemannian_step(W, G, lr):
+    """One Riemannian SGD step on the Stiefel manifold: the Euclidean gradient ``G``
+    (m, D) projected onto the tangent space at ``W``, the step, the polar retraction."""
+    return stiefel_project(W - lr * tangent(W, G))
 
 
 def subspace_angle_deg(W, U_m):
@@ -1226,22 +1244,59 @@ def lr_factor(cfg, t):
 
 # ------ The optimizer: how a parameter steps, apart from what its gradient is
 
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+
+
 class Optimizer:
-    """Steps every trained parameter by its gradient: ``W`` by Riemannian SGD on the
-    Stiefel manifold (:func:`riemannian_step`), every other parameter by Euclidean SGD,
-    each at its own base rate times the schedule's factor. Plain SGD keeps no state;
-    ``state`` holds one dict per parameter for optimizers that do (momentum, moments).
+    """Steps every trained parameter by its gradient, each at its own base rate times the
+    schedule's factor, with one rule (``kind``, :data:`OPTIMIZERS`), as PyTorch defines it:
+
+    - ``sgd``: ``p <- p - lr g``;
+    - ``momentum`` (``torch.optim.SGD`` with momentum, no dampening): ``b <- mu b + g``,
+      ``p <- p - lr b``;
+    - ``adam`` / ``adamw`` (``torch.optim.Adam`` / ``AdamW``): ``m <- b1 m + (1-b1) g``,
+      ``v <- b2 v + (1-b2) g^2``, ``p <- p - lr (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)``;
+    - ``weight_decay``: added to the gradient as ``wd p`` (sgd, momentum, adam) or
+      decoupled, ``p <- p (1 - lr wd)`` before the step (adamw).
+
+    ``W`` takes the Riemannian version of the same rule on the Stiefel manifold (as
+    geoopt's ``RiemannianSGD`` and ``RiemannianAdam``): the gradient projected onto the
+    tangent space (:func:`tangent`), the direction projected again where Adam's
+    elementwise scaling leaves it, the step retracted by the polar factor, and the
+    momentum (or first moment) carried to the new point by projection onto its tangent
+    space; the second moment, elementwise, stays. Weight decay does not reach W: ``W``'s
+    own direction is normal to the manifold. ``state`` holds each parameter's buffers.
     """
 
-    def __init__(self, rates):
+    def __init__(self, rates, kind="sgd", momentum=0.9, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8):
         self.rates = dict(rates)    # name -> base learning rate
+        self.kind, self.mu, self.betas, self.wd, self.eps = kind, momentum, tuple(betas), weight_decay, eps
         self.state = {}             # name -> that parameter's optimizer state
 
     def step(self, name, p, g, factor=1.0):
-        lr = factor * self.rates[name]
-        if name == "W":
-            return riemannian_step(p, g, lr)
-        return p - lr * g
+        lr, on_W, s = factor * self.rates[name], name == "W", self.state.setdefault(name, {"t": 0})
+        if on_W:
+            g = tangent(p, g)
+        elif self.wd and self.kind != "adamw":
+            g = g + self.wd * p
+        if self.kind == "momentum":
+            s["buf"] = d = self.mu * s.get("buf", 0.0) + g
+        elif self.kind in ("adam", "adamw"):
+            (b1, b2), s["t"] = self.betas, s["t"] + 1
+            s["buf"] = b1 * s.get("buf", 0.0) + (1 - b1) * g
+            s["v"] = b2 * s.get("v", 0.0) + (1 - b2) * g * g
+            d = (s["buf"] / (1 - b1 ** s["t"])) / (np.sqrt(s["v"] / (1 - b2 ** s["t"])) + self.eps)
+            d = tangent(p, d) if on_W else d
+        else:
+            d = g
+        if on_W:
+            new = stiefel_project(p - lr * d)               # polar retraction
+            if "buf" in s:
+                s["buf"] = tangent(new, s["buf"])           # carried to the new tangent space
+            return new
+        if self.wd and self.kind == "adamw":
+            p = p * (1 - lr * self.wd)
+        return p - lr * d
 
 
 # ---- Methods: what each declares (parameters, loss, gradients), and the registry
@@ -1312,14 +1367,68 @@ class Method:
     stochastic: bool = False         # draws noise while training (its own stream)
     in_default: bool = True          # run when no --methods are named
     hyperparameters: tuple = ()      # (name, the authors' default, help): flags --<method>_<name>
+    recipe: Callable = None          # (cfg) -> its authors' settings, for --recipe authors (see RECIPE_KEYS)
+
+
+# What a recipe or a variant may set for one method: Config fields, besides the method's
+# own hyperparameters.
+RECIPE_KEYS = ("alpha", "beta", "lrE", "lrW", "lrV", "optimizer", "momentum", "betas", "weight_decay",
+               "dead_threshold", "replace_every", "replace_below", "ema_decay", "ema_eps", "fsq_levels")
+
+
+def parse_spec(spec):
+    """A method as run: its registry key and settings of its own, ``"key"`` or
+    ``"key[name=value, ...]"`` (a variant: an ablation, or a tuned rate).
+
+    >>> parse_spec("affine_ste[nu=0, optimizer=adam]")
+    ('affine_ste', {'nu': 0.0, 'optimizer': 'adam'})
+    """
+    name, _, rest = spec.partition("[")
+    settings = {}
+    for item in filter(None, (i.strip() for i in rest.rstrip("]").split(","))):
+        key, _, value = item.partition("=")
+        try:
+            settings[key.strip()] = float(value)
+        except ValueError:
+            settings[key.strip()] = value.strip()
+    return name.strip(), settings
+
+
+def spec_of(name, **settings):
+    """The inverse of :func:`parse_spec`: ``spec_of("manual_ste", lrE=0.4)``."""
+    return name + ("[" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in settings.items()) + "]" if settings else "")
+
+
+def method_config(cfg, spec):
+    """The method a spec names and the :class:`Config` it runs with: ``cfg``, then its
+    authors' recipe under ``--recipe authors``, then the spec's own settings."""
+    name, own = parse_spec(spec)
+    method = METHODS[name]
+    settings = {**(method.recipe(cfg) if cfg.recipe == "authors" and method.recipe else {}), **own}
+    mine = {n for n, _, _ in method.hyperparameters}
+    params = {f"{name}_{k}": settings.pop(k) for k in list(settings) if k in mine}
+    settings.update({k: tuple(settings[k]) for k in ("betas", "fsq_levels") if k in settings})
+    return method, dataclasses.replace(cfg, **settings, method_params={**cfg.method_params, **params})
 
 
 def hyperparameters(cfg, name):
-    """What the method ``name`` reads (``hp``): the shared loss weights and sizes, and its
-    own hyperparameters by their short names (``hp.nu`` for ``--affine_ste_nu``)."""
+    """What the method ``name`` reads (``hp``) in a method's config (:func:`method_config`):
+    the shared loss weights and sizes, and its own hyperparameters by their short names
+    (``hp.nu`` for ``--affine_ste_nu``)."""
+    name = parse_spec(name)[0]
     own = {n: cfg.method_params[f"{name}_{n}"] for n, _, _ in METHODS[name].hyperparameters}
-    shared = ("alpha", "beta", "K", "m", "fd_h", "ema_decay", "ema_eps", "dead_threshold")
+    shared = ("alpha", "beta", "K", "m", "D", "steps", "fd_h", "ema_decay", "ema_eps", "dead_threshold",
+              "fsq_levels")
     return types.SimpleNamespace(**{k: getattr(cfg, k) for k in shared}, **own)
+
+
+def per_element(cfg, alpha, beta, **rest):
+    """An authors' recipe with losses averaged per element (PyTorch's ``F.mse_loss``):
+    ``mean_d (x - x^)^2 + alpha mean_k (sg(z) - e)^2 + ...`` is ``1/D`` times our sums
+    with the VQ weights times ``D/m``; the factor ``1/D`` is absorbed by the tuned rate
+    (and ignored by Adam)."""
+    return {"alpha": alpha * cfg.D / cfg.m, "beta": beta * cfg.D / cfg.m, **rest}
 
 
 def vq_method(label, paper="", estimator="ste", weights=lambda hp: (hp.alpha, hp.beta),
@@ -1508,87 +1617,125 @@ def wasserstein_grads(Z, E):
 
 
 def wasserstein_loss(W, V, params, Xb, frozen, hp):
-    Z = Xb @ np.swapaxes(W, -1, -2)                         # (…, B, m)
+    Z = Xb @ np.swapaxes(W, -1, -2) if hp.encoder else frozen.Z0     # (…, B, m)
     return (surrogate_loss(W, params["E"], Xb, frozen, hp.alpha, hp.beta, V)
             + hp.weight * wasserstein_distance(Z, params["E"]))
 
 
 def wasserstein_loss_and_grads(W, V, params, Xb, frozen, hp):
-    """STE plus ``weight`` times the distance, its gradient reaching the codes and,
-    through the latents, the encoder."""
+    """STE plus ``weight`` times the distance, its gradient reaching the codes and, with
+    ``encoder``, through the latents the encoder; without, the latents' statistics are
+    held fixed, as the authors' VQ code does (VQ-Research/Wasserstein-VQ
+    ``code/VQGAN/models/wasserstein_quantizer.py``, ``calc_wasserstein_loss``: z's mean
+    and covariance detached)."""
     gr = manual_grads(W, params["E"], Xb, hp.alpha, hp.beta, frozen=frozen, V=V)
-    Wd, gZ, gE = wasserstein_grads(latents(Xb, W), params["E"])
-    return Step(gr.loss + hp.weight * Wd, gr.gW + hp.weight * t_dot(gZ, Xb), gr.gV, {"E": gr.gE + hp.weight * gE})
+    Wd, gZ, gE = wasserstein_grads(frozen.Z0, params["E"])
+    gW = gr.gW + hp.weight * t_dot(gZ, Xb) if hp.encoder else gr.gW
+    return Step(gr.loss + hp.weight * Wd, gW, gr.gV, {"E": gr.gE + hp.weight * gE})
 
 
 # --- FSQ (Mentzer et al., ICLR 2024): no codebook, rounding per dimension
 
 # FSQ levels of the authors' Table 1 (as reproduced in third-party code) for d dimensions.
-FSQ_TABLE = {(2 ** 8, 3): [8, 6, 5], (2 ** 10, 4): [8, 5, 5, 5], (2 ** 12, 5): [7, 5, 5, 5, 5],
-             (2 ** 14, 5): [8, 8, 8, 6, 5], (2 ** 16, 6): [8, 8, 8, 5, 5, 5]}
+FSQ_TABLE = {(2 ** 8, 3): (8, 6, 5), (2 ** 10, 4): (8, 5, 5, 5), (2 ** 12, 5): (7, 5, 5, 5, 5),
+             (2 ** 14, 5): (8, 8, 8, 6, 5), (2 ** 16, 6): (8, 8, 8, 5, 5, 5)}
 
 
-def fsq_levels(K, m):
-    """Levels per latent dimension for FSQ with at most K codes: the authors' table where it
-    has (K, m); for K a power of two, its bits spread as evenly as possible (K=32, m=4:
-    [4, 2, 2, 2]); else balanced levels with the largest product <= K. None if K < 2^m
-    (a dimension would have a single level).
+@functools.lru_cache(maxsize=None)
+def lloyd_max(L, iters=2000):
+    """The mean squared error of the best L-level scalar quantizer of N(0, 1) (Lloyd 1982,
+    Max 1960): thresholds at the midpoints, levels at the conditional means, iterated.
 
-    >>> fsq_levels(32, 4), fsq_levels(256, 3), fsq_levels(30, 2)
-    ([4, 2, 2, 2], [8, 6, 5], [6, 5])
+    >>> [round(lloyd_max(L), 4) for L in (1, 2, 3, 4)]          # Max 1960, Table I
+    [1.0, 0.3634, 0.1902, 0.1175]
+    """
+    phi = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi) if math.isfinite(x) else 0.0
+    Phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))
+    c = [3.0 * (2 * i + 1 - L) / L for i in range(L)]           # a start spread over +-3
+    for _ in range(iters):
+        t = [-math.inf] + [(u + v) / 2 for u, v in zip(c, c[1:])] + [math.inf]
+        p = [Phi(b) - Phi(a) for a, b in zip(t, t[1:])]
+        c = [(phi(a) - phi(b)) / q for a, b, q in zip(t, t[1:], p)]
+    return 1.0 - sum(q * v * v for q, v in zip(p, c))
+
+
+def fsq_levels(K, m, variances=None):
+    """Levels per latent dimension for FSQ with at most K codes, allotted by the latents'
+    ``variances`` (m,): the levels (each >= 2, product <= K) that minimise the error of
+    the best product quantizer, ``sum_d var_d lloyd_max(L_d)``, the largest levels to the
+    largest variances (equal variances when not given). None if K < 2^m (a dimension
+    would have one level).
+
+    >>> fsq_levels(64, 4, [4, 3, 2, 1]), fsq_levels(32, 2)
+    ([4, 4, 2, 2], [6, 5])
     """
     if K < 2 ** m:
         return None
-    if (K, m) in FSQ_TABLE:
-        return list(FSQ_TABLE[(K, m)])
-    bits = K.bit_length() - 1
-    if K == 2 ** bits:
-        return [2 ** (bits // m + (d < bits % m)) for d in range(m)]
-    levels = [int(K ** (1 / m))] * m
-    for d in range(m):
-        while math.prod(levels) // levels[d] * (levels[d] + 1) <= K:
-            levels[d] += 1
-    return sorted(levels, reverse=True)
+    var = np.ones(m) if variances is None else np.asarray(variances, dtype=float)
+
+    def best(d, room, top):             # levels <= top for the d-th largest variance on
+        if d == m:
+            return 0.0, ()
+        options = []
+        for L in range(2, min(top, int(room // 2 ** (m - d - 1))) + 1):
+            err, rest = best(d + 1, room // L, L)
+            options.append((ranked[d] * lloyd_max(L) + err, (L,) + rest))
+        return min(options)
+    order = np.argsort(-var, kind="stable")
+    ranked = var[order]
+    levels = best(0, K, K)[1]
+    return [int(levels[list(order).index(d)]) for d in range(m)]
 
 
-def fsq_bound(T, levels, eps=1e-3):
-    """FSQ's bounding and its derivative (lucidrains ``FSQ.bound``, "adapted from Jax
-    version in Appendix A.1"): ``y = tanh(t + shift) half_l - offset`` per dimension,
-    ``half_l = (L-1)(1+eps)/2``, ``offset = 0.5`` for even L, ``shift = atanh(offset/half_l)``.
-    Returns y (n, m), dy/dt (n, m) and the half widths ``L // 2`` (m,)."""
+def fsq_bound(T, levels, symmetric=True, eps=1e-3):
+    """FSQ's bounding of ``T`` (n, m) onto level coordinates ``y`` in [0, L-1] per
+    dimension, with ``dy/dt``; the level of t is ``round(y)`` and its value
+    ``(round(y) - centre) / width``. Returns y, dy/dt, centre, width (m,).
+
+    - ``symmetric`` (lucidrains ``symmetry_preserving_bound``, arXiv 2411.19842 sec. 3.2):
+      ``y = (L-1)(tanh t + 1)/2``, values ``2k/(L-1) - 1``: L levels symmetric about 0
+      in [-1, 1] for every L (``floor(y + 1/2)`` is the rounding);
+    - else the FSQ paper's (lucidrains ``FSQ.bound``, "adapted from Jax version in
+      Appendix A.1"): ``y = tanh(t + shift) half_l - offset + L//2``, ``half_l =
+      (L-1)(1+eps)/2``, ``offset = 0.5`` for even L, ``shift = atanh(offset/half_l)``,
+      values ``k/(L//2) - 1``: for even L one more level below 0 than above (L = 2:
+      {-1, 0}).
+    """
     L = np.asarray(levels, dtype=float)
-    half_l = (L - 1) * (1 + eps) / 2
+    if symmetric:
+        th = np.tanh(T)
+        return (L - 1) * (th + 1) / 2, (L - 1) / 2 * (1 - th ** 2), (L - 1) / 2, (L - 1) / 2
+    half_l, hw = (L - 1) * (1 + eps) / 2, np.floor(L / 2)
     offset = np.where(L % 2 == 0, 0.5, 0.0)
     th = np.tanh(T + np.arctanh(offset / half_l))
-    return th * half_l - offset, half_l * (1 - th ** 2), np.floor(L / 2)
+    return th * half_l - offset + hw, half_l * (1 - th ** 2), hw, hw
 
 
-def fsq_codebook(a, levels):
-    """The implicit codebook (prod L, m): ``a * k / (L//2)`` for every level combination k,
-    in the index order of :func:`fsq_assign` (the first dimension varies fastest)."""
-    hw = np.floor(np.asarray(levels) / 2)
-    grids = np.meshgrid(*[np.arange(L) - h for L, h in zip(levels, hw)], indexing="ij")
+def fsq_codebook(a, levels, symmetric=True):
+    """The implicit codebook (prod L, m): ``a * (k - centre) / width`` for every level
+    combination k, in the index order of :func:`fsq_assign` (the first dimension varies
+    fastest)."""
+    _, _, centre, width = fsq_bound(np.zeros((1, len(levels))), levels, symmetric)
+    grids = np.meshgrid(*[np.arange(int(L)) for L in levels], indexing="ij")
     k = np.stack([g.ravel(order="F") for g in grids], axis=1)       # (prod L, m)
-    return a * k / hw
+    return a * (k - centre) / width
 
 
-def fsq_assign(Z, s, levels):
+def fsq_assign(Z, s, levels, symmetric=True):
     """FSQ's cell of each latent: ``round(bound(s z))`` per dimension, as an index into
-    :func:`fsq_codebook` (``sum_d (k_d + L_d//2) prod_{e<d} L_e``)."""
-    y, _, hw = fsq_bound(Z * s, levels)
-    k = np.round(y) + hw                                    # 0 .. L-1 per dimension
-    basis = np.cumprod([1] + list(levels[:-1]))
+    :func:`fsq_codebook` (``sum_d k_d prod_{e<d} L_e``)."""
+    k = np.round(fsq_bound(Z * s, levels, symmetric)[0])       # 0 .. L-1 per dimension
+    basis = np.cumprod([1] + [int(L) for L in levels[:-1]])
     return (k @ basis).astype(np.intp)
 
 
 def fsq_loss(W, V, params, X, delta, hp):
     """FSQ's loss from its definition with the rounding offset ``delta`` (B, m) fixed:
-    ``mean ||x - q~ Dec||^2``, ``q~ = a * (bound(s z) + delta) / (L//2)``; any one of W,
-    V (the decoder, None: W), s, a may be a stack (P, ...): then (P,) losses."""
-    levels = fsq_levels(hp.K, hp.m)
+    ``mean ||x - q~ Dec||^2``, ``q~ = a * (bound(s z) + delta - centre) / width``; any
+    one of W, V (the decoder, None: W), s, a may be a stack (P, ...): then (P,) losses."""
     Z = X @ np.swapaxes(W, -1, -2)                          # (…, B, m)
-    y = fsq_bound(Z * params["s"][..., None, :], levels)[0]
-    F = params["a"][..., None, :] * (y + delta) / np.floor(np.asarray(levels) / 2)
+    y, _, centre, width = fsq_bound(Z * params["s"][..., None, :], params["levels"], hp.symmetric)
+    F = params["a"][..., None, :] * (y + delta - centre) / width
     Dec = W if V is None else V
     Y = Z if V is None else X @ np.swapaxes(V, -1, -2)
     G = Dec @ np.swapaxes(Dec, -1, -2)                      # (…, m, m)
@@ -1598,7 +1745,7 @@ def fsq_loss(W, V, params, X, delta, hp):
 
 def fsq_freeze(W, V, params, X, hp, rng=None):
     """The straight-through rounding offset ``delta = sg(round(y) - y)`` (B, m) at this point."""
-    y = fsq_bound(latents(X, W) * params["s"], fsq_levels(hp.K, hp.m))[0]
+    y = fsq_bound(latents(X, W) * params["s"], params["levels"], hp.symmetric)[0]
     return np.round(y) - y
 
 
@@ -1606,19 +1753,19 @@ def fsq_grads(W, V, params, X, delta, hp):
     """Loss and gradients of FSQ in the linear model (Mentzer et al., ICLR 2024; their
     Colab ``FSQ.quantize`` and lucidrains ``finite_scalar_quantization.py``), with the
     adaptation to an orthonormal encoder: a learned input scale s and output scale a,
-    ``q~ = a * round_ste(bound(s z)) / (L//2)``, ``x^ = q~ W`` (or ``q~ V``), the rounding
-    straight through (``delta`` from :func:`fsq_freeze`). No VQ loss terms."""
+    ``q~ = a * round_ste(bound(s z))`` in level values, ``x^ = q~ W`` (or ``q~ V``), the
+    rounding straight through (``delta`` from :func:`fsq_freeze`). No VQ loss terms."""
     B, s, a = X.shape[0], params["s"], params["a"]
     Z = latents(X, W)                                       # (B, m)
-    y, dy, hw = fsq_bound(Z * s, fsq_levels(hp.K, hp.m))
-    zhat = (y + delta) / hw                                 # (B, m) the levels, straight through
+    y, dy, centre, width = fsq_bound(Z * s, params["levels"], hp.symmetric)
+    zhat = (y + delta - centre) / width                     # (B, m) the levels, straight through
     F = a * zhat                                            # forward value
     Dec = W if V is None else V
     Y = Z if V is None else latents(X, V)
     FG = F @ (Dec @ Dec.T)
     loss = (np.einsum("bd,bd->", X, X) - 2 * np.einsum("bm,bm->", Y, F) + np.einsum("bm,bm->", FG, F)) / B
     g = (-2.0 / B) * (Y - FG)                               # gradient reaching q~
-    slope = dy / hw                                         # d zhat / d(s z)
+    slope = dy / width                                      # d zhat / d(s z)
     gDec = ((2.0 / B) * (F.T @ F)) @ Dec - t_dot((2.0 / B) * F, X)
     gW = t_dot(g * a * slope * s, X) + (gDec if V is None else 0.0)   # through the bound, per dimension
     grads = {"s": np.sum(g * a * slope * Z, axis=0), "a": np.sum(g * zhat, axis=0)}
@@ -1627,19 +1774,31 @@ def fsq_grads(W, V, params, X, delta, hp):
 
 def fsq_init(problem, hp):
     """Input and output scales started at ``s = 1/sd(z)``, ``a = sd(z)`` of the start
-    encoder's training latents."""
+    encoder's training latents; the levels ``--fsq_levels``, else allotted by those
+    latents' variances (:func:`fsq_levels`)."""
     sd = latents(problem.X_train, problem.W0).std(axis=0)
-    return {"s": 1 / sd, "a": sd.astype(np.float64)}
+    levels = hp.fsq_levels or fsq_levels(hp.K, hp.m, sd.astype(np.float64) ** 2)
+    return {"s": 1 / sd, "a": sd.astype(np.float64), "levels": np.array(levels, dtype=float)}
 
 
 def fsq_cells(params, hp):
     """Its own cells: the rounding of :func:`fsq_assign` at the scale ``s``."""
-    s, levels = params["s"].copy(), fsq_levels(hp.K, hp.m)
-    return lambda Z: fsq_assign(Z, s, levels)
+    s, levels = params["s"].copy(), params["levels"]
+    return lambda Z: fsq_assign(Z, s, levels, hp.symmetric)
 
 
 def fsq_skip(problem, hp):
     return None if fsq_levels(hp.K, hp.m) else f"K={hp.K} < 2^m={2 ** hp.m}: a dimension with one level"
+
+
+def fsq_note(problem, hp):
+    """Its levels, and the best product quantizer with those levels as its reference: the
+    PCA floor plus Lloyd-Max per principal direction, the levels by variance."""
+    levels = hp.fsq_levels or fsq_levels(hp.K, hp.m, latents(problem.X_train, problem.W0).var(axis=0))
+    lam = np.sort(problem.lam)[::-1]
+    reference = lam[hp.m:].sum() + sum(v * lloyd_max(L) for v, L in zip(lam, sorted(levels, reverse=True)))
+    return (f"levels {list(levels)} ({'symmetric' if hp.symmetric else 'asymmetric'}): {math.prod(levels)} "
+            f"codes; the best product quantizer with these levels: {reference:.4g}")
 
 
 # --- Fitted methods: the k-means reference and exact alternating minimisation
@@ -1713,36 +1872,61 @@ def fit_procrustes_lloyd(problem, hp):
 
 
 # The one registry: a method is one entry. Reports, plots, summary.json and the sweeps
-# list the methods in this order.
+# list the methods in this order. Each gradient method's ``recipe`` is its authors'
+# (--recipe authors): the file it follows is named above it, and where it differs, why.
+# Rates are not part of a recipe: they are tuned (sweeps.py --tune).
 METHODS: dict[str, Method] = {
     "pca_lloyd": Method("PCA + Lloyd", "Lloyd 1982; k-means++: Arthur and Vassilvitskii 2007",
                         fit=fit_pca_lloyd),
+    # deepmind/sonnet sonnet/src/nets/vqvae.py VectorQuantizer (reduce_mean losses,
+    # commitment_cost 0.25) and examples/vqvae_example.ipynb (Adam)
     "fd_ste": dataclasses.replace(
         vq_method("FD STE (autograd stand-in)", "Bengio et al. 2013"),
-        loss_and_grads=fd_ste_loss_and_grads, skip=fd_ste_budget, hand_derived=False),
-    "manual_ste": vq_method("Manual STE", "Bengio et al. 2013; van den Oord et al. 2017"),
-    "rotation": vq_method("Rotation trick", "Fifty et al., ICLR 2025 (Table-1 code)", "rotation"),
-    # STE encoder (reconstruction + commitment), the codebook by moving averages
+        loss_and_grads=fd_ste_loss_and_grads, skip=fd_ste_budget, hand_derived=False,
+        recipe=lambda c: per_element(c, 1.0, 0.25, optimizer="adam")),
+    "manual_ste": vq_method("Manual STE", "Bengio et al. 2013; van den Oord et al. 2017",
+                            recipe=lambda c: per_element(c, 1.0, 0.25, optimizer="adam")),
+    # cfifty/rotation_trick src/train_utils/utils.py get_opt (AdamW, betas (0.9, 0.99), weight
+    # decay 1e-4 in src/scripts.sh) and src/models/vq_vae.py (commitment 1). Their Table-1
+    # codebook learns by lucidrains' EMA (decay 0.8); here by its gradient, as the estimator's
+    # own comparison with STE needs
+    "rotation": vq_method("Rotation trick", "Fifty et al., ICLR 2025 (Table-1 code)", "rotation",
+                          recipe=lambda c: per_element(c, 1.0, 1.0, optimizer="adamw", betas=(0.9, 0.99),
+                                                       weight_decay=1e-4)),
+    # STE encoder (reconstruction + commitment), the codebook by moving averages; sonnet
+    # VectorQuantizerEMA (decay 0.99, epsilon 1e-5, commitment 0.25) with Adam
     "ema_ste": vq_method("EMA STE", "van den Oord et al. 2017, app. A.1; DeepMind Sonnet",
                          weights=lambda hp: (0.0, hp.beta), init=ema_init, codebook_grads=lambda p, gE, hp: {},
-                         update=ema_update, reset=ema_reset),
+                         update=ema_update, reset=ema_reset,
+                         recipe=lambda c: per_element(c, 0.0, 0.25, optimizer="adam", ema_decay=0.99, ema_eps=1e-5)),
     "procrustes_lloyd": Method("Procrustes-Lloyd", "alternating exact minimisation", fit=fit_procrustes_lloyd),
     # cfifty/rotation_trick exp_weights_and_configs/table_3/rot_vqgan.py, VQModel.get_rotation:
-    # the gradient flows through z/||z||
+    # the gradient flows through z/||z||; taming's VectorQuantizer(beta=0.25) with legacy
+    # weights (commitment 1, codebook 0.25) and Adam betas (0.5, 0.9) (configure_optimizers)
     "rotation_unit": vq_method("Rotation trick (unit z)", "Fifty et al., ICLR 2025 (VQGAN code)",
-                               "rotation_unit", in_default=False),
+                               "rotation_unit", in_default=False,
+                               recipe=lambda c: per_element(c, 0.25, 1.0, optimizer="adam", betas=(0.5, 0.9))),
     # MHVali/Noise-Substitution-in-Vector-Quantization NSVQ.forward: no VQ loss terms, the
-    # codebook learns through ||z - q||; scored with the nearest code, as NSVQ.inference
+    # codebook learns through ||z - q||; scored with the nearest code, as NSVQ.inference.
+    # train.py: Adam, and replace_unused_codebooks every 1,000 of 20,000 batches (threshold
+    # 0.01, none in the last two periods): here every twentieth of the steps
     "nsvq": vq_method("NSVQ", "Vali and Backstrom, IEEE Access 2022", "nsvq", weights=lambda hp: (0.0, 0.0),
-                      stochastic=True, in_default=False),
-    # AaltoML/DiVeQ DIVEQ.forward: no VQ loss terms; their dead-code replacement is not
-    # included (the shared --dead_threshold rule is)
+                      stochastic=True, in_default=False,
+                      recipe=lambda c: {"optimizer": "adam", "replace_every": max(1, c.steps // 20),
+                                        "replace_below": 0.01}),
+    # AaltoML/DiVeQ vqvae_compression/diveq.py DIVEQ.forward: no VQ loss terms;
+    # _replace_unused_entries (every replacement_iters = 100, discard_threshold 0.01: here every
+    # twentieth of the steps, as NSVQ's) and train.py's Adam in its recipe
     "diveq": vq_method("DiVeQ", "Vali, Backstrom and Solin, ICLR 2026", "diveq", weights=lambda hp: (0.0, 0.0),
                        stochastic=True, in_default=False,
                        hyperparameters=(("noise", 1e-3, "standard deviation of the direction's noise "
-                                                        "(0: DiVeQ-Detach)"),)),
+                                                        "(0: DiVeQ-Detach)"),),
+                       recipe=lambda c: {"optimizer": "adam", "replace_every": max(1, c.steps // 20),
+                                         "replace_below": 0.01}),
     # minyoungg/vqtorch nn/vq.py VectorQuant, nn/affine.py; s = t = 0 at the start, C the
-    # shared start codebook; SGD at --lrE where the authors use AdamW
+    # shared start codebook. examples/autoencoder.py: AdamW (PyTorch's weight decay 0.01),
+    # loss 10 x (0.95 codebook + 0.05 commitment) in per-element means, sync_nu 2, affine_lr 2;
+    # README's inplace_optimizer: SGD at rate 50 with momentum 0.9 (without the momentum here)
     "affine_ste": vq_method("Affine STE + sync", "Huh et al., ICML 2023",
                             weights=lambda hp: (hp.alpha, 0.0 if hp.alternate else hp.beta),
                             init=lambda problem, hp: {"C": problem.E0.astype(np.float64), "s": np.zeros(hp.m),
@@ -1752,27 +1936,42 @@ METHODS: dict[str, Method] = {
                                 ("a", 2.0, "affine learning-rate multiplier (vqtorch affine_lr)"),
                                 ("nu", 2.0, "synchronized commitment (vqtorch sync_nu)"),
                                 ("alternate", 0.0, "1: the alternating optimisation (codes first)"),
-                                ("inner_lr", 1.0, "the codes' own step of the alternating optimisation"))),
+                                ("inner_lr", 1.0, "the codes' own step of the alternating optimisation")),
+                            recipe=lambda c: per_element(c, 9.5, 0.5, optimizer="adamw", weight_decay=0.01,
+                                                         a=2.0, nu=2.0, inner_lr=50.0)),
     # youngsheen/SimVQ taming/modules/vqvae/quantize.py SimVQ: the frozen basis C is the
-    # shared start codebook with P = I, b = 0 (the authors draw it from N(0, 1/m)); SGD, not
-    # Adam; dL/dP = G^T C, dL/db = sum_j G_j
+    # shared start codebook with P = I, b = 0 (the authors draw it from N(0, 1/m): the start
+    # regime is ours to vary); dL/dP = G^T C, dL/db = sum_j G_j. configs/imagenet_simvq_128_B.yaml
+    # (beta 0.25, legacy false: codebook 1, commitment 0.25) and taming/models/vq.py (Adam (0.5, 0.9))
     "simvq": vq_method("SimVQ", "Zhu et al., arXiv 2411.02038",
                        init=lambda problem, hp: {"C": problem.E0.astype(np.float64), "P": np.eye(hp.m),
                                                  "b": np.zeros(hp.m)},
                        codebook=simvq_codebook, codebook_grads=lambda p, gE, hp: {"P": gE.T @ p["C"], "b": gE.sum(0)},
-                       reset=simvq_reset, shared=("P", "b"), in_default=False),
-    # weight 1 here; the authors' simulation weighs it 10 against a codebook loss of 0.1
+                       reset=simvq_reset, shared=("P", "b"), in_default=False,
+                       recipe=lambda c: per_element(c, 1.0, 0.25, optimizer="adam", betas=(0.5, 0.9))),
+    # VQ-Research/Wasserstein-VQ code/VQGAN/models/wasserstein_quantizer.py (codebook alpha 1,
+    # commitment beta 0.2, gamma 1 in the scripts, per-element means, the latents' statistics
+    # detached) and train_VQ_transplant.py (AdamW, betas (0.9, 0.95), weight decay 1e-5)
     "wasserstein": dataclasses.replace(
         vq_method("STE + Wasserstein", "Fang et al., arXiv 2506.15078"),
         loss=wasserstein_loss, loss_and_grads=wasserstein_loss_and_grads, in_default=False,
-        hyperparameters=(("weight", 1.0, "weight of the Wasserstein distance"),)),
+        hyperparameters=(("weight", 1.0, "weight of the Wasserstein distance"),
+                         ("encoder", 0.0, "1: its gradient reaches the encoder through the latents "
+                                          "(the authors detach them)")),
+        recipe=lambda c: per_element(c, 1.0, 0.2, optimizer="adamw", betas=(0.9, 0.95), weight_decay=1e-5,
+                                     weight=1.0 * c.D)),
     # Mentzer et al.'s Colab FSQ.quantize and lucidrains finite_scalar_quantization.py:
-    # scored with its own rounding cells; it does not share the start codebook
+    # scored with its own rounding cells; it does not share the start codebook. Its recipe:
+    # the paper's Table-1 levels where it has (K, m), with the paper's bound (lucidrains
+    # refuses L = 2 without preserve_symmetry: elsewhere symmetric) and Adam
     "fsq": Method("FSQ", "Mentzer et al., ICLR 2024", init=fsq_init,
-                  codebook=lambda params, hp: fsq_codebook(params["a"], fsq_levels(hp.K, hp.m)),
+                  codebook=lambda params, hp: fsq_codebook(params["a"], params["levels"], hp.symmetric),
                   freeze=fsq_freeze, loss=fsq_loss, loss_and_grads=fsq_grads, assign=fsq_cells, skip=fsq_skip,
-                  note=lambda problem, hp: f"levels {fsq_levels(hp.K, hp.m)}: {math.prod(fsq_levels(hp.K, hp.m))} codes",
-                  in_default=False),
+                  note=fsq_note, in_default=False, hyperparameters=(
+                      ("symmetric", 1.0, "1: levels symmetric about 0 for every L (lucidrains "
+                                         "preserve_symmetry); 0: the paper's bound"),),
+                  recipe=lambda c: {"optimizer": "adam", "fsq_levels": FSQ_TABLE.get((c.K, c.m), c.fsq_levels),
+                                    "symmetric": 0.0 if (c.K, c.m) in FSQ_TABLE else 1.0}),
 }
 
 
@@ -1787,18 +1986,24 @@ def default_methods():
 
 
 def method_table():
-    """The registry as a Markdown table (the README's, tested to match)."""
-    rows = ["| key | name | from | gradient estimator | noise | by default | hyperparameters (flag: default) |",
-            "|---|---|---|---|---|---|---|"]
+    """The registry as a Markdown table (the README's, tested to match); the authors'
+    recipes as they read at the default sizes (D=64, m=4)."""
+    rows = ["| key | name | from | gradient estimator | noise | by default | hyperparameters (flag: default) "
+            "| authors' recipe (`--recipe authors`) |", "|---|---|---|---|---|---|---|---|"]
     for key, m in METHODS.items():
         params = ", ".join(f"`--{key}_{n}` {d:g}" for n, d, _ in m.hyperparameters) or "-"
+        recipe = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in (m.recipe(Config()) if m.recipe else {}).items() if v != ()) or "-"
         rows.append(f"| `{key}` | {m.label} | {m.paper} | {m.estimator or '-'} | "
-                    f"{'yes' if m.stochastic else 'no'} | {'yes' if m.in_default else 'opt-in'} | {params} |")
+                    f"{'yes' if m.stochastic else 'no'} | {'yes' if m.in_default else 'opt-in'} | {params} | {recipe} |")
     return "\n".join(rows)
 
 
-def method_label(name):
-    return METHODS[name].label if name in METHODS else name
+def method_label(spec):
+    """A method's name in reports: its registry label, and a variant's own settings."""
+    name, own = parse_spec(spec)
+    label = METHODS[name].label if name in METHODS else name
+    return label + (" " + spec[len(name):] if own else "")
 
 
 # --------------------------- The training loop: one for every gradient method
@@ -1837,19 +2042,23 @@ class Run:
     """
 
     def __init__(self, problem, name):
-        cfg = self.cfg = problem.cfg
-        self.problem, self.method, self.hp = problem, METHODS[name], hyperparameters(cfg, name)
+        self.problem, self.name = problem, name
+        self.method, cfg = method_config(problem.cfg, name)
+        self.cfg, self.hp = cfg, hyperparameters(cfg, name)
         self.W = problem.W0.copy()
         self.V = None if problem.V0 is None else problem.V0.copy()
         self.params = self.method.init(problem, self.hp)
         self.E = self.codebook(self.params)
-        rates = {"W": cfg.lrW, "V": cfg.lrW,
-                 **{k: cfg.lrE / (cfg.K if k in self.method.shared else 1) for k in self.params}}
-        self.optimizer = Optimizer(rates)
+        per_code = cfg.optimizer in ("sgd", "momentum")     # Adam's steps do not grow with the sum over K
+        rates = {"W": cfg.lrW, "V": cfg.lrV or cfg.lrW,
+                 **{k: cfg.lrE / (cfg.K if k in self.method.shared and per_code else 1) for k in self.params}}
+        self.optimizer = Optimizer(rates, cfg.optimizer, cfg.momentum, cfg.betas, cfg.weight_decay)
         self.noise, self.reseed_rng = derived_rng(cfg.seed, "noise"), derived_rng(cfg.seed, "reseed")
-        self.reseeds = (cfg.dead_threshold > 0 and self.method.assign is None
-                        and (self.method.reset is not None or "E" in self.params))
+        resettable = self.method.assign is None and (self.method.reset is not None or "E" in self.params)
+        self.reseeds = cfg.dead_threshold > 0 and resettable
+        self.replaces = cfg.replace_every > 0 and resettable
         self.counts = np.ones(self.E.shape[0])
+        self.used = np.zeros(self.E.shape[0])               # batches each code was used in (replacement)
         self.tail_from = cfg.steps - math.ceil(cfg.tail_average * cfg.steps) + 1
         self.sums = [np.zeros(self.W.shape), np.zeros(self.E.shape), np.zeros(self.W.shape)]
         self.status, self.diverged_at_step, self.note = "ok", None, ""
@@ -1888,17 +2097,8 @@ class Run:
             ok = False
         if not ok:                     # the last finite parameters are kept
             return self.stop(t, f"non-finite loss or parameters at step {t}")
-        if self.reseeds:
-            Z = latents(Xb, self.W)                         # the batch before the step
-            n_j = np.bincount(nearest(Z, self.E)[0], minlength=self.E.shape[0])
-            self.counts = cfg.dead_decay * self.counts + (1 - cfg.dead_decay) * n_j
-            dead = np.flatnonzero(self.counts < cfg.dead_threshold)
-            if dead.size:
-                pick = self.reseed_rng.choice(len(Z), size=dead.size, replace=dead.size > len(Z))
-                params = (m.reset or reset_codes)(params, dead, Z[pick], hp)
-                E = self.codebook(params)
-                self.counts[dead] = cfg.dead_threshold
-            self.logs["reseeded"].append(int(dead.size))
+        if self.reseeds or self.replaces:
+            params, E = self.renew(t, latents(Xb, self.W), params, E)
         self.W, self.V, self.params, self.E = W, V, params, E
         self.logs["batch_loss"].append(float(st.loss))
         if t >= self.tail_from:
@@ -1912,6 +2112,37 @@ class Run:
             self.logs["eval"].append(row)
         return True
 
+    def renew(self, t, Z, params, E):
+        """Dead codes after the step, from the batch's latents ``Z`` before it: the
+        moving-average rule (``--dead_threshold``) or the periodic replacement
+        (``--replace_every``); returns the parameters and codebook."""
+        cfg, K = self.cfg, E.shape[0]
+        n_j = np.bincount(nearest(Z, self.E)[0], minlength=K)
+        if self.reseeds:
+            self.counts = cfg.dead_decay * self.counts + (1 - cfg.dead_decay) * n_j
+            dead = np.flatnonzero(self.counts < cfg.dead_threshold)
+            if dead.size:
+                values = Z[self.reseed_rng.choice(len(Z), size=dead.size, replace=dead.size > len(Z))]
+                self.counts[dead] = cfg.dead_threshold
+        else:   # NSVQ replace_unused_codebooks, DiVeQ _replace_unused_entries: a copy of a used
+            # code (drawn by its use, as DiVeQ's), 1e-9 apart; NSVQ's last two periods replace nothing
+            self.used += n_j > 0
+            dead = np.empty(0, dtype=np.intp)
+            if t % cfg.replace_every == 0:
+                rate = self.used / cfg.replace_every
+                used = np.flatnonzero(rate >= cfg.replace_below)
+                if t <= cfg.steps - 2 * cfg.replace_every and used.size:
+                    dead = np.flatnonzero(rate < cfg.replace_below)
+                self.used[:] = 0
+            if dead.size:
+                pick = self.reseed_rng.choice(used, size=dead.size, p=rate[used] / rate[used].sum())
+                values = E[pick] + 1e-9 * self.reseed_rng.standard_normal((dead.size, E.shape[1]))
+        if dead.size:
+            params = (self.method.reset or reset_codes)(params, dead, values, self.hp)
+            E = self.codebook(params)
+        self.logs["reseeded"].append(int(dead.size))
+        return params, E
+
     def result(self):
         """The trained model (the tail average when asked for) and how the run went."""
         W, E, V, cfg = self.W, self.E, self.V, self.cfg
@@ -1920,7 +2151,7 @@ class Run:
             W = stiefel_project(self.sums[0] / n_avg).astype(W.dtype)
             E = (self.sums[1] / n_avg).astype(E.dtype)
             V = None if V is None else (self.sums[2] / n_avg).astype(V.dtype)
-        notes = [self.note, f"{sum(self.logs['reseeded'])} codes re-seeded" if self.reseeds else "",
+        notes = [self.note, f"{sum(self.logs['reseeded'])} codes re-seeded" if self.reseeds or self.replaces else "",
                  self.method.note(self.problem, self.hp) if self.method.note else ""]
         return Result(W, E, V, self.cells(), self.params, self.status, self.diverged_at_step,
                       " ".join(n for n in notes if n), self.logs)
@@ -1981,7 +2212,8 @@ def check_gradients(problem, names):
     out = {"point": "the trained methods' start, their own parameters moved by 10%, first training batch",
            "h": c.fd_h, "measure": "max|fd - hand-derived| / max|hand-derived| per tensor"}
     for name in names:
-        method, hp = METHODS[name], hyperparameters(c, name)
+        method, mcfg = method_config(c, name)
+        hp = hyperparameters(mcfg, name)
         if method.loss_and_grads is None or not method.hand_derived or (method.skip and method.skip(problem, hp)):
             continue
         rng = derived_rng(c.seed, "gradcheck")
@@ -2022,8 +2254,8 @@ def check_outdir(outdir, flag="outdir"):
         raise ConfigError(flag, outdir, f"cannot be written ({e.strerror or e})") from None
 
 
-def validate(cfg):
-    """Raise :class:`ConfigError` for the first invalid setting of ``cfg``."""
+def validate_settings(cfg):
+    """Raise :class:`ConfigError` for the first invalid value of a field of ``cfg``."""
     def need(ok, flag, reason):
         if not ok:
             raise ConfigError(flag, getattr(cfg, flag), reason)
@@ -2046,18 +2278,41 @@ def validate(cfg):
     for flag in ("lrW", "lrE", "fd_h", "lmax", "lmin"):
         v = getattr(cfg, flag)
         need(math.isfinite(v) and v > 0, flag, "must be positive and finite")
-    for flag in ("alpha", "beta", "ema_eps", "dead_threshold", "pl_tol", "fd_max_evals", "shift"):
+    for flag in ("alpha", "beta", "ema_eps", "dead_threshold", "pl_tol", "fd_max_evals", "shift", "lrV",
+                 "weight_decay", "replace_every"):
         v = getattr(cfg, flag)
         need(math.isfinite(v) and v >= 0, flag, "must be finite and >= 0")
     need(cfg.lmin <= cfg.lmax, "lmin", f"must be <= lmax={cfg.lmax}")
-    for flag in ("ema_decay", "dead_decay", "tail_average"):
+    for flag in ("ema_decay", "dead_decay", "tail_average", "momentum", "replace_below"):
         need(0 <= getattr(cfg, flag) < 1, flag, "must be in [0, 1)")
     for flag, choices in (("start", START_REGIMES), ("train_encoder", (0, 1)), ("decoder", ("tied", "untied")),
-                          ("lr_schedule", LR_SCHEDULES), ("dtype", ("float64", "float32"))):
+                          ("lr_schedule", LR_SCHEDULES), ("dtype", ("float64", "float32")),
+                          ("optimizer", OPTIMIZERS), ("recipe", ("shared", "authors"))):
         need(getattr(cfg, flag) in choices, flag, "must be one of " + ", ".join(map(str, choices)))
-    for name in cfg.methods:
+    need(not cfg.fsq_levels or (len(cfg.fsq_levels) == cfg.m and min(cfg.fsq_levels) >= 2
+                                and math.prod(cfg.fsq_levels) <= cfg.K), "fsq_levels",
+         f"must be m={cfg.m} whole numbers >= 2 with a product <= K={cfg.K}")
+    need(len(cfg.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.betas), "betas",
+         "must be two numbers in [0, 1)")
+
+
+def validate(cfg):
+    """Raise :class:`ConfigError` for the first invalid setting of ``cfg``."""
+    validate_settings(cfg)
+    for spec in cfg.methods:
+        name, own = parse_spec(spec)
         if name not in METHODS:
-            raise ConfigError("methods", name, "unknown method (known: " + ", ".join(METHODS) + ")")
+            raise ConfigError("methods", spec, "unknown method (known: " + ", ".join(METHODS) + ")")
+        mine = [n for n, _, _ in METHODS[name].hyperparameters]
+        for key in own:
+            if key not in RECIPE_KEYS + tuple(mine):
+                raise ConfigError("methods", spec, f"{key} is not a setting of a method (known: "
+                                  + ", ".join(RECIPE_KEYS + tuple(mine)) + ")")
+        if own or cfg.recipe == "authors":
+            try:
+                validate_settings(method_config(cfg, spec)[1])
+            except ConfigError as e:
+                raise ConfigError("methods", spec, str(e)) from None
     declared = declared_params()
     for name, v in cfg.method_params.items():
         if name not in declared:
@@ -2124,6 +2379,7 @@ def make_config(**settings):
     cfg = Config(**settings, method_params=params)
     methods = (cfg.methods,) if isinstance(cfg.methods, str) else tuple(cfg.methods)
     cfg.methods = methods or default_methods()
+    cfg.betas, cfg.fsq_levels = tuple(cfg.betas), tuple(cfg.fsq_levels)
     validate(cfg)
     cfg.n_init = cfg.n_init or auto_restarts(cfg.n_train, cfg.K)
     cfg.log_every = cfg.log_every or max(1, cfg.steps // 20)
@@ -2241,16 +2497,22 @@ def compare(problem, check=True):
     cfg = problem.cfg
     records = {}
     for name in cfg.methods:               # each skipped with its reason, fitted, or trained
-        t0, method, hp = time.perf_counter(), METHODS[name], hyperparameters(cfg, name)
+        t0, (method, mcfg) = time.perf_counter(), method_config(cfg, name)
+        hp = hyperparameters(mcfg, name)
         reason = method.skip(problem, hp) if method.skip else None
         records[name] = (Result(status="skipped", note=reason) if reason else
                          method.fit(problem, hp) if method.fit else train(problem, name))
         records[name].seconds += time.perf_counter() - t0
         score(problem, records[name])
     floors, pop = bounds(problem, records), population_scores(problem, records)
-    registry = {n: {"label": m.label, "paper": m.paper, "estimator": m.estimator, "stochastic": m.stochastic,
-                    "params": {f"{n}_{k}": cfg.method_params[f"{n}_{k}"] for k, _, _ in m.hyperparameters}}
-                for n, m in METHODS.items() if n in cfg.methods}
+    registry = {}
+    for name in cfg.methods:
+        m, mcfg = method_config(cfg, name)
+        key = parse_spec(name)[0]
+        registry[name] = {"label": method_label(name), "paper": m.paper, "estimator": m.estimator,
+                          "stochastic": m.stochastic,
+                          "params": {f"{key}_{k}": mcfg.method_params[f"{key}_{k}"] for k, _, _ in m.hyperparameters},
+                          "settings": {k: getattr(mcfg, k) for k in RECIPE_KEYS}}
     results = {n: r.as_dict() for n, r in records.items()}
     return {"config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)}, "methods": registry,
             "results": results, "bounds": {**floors, **pop},
@@ -2666,7 +2928,14 @@ def add_config_flags(p, skip=(), defaults=True):
                            **({} if defaults else {"default": argparse.SUPPRESS}))
         elif f.name == "methods":
             p.add_argument(flag, nargs="+", default=list(f.default), metavar="NAME",
-                           help=f"{help_}; registered: {', '.join(METHODS)}")
+                           help=f"{help_}; registered: {', '.join(METHODS)}; a variant sets its own, "
+                                "e.g. 'affine_ste[nu=0]' or 'manual_ste[lrE=0.4, optimizer=adam]'")
+        elif f.name == "fsq_levels":
+            p.add_argument(flag, nargs="+", type=whole_number, default=f.default if defaults else argparse.SUPPRESS,
+                           metavar="L", help=help_)
+        elif f.name == "betas":
+            p.add_argument(flag, nargs=2, type=float, default=f.default if defaults else argparse.SUPPRESS,
+                           metavar=("B1", "B2"), help=help_)
         else:
             typ = {"int": whole_number, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             default = CLI_DEFAULTS.get(f.name, f.default)
@@ -2692,7 +2961,9 @@ def main(argv=None):
         settings = vars(build_parser().parse_args(argv))
     except SystemExit as e:                                 # --help, or a flag argparse refused
         return e.code
-    settings["methods"] = [m for item in settings["methods"] for m in item.split(",") if m]
+    settings["methods"] = [m.strip() for item in settings["methods"] for m in re.split(r",(?![^\[]*\])", item)
+                           if m.strip()]
+    settings["betas"], settings["fsq_levels"] = tuple(settings["betas"]), tuple(settings["fsq_levels"])
     try:
         cfg = make_config(**settings)                       # every setting checked before any work
     except ConfigError as e:
