@@ -21,9 +21,11 @@ import csv
 import dataclasses
 import glob
 import io
+import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -41,7 +43,7 @@ GRIDS = {"K": (int, [8, 16, 32, 64], "codebook size K"),
 # "tricks": every combination of --start_values, --K_values and full / codebook-only training
 SWEEPS = tuple(GRIDS) + ("tricks", "steps", "verify")
 TRAINING = {"full": 1, "codes": 0}                          # --train_encoder of a tricks cell
-RESULTS, CONFIG, SUMMARY = "results.jsonl", "sweep_config.json", "summary.csv"
+RESULTS, CONFIG, SUMMARY, TUNING = "results.jsonl", "sweep_config.json", "summary.csv", "tuning.json"
 SCORE_KEYS = ("recon_mse", "in_sub_dist", "usage_entropy", "dead_frac", "perplexity",
               "subspace_angle_deg", "pop_recon_mse", "pop_recon_se", "entropy_bound")
 
@@ -59,9 +61,36 @@ COLLAPSE = dict(sweep=["shift"], shift_values=[0.0, 1.0, 2.0, 4.0, 8.0], seeds=5
                 train_encoder=0, D=8, rank=8, m=8, lmax=1.0, lmin=1.0, K=256)
 # Every method from every start regime at three codebook sizes, with and without training
 # the encoder: which trick helps, and where.
-TRICKS = dict(sweep=["tricks"], start_values=list(vq.START_REGIMES), K_values=[16, 64, 256], seeds=5,
-              methods=list(vq.METHODS))
+TRICKS = dict(sweep=["tricks"], start_values=list(vq.START_REGIMES), K_values=[16, 64, 256], seeds=10,
+              methods=list(vq.METHODS), ablations=True, tune=True)
 PRESETS = {"original": ORIGINAL, "collapse": COLLAPSE, "tricks": TRICKS}
+# --quick with a preset: QUICK's problem sizes, and these
+SIZES = ("D", "rank", "m", "n_train", "n_eval", "batch", "n_pop", "n_init", "steps")
+QUICK_PRESETS = {"tricks": dict(K_values=[16, 64], seeds=3, tune_seeds=1, tune_samples=20_000),
+                 "collapse": dict(seeds=2, K=64, n_pop=50_000)}
+
+
+DEAD_CODES = 1.0         # --ablations: the re-seeding threshold of the "with dead codes" variants
+
+
+def ablations(methods, settings):
+    """The matched ablations of ``methods`` under the settings' recipe: the synchronized
+    commitment without the affine map (a = 0) next to STE with alpha + nu and affine's
+    weights and optimizer (the same method in the tied model), the affine map without
+    sync (nu = 0), and every trained method with dead-code re-seeding switched the other
+    way (fd_ste follows manual_ste; FSQ has no codes to re-seed)."""
+    cfg = vq.make_config(**{**settings, "methods": (), "outdir": None})
+    out = []
+    if "affine_ste" in methods:
+        affine, ste = vq.method_config(cfg, "affine_ste")[1], vq.method_config(cfg, "manual_ste")[1]
+        nu = vq.hyperparameters(affine, "affine_ste").nu
+        same = {k: getattr(affine, k) for k in ("beta", "optimizer", "weight_decay")
+                if getattr(affine, k) != getattr(ste, k)}
+        out += ["affine_ste[a=0]", "affine_ste[nu=0]", vq.spec_of("manual_ste", alpha=affine.alpha + nu, **same)]
+    dead = 0.0 if cfg.dead_threshold > 0 else DEAD_CODES
+    out += [vq.spec_of(m, dead_threshold=dead) for m in methods
+            if "[" not in m and not vq.METHODS[m].fit and m not in ("fd_ste", "fsq")]
+    return out
 
 
 def tricks_value(start, K, training):
@@ -192,7 +221,7 @@ def run_tasks(tasks, pool, done):
         X_train, _, U, _ = vq.problem_data(cfg)
         starts.append(vq.start_point(cfg, X_train, U, pool))
     cells, runs = [], {}
-    here = not all(set(task["settings"]["methods"]) <= SHIPPED for task in tasks)
+    here = not all({vq.parse_spec(m)[0] for m in task["settings"]["methods"]} <= SHIPPED for task in tasks)
     for group, finish in zip(groups.values(), starts):
         W0, E0, seconds, reference = finish()
         start = W0, E0, seconds, reference()
@@ -225,12 +254,14 @@ def run_task(task):
     b = out["bounds"]
     lines = []
     for name, r in out["results"].items():
-        line = {**base, "method": name, "status": r["status"],
+        line = {**base, "method": task.get("labels", {}).get(name, name), "status": r["status"],
                 **{k: r.get(k) for k in SCORE_KEYS},
                 "pca_floor": b["pca_floor"], "shannon_bound": b["shannon_bound"],
                 "rank_m_bound": b["rank_m_bound"], "unconstrained_kmeans": b["unconstrained_kmeans"]}
         if sweep == "steps" and r.get("logs") and "batch_loss" in r["logs"]:
             line["curve"] = [[e["step"], e["recon_mse"]] for e in r["logs"]["eval"]]
+        if line["method"] != name:
+            line["run_as"] = name                           # the tuned rates it ran with
         lines.append(vq._json_ready(line))
     return lines
 
@@ -258,6 +289,170 @@ def verify_trajectories(problem):
                 recon_diff.append(abs(a - b) / b)
     return {"gW_rel_err": gW_err, "gE_rel_err": gE_err, "max_abs_W_diff": W_diff,
             "eval_steps": steps, "recon_rel_diff": recon_diff}
+
+
+# ----------------------------------------------------------------------------
+# Tuning: every method's rates, chosen on held-out data before it is scored
+# ----------------------------------------------------------------------------
+
+TUNE_SEED = 100_000        # tuning seeds are seed + TUNE_SEED + i: disjoint from the scoring seeds
+RATES = ("lrE", "lrW")
+ADAPTIVE_START = 0.01      # the grid's centre for adam and adamw (their steps do not scale with g)
+TIE = 1e-4                 # relative: validation errors this close count as equal
+
+
+def tunable(cfg, spec):
+    """The rates a method's run depends on: none for a fitted method; fd_ste follows
+    manual_ste's (the same gradients: the same rates); lrW only when the encoder trains."""
+    name = vq.parse_spec(spec)[0]
+    if vq.METHODS[name].fit or name == "fd_ste":
+        return ()
+    return RATES if cfg.train_encoder else RATES[:1]
+
+
+def grid_centre(cfg, spec):
+    """Where a method's grid starts: its configured rates for sgd and momentum."""
+    mcfg = vq.method_config(cfg, spec)[1]
+    if mcfg.optimizer in ("adam", "adamw"):
+        return {k: ADAPTIVE_START for k in RATES}
+    return {k: getattr(mcfg, k) for k in RATES}
+
+
+class Tuner:
+    """One method (``base``, a spec) in one cell: each rate of ``order`` in turn (lrE,
+    then lrW at the chosen lrE) on a factor-2 grid about its centre, ``centre * 2^k``,
+    from k = -1, 0, 1, extended on the side of the best until the best lies inside the
+    grid (or ``limit`` doublings out: then it is reported at its bound). A point's score
+    is the mean validation error over the tuning seeds; a divergence in any seed makes it
+    a failure (infinite), and so does the point one doubling below it (where a run
+    diverges moves from seed to seed). Points within ``TIE`` of the lowest count as
+    equal, the one nearest the centre chosen; a rate whose points all score the same has
+    no effect."""
+
+    def __init__(self, base, rates, order, limit):
+        self.base, self.rates, self.order, self.limit = base, dict(rates), list(order), limit
+        self.log = {n: {"centre": self.rates[n], "scores": {}, "errors": {}, "status": ""} for n in order}
+
+    def rate(self, name, k):
+        return self.log[name]["centre"] * 2.0 ** k
+
+    def spec(self, k=None):
+        """The method at the current rates (the one being tuned at doubling ``k``)."""
+        rates = dict(self.rates)
+        if k is not None:
+            rates[self.order[0]] = self.rate(self.order[0], k)
+        name, own = vq.parse_spec(self.base)
+        return vq.spec_of(name, **{**own, **rates})
+
+    def wanted(self):
+        """The doublings of the current rate still to evaluate (empty: tuning done)."""
+        while self.order:
+            name = self.order[0]
+            seen = self.log[name]["scores"]
+            if not seen:
+                return [-1, 0, 1]
+            # a rate one doubling below a divergence fails too: the edge moves from seed to seed
+            score = {k: math.inf if math.isinf(v) or math.isinf(seen.get(k + 1, 0.0)) else v for k, v in seen.items()}
+            low = min(score.values())
+            if math.isinf(low):                   # nothing stable yet: smaller rates
+                best, step, status = min(seen), -1, "diverged everywhere"
+            elif all(v == low for v in seen.values()):
+                best, step, status = 0, 0, "no effect"
+            else:   # the best: within TIE of the lowest, the nearest to the centre (noise picks no edge)
+                best = min((k for k in score if score[k] <= low + TIE * abs(low)), key=lambda k: (abs(k), k))
+                step = -1 if best == min(seen) else 1 if best == max(seen) else 0
+                status = "inside" if step == 0 else "at its bound"
+            if step and abs(best + step) <= self.limit:
+                return [best + step]
+            self.rates[name], self.log[name]["status"] = self.rate(name, best), status
+            self.order.pop(0)
+            if self.order:                        # the next rate, about its configured value
+                self.log[self.order[0]]["centre"] = self.rates[self.order[0]]
+        return []
+
+    def record(self, k, errors):
+        name = self.order[0]
+        self.log[name]["errors"][k] = errors
+        self.log[name]["scores"][k] = math.inf if any(e is None for e in errors) else float(np.mean(errors))
+
+    def report(self):
+        """The chosen rates, and per rate its grid: (rate, mean validation error or None if
+        it diverged, the errors per tuning seed) and where the best lies."""
+        return {"rates": dict(self.rates),
+                "grid": {n: {"status": log["status"],
+                             "points": [[self.rate(n, k), log["scores"][k] if math.isfinite(log["scores"][k]) else None,
+                                         log["errors"][k]] for k in sorted(log["scores"])]}
+                         for n, log in self.log.items()}}
+
+
+def tune(args, pool, log=print):
+    """Tune every method's rates in every cell of the sweep (see :class:`Tuner`) on
+    ``--tune_seeds`` seeds of their own, each point scored on ``--tune_samples`` fresh
+    samples of the validation stream. Returns {cell: {spec: report}} (tuning.json)."""
+    cells = {}
+    for task in plan(args):
+        if task["sweep"] not in ("verify", "lr"):
+            cells.setdefault(cell_label(task), cell_settings(task["settings"], task["sweep"], task["value"]))
+    seeds = [args.seed + TUNE_SEED + i for i in range(args.tune_seeds)]
+    tuners, configs = {}, {}
+    for label, settings in cells.items():
+        cfg = vq.make_config(**{**settings, "outdir": None})
+        tuners[label] = {spec: Tuner(spec, grid_centre(cfg, spec), tunable(cfg, spec), args.tune_limit)
+                         for spec in settings["methods"] if tunable(cfg, spec)}
+        configs[label] = {seed: {**settings, "seed": seed, "n_pop": args.tune_samples, "outdir": None, "quiet": True}
+                          for seed in seeds}
+    starts, known = {}, {}                       # start points per problem; errors per (cell, spec)
+    for label in cells:
+        for seed, settings in configs[label].items():
+            key = _problem_key(vq.make_config(**settings))
+            if key not in starts:
+                cfg = vq.make_config(**settings)
+                starts[key] = vq.start_point(cfg, vq.problem_data(cfg)[0], vq.problem_data(cfg)[2], pool)
+    starts = {key: (lambda W0, E0, sec, ref: (W0, E0, sec, ref()))(*finish()) for key, finish in starts.items()}
+    rounds = 0
+    while True:
+        todo = {label: sorted({t.spec(k) for t in ts.values() for k in t.wanted()} - set(known.get(label, {})))
+                for label, ts in tuners.items()}
+        if not any(todo.values()) and not any(t.wanted() for ts in tuners.values() for t in ts.values()):
+            break
+        futures = {(label, seed): pool.submit(tune_task, {"sweep": "tune", "value": label, "seed": seed,
+                                                          "settings": {**settings, "methods": todo[label]},
+                                                          "start": starts[_problem_key(vq.make_config(**settings))]})
+                   for label in tuners if todo[label] for seed, settings in configs[label].items()}
+        for (label, seed), future in futures.items():
+            for spec, err in future.result().items():
+                known.setdefault(label, {}).setdefault(spec, {})[seed] = err
+        for label, ts in tuners.items():
+            for t in ts.values():
+                for k in t.wanted():
+                    if t.spec(k) in known.get(label, {}):
+                        t.record(k, [known[label][t.spec(k)][seed] for seed in seeds])
+        rounds += 1
+        log(f"tuning, round {rounds}: {sum(len(v) for v in todo.values())} settings x {len(seeds)} seeds evaluated; "
+            f"{sum(1 for ts in tuners.values() for t in ts.values() if t.wanted())} methods still tuning")
+    return {label: {spec: t.report() for spec, t in ts.items()} for label, ts in tuners.items()}
+
+
+def cell_label(task):
+    return f"{task['sweep']}={task['value']}"
+
+
+def tuned_methods(methods, chosen):
+    """The specs a cell scores: each method at its tuned rates (fd_ste at manual_ste's),
+    and the map back to the method's own name."""
+    out = {}
+    for spec in methods:
+        source = chosen.get(spec) or (chosen.get("manual_ste") if vq.parse_spec(spec)[0] == "fd_ste" else None)
+        name, own = vq.parse_spec(spec)
+        out[vq.spec_of(name, **{**own, **source["rates"]}) if source else spec] = spec
+    return out
+
+
+def tune_task(task):
+    """The validation errors of the specs of one tuning task (None: diverged or skipped)."""
+    problem = vq.make_problem(_task_config(task), task.get("start"))
+    out = vq.compare(problem, check=False, stream="validation")
+    return {name: (r.get("pop_recon_mse") if r["status"] == "ok" else None) for name, r in out["results"].items()}
 
 
 # ----------------------------------------------------------------------------
@@ -321,6 +516,7 @@ def fingerprint(args):
     return {"sweep": args.sweep, "seeds": args.seeds, "seed": args.seed,
             **{f"{name}_values": getattr(args, f"{name}_values") for name in GRIDS},
             "steps_max": args.steps_max, "steps_every": args.steps_every,
+            **({"tune": [args.tune_seeds, args.tune_samples, args.tune_limit]} if args.tune else {}),
             "settings": {**effective_defaults(), **args.settings}}   # a default given or not: the same
 
 
@@ -361,7 +557,9 @@ def shard_of(tasks, shard):
 
 def run_sweep(args, log=print):
     """Run (or resume) a sweep, or with ``args.shard`` one slice of it; returns the
-    sorted result lines of the whole sweep found so far."""
+    sorted result lines of the whole sweep found so far. With ``args.tune`` every
+    method's rates are tuned first (or read from tuning.json) and each cell scores its
+    methods at their tuned rates."""
     res_path = os.path.join(args.outdir, RESULTS) if not args.shard else _shard_path(args.outdir, args.shard)
     methods = args.settings["methods"]
     complete = _complete(_all_lines(args.outdir), methods)
@@ -384,23 +582,38 @@ def run_sweep(args, log=print):
     n_done = 0
     # Every task runs on the pool: its products are small enough for one BLAS thread
     # each, so --jobs processes keep as many cores busy.
-    with open(res_path, "a") as fh, vq.process_pool(args.jobs) as pool:
-        def done(task, lines):
-            nonlocal n_done
-            for line in lines:
-                fh.write(json.dumps(line, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-            n_done += 1
-            cell = _task_key(task)[:2]
-            remaining[cell] -= 1
-            if remaining[cell] == 0:
-                elapsed = time.perf_counter() - t0
-                finished = total_cells - sum(1 for v in remaining.values() if v > 0)
-                log(f"[{finished}/{total_cells} cells] {task['sweep']}={task['value']} done "
-                    f"({args.seeds} seeds): {elapsed:.1f} s elapsed, "
-                    f"~{elapsed / n_done * (len(tasks) - n_done):.1f} s left")
-        run_tasks(tasks, pool, done)
+    with vq.process_pool(args.jobs) as pool:
+        if args.tune:
+            tuning_path = os.path.join(args.outdir, TUNING)
+            if os.path.exists(tuning_path):
+                with open(tuning_path) as fh:
+                    chosen = json.load(fh)
+                log(f"tuned rates read from {tuning_path}")
+            else:
+                chosen = tune(args, pool, log)
+                vq.write_json(tuning_path, chosen)
+            for task in tasks:
+                if cell_label(task) in chosen:
+                    task["labels"] = tuned_methods(task["settings"]["methods"], chosen[cell_label(task)])
+                    task["settings"] = {**task["settings"], "methods": list(task["labels"])}
+
+        with open(res_path, "a") as fh:
+            def done(task, lines):
+                nonlocal n_done
+                for line in lines:
+                    fh.write(json.dumps(line, sort_keys=True) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+                n_done += 1
+                cell = _task_key(task)[:2]
+                remaining[cell] -= 1
+                if remaining[cell] == 0:
+                    elapsed = time.perf_counter() - t0
+                    finished = total_cells - sum(1 for v in remaining.values() if v > 0)
+                    log(f"[{finished}/{total_cells} cells] {task['sweep']}={task['value']} done "
+                        f"({args.seeds} seeds): {elapsed:.1f} s elapsed, "
+                        f"~{elapsed / n_done * (len(tasks) - n_done):.1f} s left")
+            run_tasks(tasks, pool, done)
     lines = sorted(_all_lines(args.outdir), key=lambda ln: _order(ln, methods))
     if args.shard:
         return lines
@@ -420,7 +633,8 @@ def _write_lines(path, lines):
 CSV_FIELDS = ["sweep", "param", "value", "method", "n_seeds", "metric", "mean", "sd", "ci_lo", "ci_hi",
               "diff_to_pca_lloyd", "diff_ci_lo", "diff_ci_hi", "codes_used", "codes_used_ci_lo",
               "codes_used_ci_hi", "eval_recon_mse", "pca_floor", "shannon_bound", "rank_m_bound",
-              "unconstrained_kmeans", "diverged"]
+              "unconstrained_kmeans", "diverged", "collapsed", "diff_to_ste", "ste_ci_lo", "ste_ci_hi"]
+COLLAPSED = 0.5            # a seed whose model leaves more than this share of its codes unused has collapsed
 
 
 def aggregate(lines):
@@ -454,11 +668,14 @@ def aggregate(lines):
                 for f in ("pca_floor", "shannon_bound", "rank_m_bound", "unconstrained_kmeans"):
                     vals = [c[f] for c in ok if c.get(f) is not None]
                     row[f] = float(np.mean(vals)) if vals else None
-                base = {c["seed"]: c[key] for c in cell if c["method"] == "pca_lloyd" and c["status"] == "ok"}
-                diffs = [c[key] - base[c["seed"]] for c in ok if c["seed"] in base]
-                if method != "pca_lloyd" and diffs:
-                    d, _, lo, hi = mean_ci(diffs)
-                    row["diff_to_pca_lloyd"], row["diff_ci_lo"], row["diff_ci_hi"] = d, lo, hi
+                row["collapsed"] = sum(1 for c in ok if c["dead_frac"] > COLLAPSED)
+                for ref, cols in (("pca_lloyd", ("diff_to_pca_lloyd", "diff_ci_lo", "diff_ci_hi")),
+                                  ("manual_ste", ("diff_to_ste", "ste_ci_lo", "ste_ci_hi"))):
+                    base = {c["seed"]: c[key] for c in cell if c["method"] == ref and c["status"] == "ok"}
+                    diffs = [c[key] - base[c["seed"]] for c in ok if c["seed"] in base]
+                    if method != ref and diffs:
+                        d, _, lo, hi = mean_ci(diffs)
+                        row.update(zip(cols, (d, lo, hi)))
             rows.append(row)
     return rows
 
@@ -503,26 +720,35 @@ def format_table(rows):
         if sweep == "steps":                               # the last checkpoint only
             last = max(r["value"] for r in rs)
             rs = [r for r in rs if r["value"] == last]
+        ste = any(r.get("diff_to_ste") is not None for r in rs)
         out.append("")
-        out += vq._wrap(f"{sweep} sweep ({rs[0]['metric']}; mean [95% CI] over seeds; used: share of "
-                        "codes used on the eval set; diff: paired difference to pca_lloyd [95% CI])")
+        out += vq._wrap(f"{sweep} sweep ({rs[0]['metric']}; mean [95% CI] over seeds; used: share of codes "
+                        "used on the eval set; seeds: scored / diverged / collapsed (more than half the codes "
+                        "unused); diff: paired difference to pca_lloyd [95% CI]"
+                        + ("; vs STE: paired difference to manual_ste at its own tuned rates" if ste else "") + ")")
         if sweep == "verify":
             for r in rs:
                 out.append(f"  steps={r['value']}: largest gradient rel. error {r['mean']:.1e}; "
                            f"fd vs manual, eval error: {r['eval_recon_mse']:.1e} apart at most")
             continue
-        w = max(6, *(len(str(r["value"])) for r in rs))
-        out.append(f"  {rs[0]['param']:>{w}} {'method':<18}{'mean':>10}{'95% CI':>20}{'used':>6}{'diff':>11}{'95% CI':>22}")
+        w, wm = max(6, *(len(str(r["value"])) for r in rs)), max(18, *(len(r["method"]) + 1 for r in rs))
+
+        def pair(r, d, lo, hi):
+            if r.get(d) is None:
+                return f"{'':>34}"
+            return f"{r[d]:+11.5f} " + (f"[{r[lo]:+.5f}, {r[hi]:+.5f}]" if not math.isnan(r[lo]) else f"{'':>22}")
+        out.append(f"  {rs[0]['param']:>{w}} {'method':<{wm}}{'mean':>10}{'95% CI':>20}{'used':>6}{'seeds':>10}"
+                   f"{'diff':>11}{'95% CI':>23}" + (f"{'vs STE':>12}{'95% CI':>22}" if ste else ""))
         for r in rs:
+            n = f"{r.get('n_seeds', 0)}/{r.get('diverged', 0)}/{r.get('collapsed', 0)}"
             if r.get("mean") is None:
-                out.append(f"  {r['value']!s:>{w}} {r['method']:<18}{'diverged':>10}")
+                out.append(f"  {r['value']!s:>{w}} {r['method']:<{wm}}{'diverged':>10}{'':>26}{n:>10}")
                 continue
             ci = f"[{r['ci_lo']:.4f}, {r['ci_hi']:.4f}]" if not math.isnan(r.get("ci_lo", math.nan)) else "n/a (1 seed)"
-            diff = f"{r['diff_to_pca_lloyd']:+.5f}" if r.get("diff_to_pca_lloyd") is not None else ""
-            dci = (f"[{r['diff_ci_lo']:+.5f}, {r['diff_ci_hi']:+.5f}]"
-                   if r.get("diff_ci_lo") is not None and not math.isnan(r["diff_ci_lo"]) else "")
             used = f"{r['codes_used']:.2f}" if r.get("codes_used") is not None else ""
-            out.append(f"  {r['value']!s:>{w}} {r['method']:<18}{r['mean']:>10.5f}{ci:>20}{used:>6}{diff:>11}{dci:>22}")
+            out.append(f"  {r['value']!s:>{w}} {r['method']:<{wm}}{r['mean']:>10.5f}{ci:>20}{used:>6}{n:>10}"
+                       + pair(r, "diff_to_pca_lloyd", "diff_ci_lo", "diff_ci_hi")
+                       + (pair(r, "diff_to_ste", "ste_ci_lo", "ste_ci_hi") if ste else ""))
     return "\n".join(out)
 
 
@@ -617,6 +843,111 @@ def plot_sweep(rows, sweep, note=""):
     return fig
 
 
+def plain_log_ticks(ax):
+    """Tick labels of a log y axis as plain numbers; the minor ticks labelled only when
+    the axis spans less than a decade (it may have no major tick then)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    lo, hi = ax.get_ylim()
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if hi < 10 * lo else NullFormatter())
+
+
+def plot_tuning(chosen, rate):
+    """Validation error against the rate ``rate`` (lrE or lrW) of every tuned method, one
+    panel per cell: the grid each method's tuning evaluated, its choice filled, a
+    divergence (in any tuning seed) as a cross on the panel's top edge."""
+    cells = [c for c, ms in chosen.items() if any(rate in r["grid"] for r in ms.values())]
+    ncols = min(4, max(len(cells), 1))
+    nrows = max(1, math.ceil(len(cells) / ncols))
+    fig, axes = vq._figure(3.6 * ncols + 1.5, 2.9 * nrows + 0.6, nrows, ncols)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(cells):
+            ax.set_visible(False)
+            continue
+        finite = [p[1] for r in chosen[cells[i]].values() for p in r["grid"].get(rate, {}).get("points", [])
+                  if p[1] is not None]
+        low, top = (min(finite), 1.3 * max(finite)) if finite else (1.0, 2.0)   # crosses on the top edge
+        for spec, r in chosen[cells[i]].items():
+            pts = r["grid"].get(rate, {}).get("points", [])
+            if not pts:
+                continue
+            st = vq.style(spec)
+            x = np.array([p[0] for p in pts])
+            y = np.array([np.nan if p[1] is None else min(p[1], top) for p in pts])
+            ax.plot(x, y, lw=1.2, ms=4, **{**st, "mfc": "none"})
+            ax.plot([r["rates"][rate]], [min(dict((p[0], p[1]) for p in pts).get(r["rates"][rate]) or top, top)],
+                    ls="none", marker=st["marker"], color=st["color"], ms=7)
+            bad = x[[p[1] is None for p in pts]]
+            ax.plot(bad, np.full(bad.size, top), ls="none", marker="x", color=st["color"], ms=7, mew=2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_ylim(low / 1.02, top * 1.05)
+        plain_log_ticks(ax)
+        ax.set_title(cells[i], fontsize=9)
+        ax.set_xlabel(f"{rate} (log scale)", fontsize=8)
+        ax.set_ylabel("validation error (log)", fontsize=8)
+        ax.grid(alpha=0.3)
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines() if not h.get_label().startswith("_")}
+    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(0.8, 0.5), fontsize=7,
+               frameon=False)
+    fig.suptitle(f"tuning of {rate}: mean validation error over the tuning seeds at each rate of the grid "
+                 "(filled: chosen; x: diverged in a tuning seed)", fontsize=10)
+    fig.subplots_adjust(left=0.07, right=0.78, top=1 - 0.9 / (2.9 * nrows + 0.6), bottom=0.08 / nrows + 0.05,
+                        hspace=0.55, wspace=0.35)
+    return fig
+
+
+def plot_tricks(lines, note=""):
+    """Every seed of every tricks cell as a point: % above the rank-m bound (log), one
+    panel per K and training; a diverged seed as a cross at the top, the mean as a bar.
+    Bimodal outcomes (some seeds collapse, some do not) show as two clouds."""
+    cell_lines = [ln for ln in lines if ln["sweep"] == "tricks"]
+    if not cell_lines:
+        return None
+    cells = sorted({ln["value"] for ln in cell_lines}, key=_value_key)
+    Ks = sorted({parse_tricks(v)[1] for v in cells})
+    trainings = [t for t in TRAINING if any(parse_tricks(v)[2] == t for v in cells)]
+    starts = [s for s in vq.START_REGIMES if any(parse_tricks(v)[0] == s for v in cells)]
+    methods = list(dict.fromkeys(ln["method"] for ln in cell_lines))
+    width = 4.6 * len(Ks) + 3.4                             # 2.6 inches for the legend
+    fig, axes = vq._figure(width, 3.6 * len(trainings) + 1.0, len(trainings), len(Ks))
+    key = "pop_recon_mse" if cell_lines[0].get("pop_recon_mse") is not None else "recon_mse"
+    for (ti, training), (ki, K) in itertools.product(enumerate(trainings), enumerate(Ks)):
+        ax, top = axes[ti][ki], 0.0
+        for si, start in enumerate(starts):
+            cell = [ln for ln in cell_lines if ln["value"] == tricks_value(start, K, training)]
+            for mi, method in enumerate(methods):
+                x = si + 0.8 * (mi / max(len(methods) - 1, 1) - 0.5)
+                pts = [ln for ln in cell if ln["method"] == method]
+                ok = [100 * (ln[key] / ln["rank_m_bound"] - 1) for ln in pts if ln["status"] == "ok"]
+                st = vq.style(method)
+                ax.plot(np.full(len(ok), x), ok, ls="none", marker=st["marker"], color=st["color"], ms=3,
+                        mfc=st["mfc"], alpha=0.8, label=st["label"] if ti == ki == si == 0 else None)
+                if ok:
+                    ax.hlines(np.mean(ok), x - 0.02, x + 0.02, color=st["color"], lw=2)
+                    top = max(top, max(ok))
+                n_bad = sum(1 for ln in pts if ln["status"] == "diverged")
+                if n_bad:
+                    ax.plot([x], [np.nan], ls="none")      # placed below, once the top is known
+                    ax.annotate(f"x{n_bad}", (x, 1.0), xycoords=("data", "axes fraction"), ha="center",
+                                va="top", fontsize=6, color=st["color"])
+        ax.set_yscale("log")
+        ax.autoscale_view()
+        plain_log_ticks(ax)
+        ax.set_xticks(range(len(starts)), starts, fontsize=8)
+        ax.set_title(f"K={K}, {'encoder and codes' if training == 'full' else 'codes only'} trained", fontsize=9)
+        ax.set_ylabel(f"% above the rank-m bound\n({'population' if key == 'pop_recon_mse' else 'eval'} error; log)",
+                      fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.legend(loc="center left", bbox_to_anchor=(1 - 2.5 / width, 0.5), fontsize=6, frameon=False)
+    fig.suptitle("\n".join(vq._wrap(f"tricks: every seed a point, its mean a bar; xN at the top: N seeds diverged. "
+                                    f"{note}", int(width * 14), "")), fontsize=8)
+    fig.subplots_adjust(left=1.0 / width, right=1 - 2.6 / width, top=1 - 1.0 / (3.6 * len(trainings) + 1.0),
+                        bottom=0.08, hspace=0.45, wspace=0.3)
+    return fig
+
+
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
@@ -658,6 +989,20 @@ def build_parser():
     p.add_argument("--methods", nargs="+", default=[], metavar="NAME",
                    help="methods (default: every registered one not marked opt-in; pca_lloyd is always run: "
                         "it is the paired reference)")
+    p.add_argument("--ablations", action="store_true",
+                   help="add the matched ablations: affine_ste without the affine map (a=0) and without sync "
+                        "(nu=0), STE with affine's weights and alpha + nu, and every trained method with "
+                        f"dead-code re-seeding switched (--dead_threshold {DEAD_CODES:g} or 0)")
+    p.add_argument("--tune", action="store_true",
+                   help="first tune each method's lrE and lrW (apart) per cell on a factor-2 grid, extended "
+                        "until the best is inside it, chosen on the validation error of --tune_seeds seeds "
+                        "disjoint from the scored ones (tuning.json, tuning_*.png); then score every method "
+                        "at its tuned rates")
+    p.add_argument("--tune_seeds", type=vq.whole_number, default=2, help="--tune: seeds per grid point")
+    p.add_argument("--tune_samples", type=vq.whole_number, default=100_000,
+                   help="--tune: fresh validation samples per run")
+    p.add_argument("--tune_limit", type=vq.whole_number, default=10,
+                   help="--tune: doublings from the grid's centre at most")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return vq.add_config_flags(p, skip={"outdir", "methods", "quiet"}, defaults=False)
 
@@ -668,31 +1013,40 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     explicit = {a.dest for a in p._actions if any(o in (argv if argv is not None else sys.argv[1:])
                                                     for o in a.option_strings)}
-    if args.quick and args.preset:
-        raise SweepError(f"--quick and --preset {args.preset}: choose one")
     args.shard = parse_shard(args.shard)
     if args.shard and args.merge:
         raise SweepError("--shard and --merge: the shards run first, then one --merge")
-    presets = ([QUICK] if args.quick else []) + ([PRESETS[args.preset]] if args.preset else [])
+    presets = ([PRESETS[args.preset]] if args.preset else []) + ([QUICK] if args.quick else [])
+    if args.quick and args.preset:       # the preset's design on the small problem, in minutes
+        presets[1] = {**{k: v for k, v in QUICK.items() if k not in PRESETS[args.preset] or k in SIZES},
+                      **QUICK_PRESETS.get(args.preset, {})}
     for preset in presets:
         for k, v in preset.items():
             if k not in explicit:
                 setattr(args, k, v)
-    methods = [m for item in args.methods for m in item.split(",") if m] or list(vq.default_methods())
-    for name in methods:
-        if name not in vq.METHODS:
-            raise SweepError(f"--methods {name}: unknown method (known: {', '.join(vq.METHODS)})")
+    methods = [m.strip() for item in args.methods for m in re.split(r",(?![^\[]*\])", item)
+               if m.strip()] or list(vq.default_methods())
+    for spec in methods:
+        if vq.parse_spec(spec)[0] not in vq.METHODS:
+            raise SweepError(f"--methods {spec}: unknown method (known: {', '.join(vq.METHODS)})")
     if "pca_lloyd" not in methods:
         methods.insert(0, "pca_lloyd")
-    methods = [m for m in vq.METHODS if m in methods]
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(vq.Config)
                 if getattr(args, f.name, None) is not None and f.name not in ("outdir", "quiet", "methods")}
     settings = {k: v for k, v in settings.items() if v is not False}
     settings.update({k: getattr(args, k) for k in vq.declared_params() if hasattr(args, k)})
-    settings["methods"] = methods
+    if args.ablations:
+        methods += ablations(methods, settings)
+    order = list(vq.METHODS)             # the registry's order; a variant after its method
+    settings["methods"] = sorted(dict.fromkeys(methods), key=lambda m: order.index(vq.parse_spec(m)[0]))
     args.settings = settings
     if args.seeds < 1:
         raise SweepError(f"--seeds {args.seeds}: must be >= 1")
+    if args.seeds > TUNE_SEED:
+        raise SweepError(f"--seeds {args.seeds}: must be <= {TUNE_SEED} (the tuning seeds follow)")
+    for flag in ("tune_seeds", "tune_samples", "tune_limit"):
+        if getattr(args, flag) < 1:
+            raise SweepError(f"--{flag} {getattr(args, flag)}: must be >= 1")
     if args.jobs < 0:
         raise SweepError(f"--jobs {args.jobs}: must be >= 0 (0: one per core)")
     args.jobs = args.jobs or os.cpu_count() or 1
@@ -783,9 +1137,17 @@ def _run(args):
         return 0
     rows = aggregate(lines)
     write_csv(os.path.join(args.outdir, SUMMARY), rows)
-    for sweep in dict.fromkeys(r["sweep"] for r in rows if r["sweep"] != "tricks"):   # tricks: a table
+    for sweep in dict.fromkeys(r["sweep"] for r in rows if r["sweep"] != "tricks"):
         vq.save_figure(plot_sweep(rows, sweep, describe(args.settings)),
                        os.path.join(args.outdir, f"sweep_{sweep}.png"))
+    if any(r["sweep"] == "tricks" for r in rows):             # every seed a point
+        vq.save_figure(plot_tricks(lines, describe(args.settings)), os.path.join(args.outdir, "sweep_tricks.png"))
+    if args.tune and os.path.exists(os.path.join(args.outdir, TUNING)):
+        with open(os.path.join(args.outdir, TUNING)) as fh:
+            chosen = json.load(fh)
+        for rate in RATES:
+            if any(rate in r["grid"] for ms in chosen.values() for r in ms.values()):
+                vq.save_figure(plot_tuning(chosen, rate), os.path.join(args.outdir, f"tuning_{rate}.png"))
     if not args.quiet:
         print(format_table(rows))
         print(f"\n{len(lines)} result lines in {args.outdir}/{RESULTS}; table in {SUMMARY}; "

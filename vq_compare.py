@@ -44,6 +44,7 @@ import shutil
 import sys
 import time
 import types
+import zlib
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -128,7 +129,7 @@ class Config:
 # One random stream per purpose, derived from the seed, so that adding a method or a
 # restart never changes the numbers of another.
 _STREAMS = {"kmeans": 1, "batches": 2, "population": 3, "unconstrained": 4,
-            "reseed": 5, "gradcheck": 6, "start": 7, "curves": 8, "noise": 9}
+            "reseed": 5, "gradcheck": 6, "start": 7, "curves": 8, "noise": 9, "validation": 10}
 
 
 def derived_rng(seed, purpose):
@@ -1396,7 +1397,7 @@ def parse_spec(spec):
 
 def spec_of(name, **settings):
     """The inverse of :func:`parse_spec`: ``spec_of("manual_ste", lrE=0.4)``."""
-    return name + ("[" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+    return name + ("[" + ", ".join(f"{k}={v:.12g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in settings.items()) + "]" if settings else "")
 
 
@@ -2487,9 +2488,10 @@ def run(cfg):
     return summary
 
 
-def compare(problem, check=True):
+def compare(problem, check=True, stream="population"):
     """Run ``problem.cfg.methods`` on a problem and score them; returns the summary dict
-    (with ``check`` false, without the gradient checks).
+    (with ``check`` false, without the gradient checks; ``stream="validation"``: the
+    population error on samples of the tuning's own stream, see sweeps.py --tune).
 
     Settings that change neither the data nor the start point (``steps``, ``beta``, the
     learning rates, ``methods``, ...) may be changed in ``problem.cfg`` between calls.
@@ -2504,7 +2506,7 @@ def compare(problem, check=True):
                          method.fit(problem, hp) if method.fit else train(problem, name))
         records[name].seconds += time.perf_counter() - t0
         score(problem, records[name])
-    floors, pop = bounds(problem, records), population_scores(problem, records)
+    floors, pop = bounds(problem, records), population_scores(problem, records, stream)
     registry = {}
     for name in cfg.methods:
         m, mcfg = method_config(cfg, name)
@@ -2553,17 +2555,17 @@ def bounds(problem, records):
             "unconstrained_kmeans_seconds": ref_seconds}
 
 
-def population_scores(problem, records):
-    """Every model's error on ``n_pop`` fresh samples (paired), into its record's scores,
-    with its differences to the best model and the baseline; returns the unconstrained
-    reference's population error and every pair's paired difference."""
+def population_scores(problem, records, stream="population"):
+    """Every model's error on ``n_pop`` fresh samples (paired) of ``stream``, into its
+    record's scores, with its differences to the best model and the baseline; returns the
+    unconstrained reference's population error and every pair's paired difference."""
     cfg = problem.cfg
     t0 = time.perf_counter()
     out = {}
     models = {n: (r.W, r.E, r.V, r.assign) for n, r in records.items() if r.ok}
     if cfg.n_pop > 0:
         pop = population_errors({**models, "unconstrained_kmeans": problem.unconstrained()[0]}, problem.U, problem.lam,
-                                cfg.n_pop, derived_rng(cfg.seed, "population"), progress=problem.progress)
+                                cfg.n_pop, derived_rng(cfg.seed, stream), progress=problem.progress)
         mean = dict(zip(pop.names, pop.mean))
         for i, name in enumerate(pop.names):
             if name in records:
@@ -2761,16 +2763,20 @@ _PALETTE = ("0.35", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:re
 
 
 def color(name):
-    """Each registered method's own colour, by its place in :data:`METHODS`."""
-    names = list(METHODS)
-    return _PALETTE[names.index(name) % len(_PALETTE)] if name in names else "k"
+    """Each registered method's own colour, by its place in :data:`METHODS` (a variant:
+    its method's)."""
+    names, base = list(METHODS), parse_spec(name)[0]
+    return _PALETTE[names.index(base) % len(_PALETTE)] if base in names else "k"
 
 
 def style(name):
-    """Colour, marker and line style of a method: methods that overlap stay apart."""
-    i = list(METHODS).index(name) if name in METHODS else 0
-    return dict(color=color(name), marker="osD^vP*Xhp"[i % 10], ls=("-", "--", "-.", ":")[i % 4],
-                label=method_label(name))
+    """Colour, marker and line style of a method: methods that overlap stay apart; a
+    variant keeps its method's colour with a marker and line of its own."""
+    base, own = parse_spec(name)
+    i = list(METHODS).index(base) if base in METHODS else 0
+    j = i + (zlib.crc32(name.encode()) % 7 + 1 if own else 0)
+    return dict(color=color(name), marker="osD^vP*Xhp"[j % 10], ls=("-", "--", "-.", ":")[j % 4],
+                label=method_label(name), mfc="none" if own else color(name))
 
 
 def plot_comparison(summary):
