@@ -643,8 +643,8 @@ def test_procrustes_lloyd_bounds_and_running_sums_change_nothing(dtype):
     # only points whose bound has expired are searched again and the sums follow the
     # points that move; the trajectory is that of full passes (the sums are float64, the
     # own distances computed directly: rounding far below the tolerance)
-    for seed, (D, r, m, K, n) in enumerate([(20, 5, 3, 16, 2000), (64, 6, 4, 32, 5000),
-                                            (30, 8, 2, 50, 3000)]):
+    for seed, (D, r, m, K, n) in enumerate([(20, 5, 3, 16, 2000), (64, 6, 4, 32, 3000),
+                                            (30, 8, 2, 50, 2000)]):
         X = vq.make_lowrank_data(D, r, n, 10, seed=seed)[0].astype(dtype)
         W0 = vq.pca_encoder(X, m)
         E0 = vq.kmeans(X @ W0.T, K, seed=1, n_init=1, max_iter=5).E.astype(dtype)   # a poor start
@@ -1155,7 +1155,7 @@ SWEEP_BAD = [(["--K_values"], "--K_values"), (["--K_values", "x"], "--K_values")
              (["--sweep", "start", "--start_values", "warm"], "--start_values warm"),
              (["--sweep", "lr", "--lr_values", "0"], "--lr_values 0.0"),
              (["--sweep", "shift", "--shift_values", "-2"], "--shift_values -2.0"),
-             (["--quick", "--preset", "original"], "--quick and --preset original"),
+             (["--quick", "--preset", "tricks", "--tune_seeds", "0"], "--tune_seeds 0: must be >= 1"),
              (["--shard", "4/4"], "--shard 4/4"), (["--shard", "a/b"], "--shard a/b"),
              (["--shard", "1/2", "--merge"], "--shard and --merge"), (["--merge"], "--merge"),
              (["--steps_max", "0"], "--steps_max 0"), (["--sweep", "K", "--K_values", "0"], "--K_values 0"),
@@ -1563,7 +1563,7 @@ def test_verify_trains_both_runs_with_the_one_loop(monkeypatch):
 def test_a_script_without_a_main_guard_runs_writes_nothing_and_leaves_no_process(tmp_path):
     (tmp_path / "script.py").write_text(
         "import multiprocessing, sys\nsys.path.insert(0, %r)\nimport vq_compare\n"
-        "out = vq_compare.run_comparison(steps=20, n_pop=20000, quiet=True)\n"
+        "out = vq_compare.run_comparison(steps=20, n_train=4000, n_pop=20000, quiet=True)\n"
         "assert multiprocessing.active_children() == []\nprint(sorted(out['results']))\n" % HERE)
     p = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -1708,3 +1708,90 @@ def test_periodic_replacement_copies_used_codes_on_its_period():
     replaced = np.flatnonzero(r["logs"]["reseeded"]) + 1                 # steps that replaced codes
     assert replaced.size and np.all(replaced % 5 == 0) and replaced.max() <= 30 - 2 * 5
     assert r["status"] == "ok" and r["dead_frac"] < plain["dead_frac"]
+
+
+# ------------------------------------------------------------------- tuning
+
+def drive(tuner, score):
+    """Run a Tuner against a score of the rate (None: diverged): the points it asked for."""
+    asked = []
+    while tuner.wanted():
+        for k in tuner.wanted():
+            asked.append(tuner.rate(tuner.order[0], k))
+            tuner.record(k, [score(tuner.order[0], asked[-1])])
+    return asked
+
+
+def test_the_tuner_extends_its_grid_until_the_best_is_inside():
+    best = {"lrE": 2.0 ** 4, "lrW": 2.0 ** -3}
+    bowl = lambda name, r: 1 + (math.log2(r) - math.log2(best[name])) ** 2
+    t = sweeps.Tuner("manual_ste", {"lrE": 1.0, "lrW": 1.0}, ("lrE", "lrW"), limit=10)
+    drive(t, bowl)
+    assert t.rates == best
+    assert all(g["status"] == "inside" for g in t.report()["grid"].values())
+    for g in t.report()["grid"].values():                  # the choice has a neighbour on each side
+        rates = [p[0] for p in g["points"]]
+        chosen = min(g["points"], key=lambda p: p[1])[0]
+        assert min(rates) < chosen < max(rates)
+    assert t.spec() == "manual_ste[lrE=16, lrW=0.125]"
+    # a divergence makes its point and the one below it fail: the choice keeps two doublings away
+    t = sweeps.Tuner("x", {"lrE": 1.0}, ("lrE",), limit=10)
+    drive(t, lambda name, r: None if r >= 8 else 10 - math.log2(r))      # better and better, then diverges
+    assert t.rates["lrE"] == 2.0 and t.report()["grid"]["lrE"]["status"] == "inside"
+    # everything diverges: smaller rates until one does not (and its double does not either)
+    t = sweeps.Tuner("x", {"lrE": 1.0}, ("lrE",), limit=10)
+    drive(t, lambda name, r: None if r > 2.0 ** -4 else 1.0 + r)
+    assert t.rates["lrE"] <= 2.0 ** -5
+    # a rate with no effect keeps its centre; at the limit the status says so
+    t = sweeps.Tuner("x", {"lrE": 0.5}, ("lrE",), limit=3)
+    assert drive(t, lambda name, r: 1.0) == [0.25, 0.5, 1.0] and t.report()["grid"]["lrE"]["status"] == "no effect"
+    t = sweeps.Tuner("x", {"lrE": 1.0}, ("lrE",), limit=3)
+    drive(t, lambda name, r: 1 / r)
+    assert t.rates["lrE"] == 8.0 and t.report()["grid"]["lrE"]["status"] == "at its bound"
+
+
+TUNE_TINY = ["--sweep", "K", "--K_values", "4", "--seeds", "2", "--D", "8", "--rank", "3", "--m", "2",
+             "--n_train", "400", "--n_eval", "200", "--steps", "12", "--batch", "64", "--n_pop", "3000",
+             "--n_init", "1", "--tune", "--tune_seeds", "1", "--tune_samples", "3000", "--quiet"]
+
+
+def test_tune_scores_each_method_at_its_tuned_rates_on_seeds_it_was_not_tuned_on(monkeypatch):
+    seen = []
+    compare = vq.compare
+
+    def spy(problem, check=True, stream="population"):
+        seen.append((problem.cfg.seed, stream))
+        return compare(problem, check, stream)
+    monkeypatch.setattr(vq, "compare", spy)
+    with tempfile.TemporaryDirectory() as d:
+        code, err = sweep_here(*TUNE_TINY, "--methods", "manual_ste", "rotation", "--outdir", d)
+        assert code == 0, err
+        with open(os.path.join(d, "tuning.json")) as fh:
+            chosen = json.load(fh)["K=4"]
+        lines = [json.loads(x) for x in open(os.path.join(d, "results.jsonl"))]
+        assert os.path.exists(os.path.join(d, "tuning_lrE.png")) and os.path.exists(os.path.join(d, "tuning_lrW.png"))
+    assert set(chosen) == {"manual_ste", "rotation"}        # the fitted reference has no rates
+    for line in lines:
+        if line["method"] != "pca_lloyd":
+            assert vq.parse_spec(line["run_as"])[1] == chosen[line["method"]]["rates"]
+    for g in (g for r in chosen.values() for g in r["grid"].values()):
+        assert g["status"] in ("inside", "no effect")
+    tuning = {seed for seed, stream in seen if stream == "validation"}
+    scoring = {seed for seed, stream in seen if stream == "population"}
+    assert scoring == {0, 1} and tuning == {sweeps.TUNE_SEED} and not tuning & scoring
+
+
+def test_ablations_are_the_matched_variants_under_each_recipe():
+    args = sweeps.parse_args(["--ablations", "--methods", "manual_ste", "affine_ste", "fsq", "--outdir",
+                              tempfile.mkdtemp()])
+    m = args.settings["methods"]
+    assert {"affine_ste[a=0]", "affine_ste[nu=0]", "manual_ste[alpha=3]", "manual_ste[dead_threshold=1]",
+            "affine_ste[dead_threshold=1]"} <= set(m)
+    assert not any(x.startswith("fsq[") or x.startswith("pca_lloyd[") for x in m)
+    authors = sweeps.parse_args(["--ablations", "--recipe", "authors", "--methods", "affine_ste", "--outdir",
+                                 tempfile.mkdtemp()]).settings["methods"]
+    ste = [x for x in authors if x.startswith("manual_ste[alpha")][0]
+    affine = vq.method_config(vq.make_config(recipe="authors"), "affine_ste")[1]
+    matched = vq.method_config(vq.make_config(recipe="authors"), ste)[1]
+    assert matched.alpha == affine.alpha + 2.0 and matched.beta == affine.beta     # nu = 2 into alpha
+    assert matched.optimizer == affine.optimizer == "adamw" and matched.weight_decay == affine.weight_decay

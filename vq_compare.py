@@ -1536,16 +1536,17 @@ def affine_grads(params, gE, hp):
 
 def affine_update(params, frozen, hp):
     """With ``alternate``: the codes' own step first (vqtorch ``inplace_optimizer``), C alone
-    down ``mean_{i,d} (e_k - sg(z_i))^2`` at ``inner_lr`` (a damped Lloyd step), the
-    assignments kept; the task step then sees the moved codes (and, as the authors', no
-    commitment term: see the registry's weights)."""
+    down ``mean_{i,d} (e_k - sg(z_i))^2`` by SGD at ``inner_lr`` with heavy-ball momentum
+    ``inner_momentum`` (a damped Lloyd step), the assignments kept; the task step then sees
+    the moved codes (and, as the authors', no commitment term: see the registry's weights)."""
     if not hp.alternate:
         return params, frozen
     K, m = params["C"].shape
     E = affine_codebook(params, hp).astype(frozen.Z0.dtype)
     counts, sums = cluster_sums(frozen.Z0, frozen.labels, K)
-    g_inner = (2.0 / (frozen.Z0.shape[0] * m)) * (counts[:, None] * E - sums)
-    params = {**params, "C": params["C"] - hp.inner_lr * g_inner * (1 + hp.a * params["s"])}
+    g_inner = (2.0 / (frozen.Z0.shape[0] * m)) * (counts[:, None] * E - sums) * (1 + hp.a * params["s"])
+    buf = hp.inner_momentum * params.get("C_buf", 0.0) + g_inner
+    params = {**params, "C": params["C"] - hp.inner_lr * buf, "C_buf": buf}
     E = affine_codebook(params, hp).astype(frozen.Z0.dtype)
     return params, frozen._replace(Q0=E[frozen.labels], C=E[frozen.labels] - frozen.Z0)
 
@@ -1927,7 +1928,7 @@ METHODS: dict[str, Method] = {
     # minyoungg/vqtorch nn/vq.py VectorQuant, nn/affine.py; s = t = 0 at the start, C the
     # shared start codebook. examples/autoencoder.py: AdamW (PyTorch's weight decay 0.01),
     # loss 10 x (0.95 codebook + 0.05 commitment) in per-element means, sync_nu 2, affine_lr 2;
-    # README's inplace_optimizer: SGD at rate 50 with momentum 0.9 (without the momentum here)
+    # README's inplace_optimizer (with --affine_ste_alternate 1): SGD at rate 50, momentum 0.9
     "affine_ste": vq_method("Affine STE + sync", "Huh et al., ICML 2023",
                             weights=lambda hp: (hp.alpha, 0.0 if hp.alternate else hp.beta),
                             init=lambda problem, hp: {"C": problem.E0.astype(np.float64), "s": np.zeros(hp.m),
@@ -1937,9 +1938,10 @@ METHODS: dict[str, Method] = {
                                 ("a", 2.0, "affine learning-rate multiplier (vqtorch affine_lr)"),
                                 ("nu", 2.0, "synchronized commitment (vqtorch sync_nu)"),
                                 ("alternate", 0.0, "1: the alternating optimisation (codes first)"),
-                                ("inner_lr", 1.0, "the codes' own step of the alternating optimisation")),
+                                ("inner_lr", 1.0, "the codes' own step of the alternating optimisation"),
+                                ("inner_momentum", 0.0, "its heavy-ball momentum")),
                             recipe=lambda c: per_element(c, 9.5, 0.5, optimizer="adamw", weight_decay=0.01,
-                                                         a=2.0, nu=2.0, inner_lr=50.0)),
+                                                         a=2.0, nu=2.0, inner_lr=50.0, inner_momentum=0.9)),
     # youngsheen/SimVQ taming/modules/vqvae/quantize.py SimVQ: the frozen basis C is the
     # shared start codebook with P = I, b = 0 (the authors draw it from N(0, 1/m): the start
     # regime is ours to vary); dL/dP = G^T C, dL/db = sum_j G_j. configs/imagenet_simvq_128_B.yaml
