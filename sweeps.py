@@ -1,18 +1,22 @@
-"""sweeps: seeded sweeps of vq_compare over K, beta and training length, with confidence
-intervals, resumable.
+"""sweeps: seeded sweeps of vq_compare over K, beta, start, shift, learning rate and
+training length, and every method from every start (tricks), each method at tuned rates
+if asked, with confidence intervals, resumable.
 
     python sweeps.py --sweep K --seeds 5 --jobs 2 --outdir sweeps_out
     python sweeps.py --quick                 # a small grid, a smoke run in seconds
     python sweeps.py --preset original       # the original framework's comprehensive set
+    python sweeps.py --preset tricks --quick # tuned rates, ablations, every seed drawn
 
 Every (cell, seed) is one vq_compare run: each seed draws new data and new batches. One
 line per finished (cell, seed, method) goes to ``DIR/results.jsonl`` as soon as it is
 known, so an interrupted sweep loses nothing and ``--resume`` finishes it; the file ends
 sorted, the same however often the sweep was resumed. The k-means restarts of every
-problem run first, on ``--jobs`` processes; the cells then run in turn in this process.
-``DIR/summary.csv`` aggregates per cell and method: mean, standard deviation, 95%
-confidence interval (Student t over seeds) and the paired difference to ``pca_lloyd``.
-Any other vq_compare flag sets the fixed value of the parameters not swept.
+problem run first, on ``--jobs`` processes; the cells follow on the same processes.
+With ``--tune`` every method's rates are first chosen per cell on seeds of their own
+(``Tuner``). ``DIR/summary.csv`` aggregates per cell and method: mean, standard
+deviation, 95% confidence interval (Student t over seeds) and the paired differences to
+``pca_lloyd`` and to ``manual_ste``. Any other vq_compare flag sets the fixed value of
+the parameters not swept.
 """
 from __future__ import annotations
 
@@ -981,7 +985,10 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="a small grid: a smoke run in seconds")
     p.add_argument("--preset", choices=tuple(PRESETS),
                    help="original: the original framework's comprehensive set; collapse: the "
-                        "shifted-start, codebook-only study over --shift_values, 5 seeds")
+                        "shifted-start, codebook-only study over --shift_values, 5 seeds; tricks: every "
+                        "method from every start at K 16, 64, 256, with and without training the encoder, "
+                        "tuned rates, matched ablations, 10 seeds (with --quick: the small problem, K 16 "
+                        "and 64, 3 seeds, minutes)")
     for name, (kind, grid, label) in GRIDS.items():
         p.add_argument(f"--{name}_values", type=_grid(kind), nargs="+", default=grid, help=f"{label}: grid")
     p.add_argument("--steps_max", type=vq.whole_number, default=500, help="steps sweep: training length")

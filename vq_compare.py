@@ -2028,17 +2028,21 @@ class Run:
     """One gradient method's training, a batch at a time: what :func:`train` carries from
     step to step (parameters, optimizer, code counts, iterate sums, logs).
 
-    Each step: the method freezes its surrogate on the batch (noise from its own stream),
-    takes its non-gradient step if it has one, gives its loss and gradients; the
-    optimizer steps W (Riemannian, unless ``train_encoder`` is 0), the untied decoder V at
-    the encoder's rate and every parameter the method trains at ``lrE`` (``lrE / K`` for
-    those shared by the K codes), all times :func:`lr_factor`. Then, for every method:
+    The method runs with its own settings (:func:`method_config`: its authors' recipe
+    under ``--recipe authors``, a variant's own). Each step: the method freezes its
+    surrogate on the batch (noise from its own stream), takes its non-gradient step if it
+    has one, gives its loss and gradients; the :class:`Optimizer` steps W (Riemannian,
+    unless ``train_encoder`` is 0) at ``lrW``, the untied decoder V at ``lrV`` and every
+    parameter the method trains at ``lrE`` (under sgd and momentum ``lrE / K`` for those
+    shared by the K codes, whose gradients sum over them), all times :func:`lr_factor`.
+    Then, for every method:
     dead codes (``dead_threshold > 0``, lucidrains' ``threshold_ema_dead_code``): each
     code's count per batch before the step is averaged, ``N_j <- d N_j + (1-d) n_j`` from
     ``N_j = 1``; a code with ``N_j < dead_threshold`` after the step takes a latent of the
     batch (without replacement when it has enough) through the method's ``reset`` (or
     into its parameter ``E``; not for a method with its own cells) and ``N_j`` is set to
-    the threshold; tail averaging (the mean of the last iterates, W projected back); logs
+    the threshold; or, with ``replace_every``, the periodic replacement (:meth:`renew`);
+    tail averaging (the mean of the last iterates, W projected back); logs
     (batch loss, re-seeded codes, every ``log_every`` steps the eval metrics and the
     curve's point, :func:`curve_point`). A non-finite loss, gradient or parameter, or an
     eval error above ``DIVERGED`` times the start's, stops the run as diverged.
