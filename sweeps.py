@@ -389,12 +389,12 @@ class Tuner:
                          for n, log in self.log.items()}}
 
 
-def tune(args, pool, log=print):
-    """Tune every method's rates in every cell of the sweep (see :class:`Tuner`) on
+def tune(args, pool, tasks, log=print):
+    """Tune every method's rates in every cell of ``tasks`` (see :class:`Tuner`) on
     ``--tune_seeds`` seeds of their own, each point scored on ``--tune_samples`` fresh
     samples of the validation stream. Returns {cell: {spec: report}} (tuning.json)."""
     cells = {}
-    for task in plan(args):
+    for task in tasks:
         if task["sweep"] not in ("verify", "lr"):
             cells.setdefault(cell_label(task), cell_settings(task["settings"], task["sweep"], task["value"]))
     seeds = [args.seed + TUNE_SEED + i for i in range(args.tune_seeds)]
@@ -435,6 +435,15 @@ def tune(args, pool, log=print):
         log(f"tuning, round {rounds}: {sum(len(v) for v in todo.values())} settings x {len(seeds)} seeds evaluated; "
             f"{sum(1 for ts in tuners.values() for t in ts.values() if t.wanted())} methods still tuning")
     return {label: {spec: t.report() for spec, t in ts.items()} for label, ts in tuners.items()}
+
+
+def read_tuning(outdir):
+    """Every tuning file in ``outdir`` (tuning.json and the shards'), as one."""
+    chosen = {}
+    for path in sorted(glob.glob(os.path.join(outdir, "tuning*.json"))):
+        with open(path) as fh:
+            chosen.update(json.load(fh))
+    return chosen
 
 
 def cell_label(task):
@@ -588,14 +597,21 @@ def run_sweep(args, log=print):
     # each, so --jobs processes keep as many cores busy.
     with vq.process_pool(args.jobs) as pool:
         if args.tune:
-            tuning_path = os.path.join(args.outdir, TUNING)
-            if os.path.exists(tuning_path):
-                with open(tuning_path) as fh:
-                    chosen = json.load(fh)
-                log(f"tuned rates read from {tuning_path}")
-            else:
-                chosen = tune(args, pool, log)
-                vq.write_json(tuning_path, chosen)
+            chosen = read_tuning(args.outdir)
+            # one machine tunes every cell; a shard its share of the cells, into a file of
+            # its own, and scores once every cell it scores is tuned (a second pass)
+            cells = list(dict.fromkeys(cell_label(t) for t in plan(args) if t["sweep"] not in ("verify", "lr")))
+            mine = set(cells[args.shard[0]::args.shard[1]] if args.shard else cells) - set(chosen)
+            if mine:
+                found = tune(args, pool, [t for t in plan(args) if cell_label(t) in mine], log)
+                vq.write_json(os.path.join(args.outdir, TUNING if not args.shard else
+                                           "tuning.shard-{}-of-{}.json".format(*args.shard)), found)
+                chosen.update(found)
+            missing = {cell_label(t) for t in tasks if t["sweep"] not in ("verify", "lr")} - set(chosen)
+            if missing:
+                log(f"tuned {len(mine)} cells; {len(missing)} cells of this shard wait for the other shards' "
+                    "tuning: run this command again once they are done")
+                return None
             for task in tasks:
                 if cell_label(task) in chosen:
                     task["labels"] = tuned_methods(task["settings"]["methods"], chosen[cell_label(task)])
@@ -1136,6 +1152,8 @@ def _run(args):
     t0 = time.perf_counter()
     lines = run_sweep(args, log=(lambda *a: None) if args.quiet else
                       (lambda text: print(text, file=sys.stderr, flush=True)))   # progress: stderr
+    if lines is None:                                       # a shard's tuning pass
+        return 0
     if args.shard:
         if not args.quiet:
             print(f"shard {args.shard[0]}/{args.shard[1]} done: {_shard_path(args.outdir, args.shard)}; "
@@ -1149,9 +1167,10 @@ def _run(args):
                        os.path.join(args.outdir, f"sweep_{sweep}.png"))
     if any(r["sweep"] == "tricks" for r in rows):             # every seed a point
         vq.save_figure(plot_tricks(lines, describe(args.settings)), os.path.join(args.outdir, "sweep_tricks.png"))
-    if args.tune and os.path.exists(os.path.join(args.outdir, TUNING)):
-        with open(os.path.join(args.outdir, TUNING)) as fh:
-            chosen = json.load(fh)
+    chosen = read_tuning(args.outdir) if args.tune else {}
+    if chosen:
+        if not os.path.exists(os.path.join(args.outdir, TUNING)):   # the shards' files, merged
+            vq.write_json(os.path.join(args.outdir, TUNING), chosen)
         for rate in RATES:
             if any(rate in r["grid"] for ms in chosen.values() for r in ms.values()):
                 vq.save_figure(plot_tuning(chosen, rate), os.path.join(args.outdir, f"tuning_{rate}.png"))

@@ -1755,7 +1755,7 @@ TUNE_TINY = ["--sweep", "K", "--K_values", "4", "--seeds", "2", "--D", "8", "--r
              "--n_init", "1", "--tune", "--tune_seeds", "1", "--tune_samples", "3000", "--quiet"]
 
 
-def test_tune_scores_each_method_at_its_tuned_rates_on_seeds_it_was_not_tuned_on(monkeypatch):
+def test_tune_scores_each_method_at_its_tuned_rates_on_seeds_it_was_not_tuned_on(monkeypatch, tmp_path):
     seen = []
     compare = vq.compare
 
@@ -1763,22 +1763,31 @@ def test_tune_scores_each_method_at_its_tuned_rates_on_seeds_it_was_not_tuned_on
         seen.append((problem.cfg.seed, stream))
         return compare(problem, check, stream)
     monkeypatch.setattr(vq, "compare", spy)
-    with tempfile.TemporaryDirectory() as d:
-        code, err = sweep_here(*TUNE_TINY, "--methods", "manual_ste", "rotation", "--outdir", d)
-        assert code == 0, err
-        with open(os.path.join(d, "tuning.json")) as fh:
-            chosen = json.load(fh)["K=4"]
-        lines = [json.loads(x) for x in open(os.path.join(d, "results.jsonl"))]
-        assert os.path.exists(os.path.join(d, "tuning_lrE.png")) and os.path.exists(os.path.join(d, "tuning_lrW.png"))
-    assert set(chosen) == {"manual_ste", "rotation"}        # the fitted reference has no rates
+    args = [*TUNE_TINY, "--methods", "manual_ste"]
+    args[args.index("--K_values") + 1:args.index("--K_values") + 2] = ["4", "6"]
+    one, shards = tmp_path / "one", tmp_path / "shards"
+    code, err = sweep_here(*args, "--outdir", str(one))
+    assert code == 0, err
+    chosen = json.loads((one / "tuning.json").read_text())
+    lines = [json.loads(x) for x in (one / "results.jsonl").read_text().splitlines()]
+    assert (one / "tuning_lrE.png").exists() and (one / "tuning_lrW.png").exists()
+    assert set(chosen["K=4"]) == {"manual_ste"}              # the fitted reference has no rates
     for line in lines:
         if line["method"] != "pca_lloyd":
-            assert vq.parse_spec(line["run_as"])[1] == chosen[line["method"]]["rates"]
-    for g in (g for r in chosen.values() for g in r["grid"].values()):
+            assert vq.parse_spec(line["run_as"])[1] == chosen[f"K={line['value']}"][line["method"]]["rates"]
+    for g in (g for ms in chosen.values() for r in ms.values() for g in r["grid"].values()):
         assert g["status"] in ("inside", "no effect")
     tuning = {seed for seed, stream in seen if stream == "validation"}
     scoring = {seed for seed, stream in seen if stream == "population"}
     assert scoring == {0, 1} and tuning == {sweeps.TUNE_SEED} and not tuning & scoring
+    # on a cluster each shard tunes its share of the cells, and scores in a second pass
+    # once every cell it scores is tuned; merged, the one machine's sweep
+    for i in (0, 1, 0):
+        assert sweep_here(*args, "--outdir", str(shards), "--shard", f"{i}/2")[0] == 0
+    assert len(list(shards.glob("tuning.shard-*-of-2.json"))) == 2
+    assert sweep_here(*args, "--outdir", str(shards), "--merge")[0] == 0
+    assert json.loads((shards / "tuning.json").read_text()) == chosen
+    assert (shards / "results.jsonl").read_text() == (one / "results.jsonl").read_text()
 
 
 def test_ablations_are_the_matched_variants_under_each_recipe():

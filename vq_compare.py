@@ -1966,14 +1966,15 @@ METHODS: dict[str, Method] = {
     # Mentzer et al.'s Colab FSQ.quantize and lucidrains finite_scalar_quantization.py:
     # scored with its own rounding cells; it does not share the start codebook. Its recipe:
     # the paper's Table-1 levels where it has (K, m), with the paper's bound (lucidrains
-    # refuses L = 2 without preserve_symmetry: elsewhere symmetric) and Adam
+    # refuses L = 2 without preserve_symmetry: elsewhere symmetric). The paper trains FSQ
+    # inside MaskGIT and UViM with their optimizers: the shared one stays
     "fsq": Method("FSQ", "Mentzer et al., ICLR 2024", init=fsq_init,
                   codebook=lambda params, hp: fsq_codebook(params["a"], params["levels"], hp.symmetric),
                   freeze=fsq_freeze, loss=fsq_loss, loss_and_grads=fsq_grads, assign=fsq_cells, skip=fsq_skip,
                   note=fsq_note, in_default=False, hyperparameters=(
                       ("symmetric", 1.0, "1: levels symmetric about 0 for every L (lucidrains "
                                          "preserve_symmetry); 0: the paper's bound"),),
-                  recipe=lambda c: {"optimizer": "adam", "fsq_levels": FSQ_TABLE.get((c.K, c.m), c.fsq_levels),
+                  recipe=lambda c: {"fsq_levels": FSQ_TABLE.get((c.K, c.m), c.fsq_levels),
                                     "symmetric": 0.0 if (c.K, c.m) in FSQ_TABLE else 1.0}),
 }
 
