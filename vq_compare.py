@@ -2632,8 +2632,10 @@ def format_report(summary):
     head = (f"{'method':<27}{'eval':>9}{'population ± se':>19}{'vs PCA + Lloyd':>19}"
             f"{'used':>6}{'perp':>7}{'time s':>8}")
     rule = "-" * len(head)
+    recipe = (f"recipe shared ({c['optimizer']}, lrE {c['lrE']:g}, lrW {c['lrW']:g})" if c.get("recipe") != "authors"
+              else "recipe authors (each method's optimizer and weights: summary.json 'methods')")
     lines = _wrap(f"vq_compare: D={c['D']} rank={c['rank']} m={c['m']} K={c['K']}, {c['steps']} steps, "
-                  f"seed {c['seed']}, start {c['start']}; reconstruction error, lower is better")
+                  f"seed {c['seed']}, start {c['start']}, {recipe}; reconstruction error, lower is better")
     lines += [rule, head, rule]
     for name, r in res.items():
         label_ = method_label(name)[:26]
@@ -2652,6 +2654,9 @@ def format_report(summary):
         lines.append(f"{label_:<27}{r['recon_mse']:>9.5f}{pop:>19}{vs:>19}{1 - r['dead_frac']:>6.2f}"
                      f"{r['perplexity']:>7.2f}{r['seconds']:>8.2f}")
     lines.append(rule)
+    for name, r in res.items():                             # what a run says of itself
+        if r["status"] == "ok" and r.get("note"):
+            lines += _wrap(f"{method_label(name)}: {r['note']}")
     lines += _wrap(f"eval: mean ||x - x_hat||^2 on the {c['n_eval']} eval samples; population: on "
                    f"{b['n_pop']:,} fresh samples of the true distribution, ± its standard error; "
                    "vs PCA + Lloyd: paired difference on those samples, ± 2 paired standard errors "
