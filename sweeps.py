@@ -880,7 +880,8 @@ def plot_tuning(chosen, rate):
     cells = [c for c, ms in chosen.items() if any(rate in r["grid"] for r in ms.values())]
     ncols = min(4, max(len(cells), 1))
     nrows = max(1, math.ceil(len(cells) / ncols))
-    fig, axes = vq._figure(3.6 * ncols + 1.5, 2.9 * nrows + 0.6, nrows, ncols)
+    width = 3.6 * ncols + 3.0                               # 2.8 inches for the legend
+    fig, axes = vq._figure(width, 2.9 * nrows + 1.0, nrows, ncols)
     for i, ax in enumerate(axes.flat):
         if i >= len(cells):
             ax.set_visible(False)
@@ -909,12 +910,13 @@ def plot_tuning(chosen, rate):
         ax.set_ylabel("validation error (log)", fontsize=8)
         ax.grid(alpha=0.3)
     handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines() if not h.get_label().startswith("_")}
-    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(0.8, 0.5), fontsize=7,
-               frameon=False)
-    fig.suptitle(f"tuning of {rate}: mean validation error over the tuning seeds at each rate of the grid "
-                 "(filled: chosen; x: diverged in a tuning seed)", fontsize=10)
-    fig.subplots_adjust(left=0.07, right=0.78, top=1 - 0.9 / (2.9 * nrows + 0.6), bottom=0.08 / nrows + 0.05,
-                        hspace=0.55, wspace=0.35)
+    fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1 - 2.7 / width, 0.5),
+               fontsize=7, frameon=False)
+    fig.suptitle("\n".join(vq._wrap(f"tuning of {rate}: mean validation error over the tuning seeds at each rate "
+                                    "of the grid (filled: chosen; x: diverged in a tuning seed)", int(width * 15), "")),
+                 fontsize=9)
+    fig.subplots_adjust(left=0.9 / width, right=1 - 2.8 / width, top=1 - 1.0 / (2.9 * nrows + 1.0),
+                        bottom=0.6 / (2.9 * nrows + 1.0), hspace=0.55, wspace=0.35)
     return fig
 
 
@@ -943,7 +945,7 @@ def plot_tricks(lines, note=""):
                 ok = [100 * (ln[key] / ln["rank_m_bound"] - 1) for ln in pts if ln["status"] == "ok"]
                 st = vq.style(method)
                 ax.plot(np.full(len(ok), x), ok, ls="none", marker=st["marker"], color=st["color"], ms=3,
-                        mfc=st["mfc"], alpha=0.8, label=st["label"] if ti == ki == si == 0 else None)
+                        mfc=st["mfc"], alpha=0.8, label=st["label"][:48] if ti == ki == si == 0 else None)
                 if ok:
                     ax.hlines(np.mean(ok), x - 0.02, x + 0.02, color=st["color"], lw=2)
                     top = max(top, max(ok))
