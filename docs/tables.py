@@ -34,8 +34,9 @@ def cell_of(lines, value):
     return out
 
 
-def fmt_ci(values, digits=1):
+def fmt_ci(values, digits=None):
     m, _, lo, hi = sweeps.mean_ci(values)
+    digits = digits if digits is not None else 1 if abs(m) >= 1 else 2
     if math.isnan(lo):
         return f"{m:.{digits}f}"
     return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
