@@ -1644,21 +1644,27 @@ FSQ_TABLE = {(2 ** 8, 3): (8, 6, 5), (2 ** 10, 4): (8, 5, 5, 5), (2 ** 12, 5): (
 
 
 @functools.lru_cache(maxsize=None)
-def lloyd_max(L, iters=2000):
+def lloyd_max(L, tol=1e-13):
     """The mean squared error of the best L-level scalar quantizer of N(0, 1) (Lloyd 1982,
-    Max 1960): thresholds at the midpoints, levels at the conditional means, iterated.
+    Max 1960): thresholds at the midpoints, levels at the conditional means, iterated
+    until no level moves by ``tol``. Above 32 levels, where the iteration needs of the
+    order of L^2 rounds, its high-resolution value ``sqrt(3) pi / (2 L^2)`` (Panter and
+    Dite 1951; 3% above the exact value at L = 64, less beyond).
 
     >>> [round(lloyd_max(L), 4) for L in (1, 2, 3, 4)]          # Max 1960, Table I
     [1.0, 0.3634, 0.1902, 0.1175]
     """
+    if L > 32:
+        return math.sqrt(3) * math.pi / (2 * L * L)
     phi = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi) if math.isfinite(x) else 0.0
     Phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))
     c = [3.0 * (2 * i + 1 - L) / L for i in range(L)]           # a start spread over +-3
-    for _ in range(iters):
+    while True:
         t = [-math.inf] + [(u + v) / 2 for u, v in zip(c, c[1:])] + [math.inf]
         p = [Phi(b) - Phi(a) for a, b in zip(t, t[1:])]
-        c = [(phi(a) - phi(b)) / q for a, b, q in zip(t, t[1:], p)]
-    return 1.0 - sum(q * v * v for q, v in zip(p, c))
+        c, old = [(phi(a) - phi(b)) / q for a, b, q in zip(t, t[1:], p)], c
+        if max(abs(u - v) for u, v in zip(c, old)) < tol:
+            return 1.0 - sum(q * v * v for q, v in zip(p, c))
 
 
 def fsq_levels(K, m, variances=None):
