@@ -305,21 +305,31 @@ ADAPTIVE_START = 0.01      # the grid's centre for adam and adamw (their steps d
 TIE = 1e-4                 # relative: validation errors this close count as equal
 
 
-def tunable(cfg, spec):
-    """The rates a method's run depends on: none for a fitted method; fd_ste follows
-    manual_ste's (the same gradients: the same rates); lrW only when the encoder trains."""
-    name = vq.parse_spec(spec)[0]
+def tunable(cfg, spec, knobs=False):
+    """The settings a method's run is tuned over: its rates (none for a fitted method;
+    fd_ste follows manual_ste's, the same gradients; lrW only when the encoder trains)
+    and, with ``knobs``, its hyperparameters that declare the authors' range."""
+    name, own = vq.parse_spec(spec)
     if vq.METHODS[name].fit or name == "fd_ste":
         return ()
-    return RATES if cfg.train_encoder else RATES[:1]
+    rates = RATES if cfg.train_encoder else RATES[:1]
+    return rates + tuple(n for n, _, _, *span in vq.METHODS[name].hyperparameters if knobs and span and n not in own)
 
 
 def grid_centre(cfg, spec):
-    """Where a method's grid starts: its configured rates for sgd and momentum."""
+    """Where a method's grid starts: its configured rates for sgd and momentum (adam and
+    adamw: ``ADAPTIVE_START``), its knobs' configured values; and each one's bounds (a
+    knob's: the authors' range)."""
+    name = vq.parse_spec(spec)[0]
     mcfg = vq.method_config(cfg, spec)[1]
-    if mcfg.optimizer in ("adam", "adamw"):
-        return {k: ADAPTIVE_START for k in RATES}
-    return {k: getattr(mcfg, k) for k in RATES}
+    hp = vq.hyperparameters(mcfg, spec)
+    adaptive = mcfg.optimizer in ("adam", "adamw")
+    centre = {k: ADAPTIVE_START if adaptive else getattr(mcfg, k) for k in RATES}
+    spans = {}
+    for n, _, _, *span in vq.METHODS[name].hyperparameters:
+        if span:
+            centre[n], spans[n] = getattr(hp, n), tuple(span[0])
+    return centre, spans
 
 
 class Tuner:
@@ -333,9 +343,14 @@ class Tuner:
     equal, the one nearest the centre chosen; a rate whose points all score the same has
     no effect."""
 
-    def __init__(self, base, rates, order, limit):
+    def __init__(self, base, rates, order, limit, spans=None):
         self.base, self.rates, self.order, self.limit = base, dict(rates), list(order), limit
+        self.spans = spans or {}                  # a knob's range: the authors'
         self.log = {n: {"centre": self.rates[n], "scores": {}, "errors": {}, "status": ""} for n in order}
+
+    def allowed(self, name, k):
+        lo, hi = self.spans.get(name, (0.0, math.inf))
+        return abs(k) <= self.limit and lo * (1 - 1e-9) <= self.rate(name, k) <= hi * (1 + 1e-9)
 
     def rate(self, name, k):
         return self.log[name]["centre"] * 2.0 ** k
@@ -349,28 +364,33 @@ class Tuner:
         return vq.spec_of(name, **{**own, **rates})
 
     def wanted(self):
-        """The doublings of the current rate still to evaluate (empty: tuning done)."""
+        """The doublings of the current setting still to evaluate (empty: tuning done)."""
         while self.order:
             name = self.order[0]
             seen = self.log[name]["scores"]
-            if not seen:
-                return [-1, 0, 1]
-            # a rate one doubling below a divergence fails too: the edge moves from seed to seed
-            score = {k: math.inf if math.isinf(v) or math.isinf(seen.get(k + 1, 0.0)) else v for k, v in seen.items()}
-            low = min(score.values())
-            if math.isinf(low):                   # nothing stable yet: smaller rates
-                best, step, status = min(seen), -1, "diverged everywhere"
-            elif all(v == low for v in seen.values()):
-                best, step, status = 0, 0, "no effect"
-            else:   # the best: within TIE of the lowest, the nearest to the centre (noise picks no edge)
-                best = min((k for k in score if score[k] <= low + TIE * abs(low)), key=lambda k: (abs(k), k))
-                step = -1 if best == min(seen) else 1 if best == max(seen) else 0
-                status = "inside" if step == 0 else "at its bound"
-            if step and abs(best + step) <= self.limit:
-                return [best + step]
+            start = [k for k in (-1, 0, 1) if self.allowed(name, k)]
+            if not seen and start:
+                return start
+            if not seen:                          # configured outside its range: kept
+                best, step, status = 0, 0, "outside its range"
+            else:
+                # a rate one doubling below a divergence fails too: the edge moves from seed to seed
+                score = {k: math.inf if math.isinf(v) or math.isinf(seen.get(k + 1, 0.0)) else v
+                         for k, v in seen.items()}
+                low = min(score.values())
+                if math.isinf(low):               # nothing stable yet: smaller rates
+                    best, step, status = min(seen), -1, "diverged everywhere"
+                elif all(v == low for v in seen.values()):
+                    best, step, status = 0, 0, "no effect"
+                else:   # the best: within TIE of the lowest, the nearest to the centre (noise picks no edge)
+                    best = min((k for k in score if score[k] <= low + TIE * abs(low)), key=lambda k: (abs(k), k))
+                    step = -1 if best == min(seen) else 1 if best == max(seen) else 0
+                    status = "inside" if step == 0 else "at its bound"
+                if step and self.allowed(name, best + step):
+                    return [best + step]
             self.rates[name], self.log[name]["status"] = self.rate(name, best), status
             self.order.pop(0)
-            if self.order:                        # the next rate, about its configured value
+            if self.order:                        # the next one, about its configured value
                 self.log[self.order[0]]["centre"] = self.rates[self.order[0]]
         return []
 
@@ -401,7 +421,8 @@ def tune(args, pool, tasks, log=print):
     tuners, configs = {}, {}
     for label, settings in cells.items():
         cfg = vq.make_config(**{**settings, "outdir": None})
-        tuners[label] = {spec: Tuner(spec, grid_centre(cfg, spec), tunable(cfg, spec), args.tune_limit)
+        tuners[label] = {spec: Tuner(spec, *grid_centre(cfg, spec)[:1], tunable(cfg, spec, args.tune_knobs),
+                                     args.tune_limit, grid_centre(cfg, spec)[1])
                          for spec in settings["methods"] if tunable(cfg, spec)}
         configs[label] = {seed: {**settings, "seed": seed, "n_pop": args.tune_samples, "outdir": None, "quiet": True}
                           for seed in seeds}
@@ -529,7 +550,7 @@ def fingerprint(args):
     return {"sweep": args.sweep, "seeds": args.seeds, "seed": args.seed,
             **{f"{name}_values": getattr(args, f"{name}_values") for name in GRIDS},
             "steps_max": args.steps_max, "steps_every": args.steps_every,
-            **({"tune": [args.tune_seeds, args.tune_samples, args.tune_limit]} if args.tune else {}),
+            **({"tune": [args.tune_seeds, args.tune_samples, args.tune_limit, args.tune_knobs]} if args.tune else {}),
             "settings": {**effective_defaults(), **args.settings}}   # a default given or not: the same
 
 
@@ -1024,6 +1045,9 @@ def build_parser():
                         "disjoint from the scored ones (tuning.json, tuning_*.png); then score every method "
                         "at its tuned rates")
     p.add_argument("--tune_seeds", type=vq.whole_number, default=2, help="--tune: seeds per grid point")
+    p.add_argument("--tune_knobs", action="store_true",
+                   help="--tune: also each method's knobs that declare their authors' range (after the "
+                        "rates, factor-2 steps inside that range; see the registry)")
     p.add_argument("--tune_samples", type=vq.whole_number, default=100_000,
                    help="--tune: fresh validation samples per run")
     p.add_argument("--tune_limit", type=vq.whole_number, default=10,

@@ -1804,3 +1804,17 @@ def test_ablations_are_the_matched_variants_under_each_recipe():
     matched = vq.method_config(vq.make_config(recipe="authors"), ste)[1]
     assert matched.alpha == affine.alpha + 2.0 and matched.beta == affine.beta     # nu = 2 into alpha
     assert matched.optimizer == affine.optimizer == "adamw" and matched.weight_decay == affine.weight_decay
+
+
+def test_tuned_knobs_stay_inside_their_authors_range():
+    # a knob steps by factors of 2 from its configured value, never outside the range
+    t = sweeps.Tuner("diveq", {"lrE": 1.0, "noise": 1e-3}, ("lrE", "noise"), limit=10, spans={"noise": (1e-4, 1e-1)})
+    drive(t, lambda name, r: 1.0 / r if name == "noise" else 1 + math.log2(r) ** 2)    # wants ever more noise
+    assert t.rates == {"lrE": 1.0, "noise": 1e-3 * 2 ** 6} and t.report()["grid"]["noise"]["status"] == "at its bound"
+    assert max(p[0] for p in t.report()["grid"]["noise"]["points"]) <= 1e-1
+    t = sweeps.Tuner("x", {"a": 50.0}, ("a",), limit=10, spans={"a": (1.0, 10.0)})
+    assert drive(t, lambda name, r: 1.0) == [] and t.report()["grid"]["a"]["status"] == "outside its range"
+    cfg = vq.make_config()
+    assert sweeps.tunable(cfg, "diveq", knobs=True) == ("lrE", "lrW", "noise")
+    assert sweeps.tunable(cfg, "diveq[noise=0.01]", knobs=True) == ("lrE", "lrW")   # set by the variant: kept
+    assert sweeps.grid_centre(cfg, "affine_ste")[1] == {"a": (1.0, 10.0)}

@@ -1367,7 +1367,7 @@ class Method:
     hand_derived: bool = True        # False: its gradients are the finite differences themselves
     stochastic: bool = False         # draws noise while training (its own stream)
     in_default: bool = True          # run when no --methods are named
-    hyperparameters: tuple = ()      # (name, the authors' default, help): flags --<method>_<name>
+    hyperparameters: tuple = ()      # (name, the authors' default, help[, (lo, hi) the authors' range: tunable])
     recipe: Callable = None          # (cfg) -> its authors' settings, for --recipe authors (see RECIPE_KEYS)
 
 
@@ -1407,7 +1407,7 @@ def method_config(cfg, spec):
     name, own = parse_spec(spec)
     method = METHODS[name]
     settings = {**(method.recipe(cfg) if cfg.recipe == "authors" and method.recipe else {}), **own}
-    mine = {n for n, _, _ in method.hyperparameters}
+    mine = {n for n, *_ in method.hyperparameters}
     params = {f"{name}_{k}": settings.pop(k) for k in list(settings) if k in mine}
     settings.update({k: tuple(settings[k]) for k in ("betas", "fsq_levels") if k in settings})
     return method, dataclasses.replace(cfg, **settings, method_params={**cfg.method_params, **params})
@@ -1418,7 +1418,7 @@ def hyperparameters(cfg, name):
     the shared loss weights and sizes, and its own hyperparameters by their short names
     (``hp.nu`` for ``--affine_ste_nu``)."""
     name = parse_spec(name)[0]
-    own = {n: cfg.method_params[f"{name}_{n}"] for n, _, _ in METHODS[name].hyperparameters}
+    own = {n: cfg.method_params[f"{name}_{n}"] for n, *_ in METHODS[name].hyperparameters}
     shared = ("alpha", "beta", "K", "m", "D", "steps", "fd_h", "ema_decay", "ema_eps", "dead_threshold",
               "fsq_levels")
     return types.SimpleNamespace(**{k: getattr(cfg, k) for k in shared}, **own)
@@ -1928,7 +1928,7 @@ METHODS: dict[str, Method] = {
     "diveq": vq_method("DiVeQ", "Vali, Backstrom and Solin, ICLR 2026", "diveq", weights=lambda hp: (0.0, 0.0),
                        stochastic=True, in_default=False,
                        hyperparameters=(("noise", 1e-3, "standard deviation of the direction's noise "
-                                                        "(0: DiVeQ-Detach)"),),
+                                                        "(0: DiVeQ-Detach)", (1e-4, 1e-1)),),
                        recipe=lambda c: {"optimizer": "adam", "replace_every": max(1, c.steps // 20),
                                          "replace_below": 0.01}),
     # minyoungg/vqtorch nn/vq.py VectorQuant, nn/affine.py; s = t = 0 at the start, C the
@@ -1941,7 +1941,7 @@ METHODS: dict[str, Method] = {
                                                       "t": np.zeros(hp.m)},
                             codebook=affine_codebook, codebook_grads=affine_grads, update=affine_update,
                             reset=affine_reset, shared=("s", "t"), in_default=False, hyperparameters=(
-                                ("a", 2.0, "affine learning-rate multiplier (vqtorch affine_lr)"),
+                                ("a", 2.0, "affine learning-rate multiplier (vqtorch affine_lr)", (1.0, 10.0)),
                                 ("nu", 2.0, "synchronized commitment (vqtorch sync_nu)"),
                                 ("alternate", 0.0, "1: the alternating optimisation (codes first)"),
                                 ("inner_lr", 1.0, "the codes' own step of the alternating optimisation"),
@@ -1987,7 +1987,7 @@ METHODS: dict[str, Method] = {
 
 def declared_params():
     """Every registered method's hyperparameters: flag name -> (default, help)."""
-    return {f"{m}_{n}": (d, h) for m, meth in METHODS.items() for n, d, h in meth.hyperparameters}
+    return {f"{m}_{n}": (d, h) for m, meth in METHODS.items() for n, d, h, *_ in meth.hyperparameters}
 
 
 def default_methods():
@@ -2001,7 +2001,8 @@ def method_table():
     rows = ["| key | name | from | gradient estimator | noise | by default | hyperparameters (flag: default) "
             "| authors' recipe (`--recipe authors`) |", "|---|---|---|---|---|---|---|---|"]
     for key, m in METHODS.items():
-        params = ", ".join(f"`--{key}_{n}` {d:g}" for n, d, _ in m.hyperparameters) or "-"
+        params = ", ".join(f"`--{key}_{n}` {d:g}" + (f" (tunable in [{span[0][0]:g}, {span[0][1]:g}])" if span else "")
+                           for n, d, _, *span in m.hyperparameters) or "-"
         recipe = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                            for k, v in (m.recipe(Config()) if m.recipe else {}).items() if v != ()) or "-"
         rows.append(f"| `{key}` | {m.label} | {m.paper} | {m.estimator or '-'} | "
@@ -2317,7 +2318,7 @@ def validate(cfg):
         name, own = parse_spec(spec)
         if name not in METHODS:
             raise ConfigError("methods", spec, "unknown method (known: " + ", ".join(METHODS) + ")")
-        mine = [n for n, _, _ in METHODS[name].hyperparameters]
+        mine = [n for n, *_ in METHODS[name].hyperparameters]
         for key in own:
             if key not in RECIPE_KEYS + tuple(mine):
                 raise ConfigError("methods", spec, f"{key} is not a setting of a method (known: "
@@ -2526,7 +2527,7 @@ def compare(problem, check=True, stream="population"):
         key = parse_spec(name)[0]
         registry[name] = {"label": method_label(name), "paper": m.paper, "estimator": m.estimator,
                           "stochastic": m.stochastic,
-                          "params": {f"{key}_{k}": mcfg.method_params[f"{key}_{k}"] for k, _, _ in m.hyperparameters},
+                          "params": {f"{key}_{k}": mcfg.method_params[f"{key}_{k}"] for k, *_ in m.hyperparameters},
                           "settings": {k: getattr(mcfg, k) for k in RECIPE_KEYS}}
     results = {n: r.as_dict() for n, r in records.items()}
     return {"config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)}, "methods": registry,
