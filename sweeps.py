@@ -278,7 +278,7 @@ def verify_trajectories(problem):
     fd, man = vq.Run(problem, "fd_ste"), vq.Run(problem, "manual_ste")
     gW_err, gE_err, W_diff, recon_diff, steps = [], [], [], [], []
     with np.errstate(all="ignore"):
-        for t, Xb in vq.batches(c, problem.X_train):
+        for t, Xb in vq.batches(problem):
             frozen = man.method.freeze(man.W, man.V, man.params, Xb, man.hp, None)
             hand = man.method.loss_and_grads(man.W, man.V, man.params, Xb, frozen, man.hp)
             here = fd.method.loss_and_grads(man.W, man.V, man.params, Xb, frozen, fd.hp)

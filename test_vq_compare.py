@@ -357,7 +357,7 @@ def test_fsq_levels_are_the_best_allotment_by_variance():
 
 
 def test_fsq_with_symmetric_levels_on_the_default_problem():
-    out = vq.run_comparison(K=64, methods=["fsq"], n_pop=100_000, n_init=1, kmeans_iter=2)   # FSQ: no codebook
+    out = vq.run_comparison(K=64, methods=["fsq"], n_pop=50_000, n_init=1, kmeans_iter=2)   # FSQ: no codebook
     r, bound = out["results"]["fsq"], out["bounds"]["rank_m_bound"]
     assert r["pop_recon_mse"] <= 1.55 * bound                # was 1.93 x with the paper's bound at L = 2
     assert r["dead_frac"] == 0                               # every one of its 64 cells in use
@@ -1751,8 +1751,8 @@ def test_the_tuner_extends_its_grid_until_the_best_is_inside():
 
 
 TUNE_TINY = ["--sweep", "K", "--K_values", "4", "--seeds", "2", "--D", "8", "--rank", "3", "--m", "2",
-             "--n_train", "400", "--n_eval", "200", "--steps", "12", "--batch", "64", "--n_pop", "3000",
-             "--n_init", "1", "--tune", "--tune_seeds", "1", "--tune_samples", "3000", "--quiet"]
+             "--n_train", "400", "--n_eval", "200", "--steps", "8", "--batch", "64", "--n_pop", "2000",
+             "--n_init", "1", "--tune", "--tune_seeds", "1", "--tune_samples", "2000", "--quiet"]
 
 
 def test_tune_scores_each_method_at_its_tuned_rates_on_seeds_it_was_not_tuned_on(monkeypatch, tmp_path):
@@ -1818,3 +1818,18 @@ def test_tuned_knobs_stay_inside_their_authors_range():
     assert sweeps.tunable(cfg, "diveq", knobs=True) == ("lrE", "lrW", "noise")
     assert sweeps.tunable(cfg, "diveq[noise=0.01]", knobs=True) == ("lrE", "lrW")   # set by the variant: kept
     assert sweeps.grid_centre(cfg, "affine_ste")[1] == {"a": (1.0, 10.0)}
+
+
+def test_fresh_batches_come_from_the_true_distribution_and_are_reproducible():
+    problem = small_problem(fresh_batches=1, steps=300, batch=256)
+    drawn = [Xb for _, Xb in vq.batches(problem)]
+    again = [Xb for _, Xb in vq.batches(problem)]
+    assert all(np.array_equal(a, b) for a, b in zip(drawn, again))      # its own stream: the same batches
+    X = np.concatenate(drawn)                                          # 76,800 fresh samples
+    train = {row.tobytes() for row in problem.X_train}
+    assert not any(row.tobytes() in train for row in X[:1000])         # none is a training sample
+    Sigma = (problem.U * problem.lam) @ problem.U.T
+    assert np.linalg.norm(X.T @ X / len(X) - Sigma) < 0.03 * np.linalg.norm(Sigma)   # sampling error ~ 1/sqrt(n)
+    a = vq.run_comparison(**{**TINY, "fresh_batches": 1, "methods": ["manual_ste"]})["results"]["manual_ste"]
+    b = vq.run_comparison(**{**TINY, "methods": ["manual_ste"]})["results"]["manual_ste"]
+    assert np.abs(a["E"] - b["E"]).max() > 1e-6                        # other batches, another run

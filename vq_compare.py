@@ -67,6 +67,8 @@ class Config:
     n_eval: int = _f(4000, "held-out evaluation samples")
     steps: int = _f(200, "gradient steps of each gradient method (0: the start point only)")
     batch: int = _f(1024, "batch size (sampled with replacement from the training set)")
+    fresh_batches: int = _f(0, "1: every batch drawn anew from the true distribution (a stream of its "
+                               "own), no sample seen twice; 0: batches sampled from the training set")
     alpha: float = _f(1.0, "codebook-loss weight")
     beta: float = _f(0.25, "commitment-loss weight")
     lrW: float = _f(0.08, "encoder learning rate (on the Stiefel manifold, see --optimizer)")
@@ -129,7 +131,8 @@ class Config:
 # One random stream per purpose, derived from the seed, so that adding a method or a
 # restart never changes the numbers of another.
 _STREAMS = {"kmeans": 1, "batches": 2, "population": 3, "unconstrained": 4,
-            "reseed": 5, "gradcheck": 6, "start": 7, "curves": 8, "noise": 9, "validation": 10}
+            "reseed": 5, "gradcheck": 6, "start": 7, "curves": 8, "noise": 9, "validation": 10,
+            "fresh": 11}
 
 
 def derived_rng(seed, purpose):
@@ -2019,12 +2022,19 @@ def method_label(spec):
 
 # --------------------------- The training loop: one for every gradient method
 
-def batches(cfg, X):
-    """The training batches ``(t, X_b)``, t = 1..steps, drawn with replacement from the
-    ``"batches"`` stream: the same for every method."""
-    rng = derived_rng(cfg.seed, "batches")
+def batches(problem):
+    """The training batches ``(t, X_b)``, t = 1..steps, the same for every method: drawn
+    with replacement from the training set (the ``"batches"`` stream), or with
+    ``fresh_batches`` drawn anew from the true distribution (the ``"fresh"`` stream: no
+    sample seen twice, as a study on an endless source runs)."""
+    cfg, X = problem.cfg, problem.X_train
+    rng = derived_rng(cfg.seed, "fresh" if cfg.fresh_batches else "batches")
+    scale = problem.U * np.sqrt(problem.lam)                # (D, rank): x = scale @ g, g ~ N(0, I)
     for t in range(1, cfg.steps + 1):
-        yield t, X[rng.integers(0, X.shape[0], size=cfg.batch)]        # (B, D)
+        if cfg.fresh_batches:
+            yield t, (rng.standard_normal((cfg.batch, scale.shape[1])) @ scale.T).astype(X.dtype, copy=False)
+        else:
+            yield t, X[rng.integers(0, X.shape[0], size=cfg.batch)]        # (B, D)
 
 
 def finite(step):
@@ -2177,7 +2187,7 @@ def train(problem, name):
     shared batches (see :class:`Run`); returns its :class:`Result`."""
     run = Run(problem, name)
     with np.errstate(all="ignore"):                         # overflow is detected, not warned about
-        for t, Xb in batches(problem.cfg, problem.X_train):
+        for t, Xb in batches(problem):
             problem.progress(f"training {name}", t - 1, problem.cfg.steps)
             if not run.step(t, Xb):
                 break
@@ -2300,7 +2310,8 @@ def validate_settings(cfg):
     need(cfg.lmin <= cfg.lmax, "lmin", f"must be <= lmax={cfg.lmax}")
     for flag in ("ema_decay", "dead_decay", "tail_average", "momentum", "replace_below"):
         need(0 <= getattr(cfg, flag) < 1, flag, "must be in [0, 1)")
-    for flag, choices in (("start", START_REGIMES), ("train_encoder", (0, 1)), ("decoder", ("tied", "untied")),
+    for flag, choices in (("start", START_REGIMES), ("train_encoder", (0, 1)), ("fresh_batches", (0, 1)),
+                          ("decoder", ("tied", "untied")),
                           ("lr_schedule", LR_SCHEDULES), ("dtype", ("float64", "float32")),
                           ("optimizer", OPTIMIZERS), ("recipe", ("shared", "authors"))):
         need(getattr(cfg, flag) in choices, flag, "must be one of " + ", ".join(map(str, choices)))
