@@ -29,7 +29,6 @@ import itertools
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections import Counter
@@ -418,22 +417,24 @@ def tune(args, pool, tasks, log=print):
         if task["sweep"] not in ("verify", "lr"):
             cells.setdefault(cell_label(task), cell_settings(task["settings"], task["sweep"], task["value"]))
     seeds = [args.seed + TUNE_SEED + i for i in range(args.tune_seeds)]
-    tuners, configs = {}, {}
+    tuners, configs, keys, starts = {}, {}, {}, {}
     for label, settings in cells.items():
         cfg = vq.make_config(**{**settings, "outdir": None})
-        tuners[label] = {spec: Tuner(spec, *grid_centre(cfg, spec)[:1], tunable(cfg, spec, args.tune_knobs),
-                                     args.tune_limit, grid_centre(cfg, spec)[1])
-                         for spec in settings["methods"] if tunable(cfg, spec)}
+        tuners[label] = {}
+        for spec in settings["methods"]:
+            if tunable(cfg, spec):
+                centre, spans = grid_centre(cfg, spec)
+                tuners[label][spec] = Tuner(spec, centre, tunable(cfg, spec, args.tune_knobs), args.tune_limit, spans)
         configs[label] = {seed: {**settings, "seed": seed, "n_pop": args.tune_samples, "outdir": None, "quiet": True}
                           for seed in seeds}
-    starts, known = {}, {}                       # start points per problem; errors per (cell, spec)
-    for label in cells:
-        for seed, settings in configs[label].items():
-            key = _problem_key(vq.make_config(**settings))
-            if key not in starts:
-                cfg = vq.make_config(**settings)
-                starts[key] = vq.start_point(cfg, vq.problem_data(cfg)[0], vq.problem_data(cfg)[2], pool)
+        for seed, tuning in configs[label].items():   # each problem's start point, once
+            cfg = vq.make_config(**tuning)
+            keys[label, seed] = _problem_key(cfg)
+            if keys[label, seed] not in starts:
+                X_train, _, U, _ = vq.problem_data(cfg)
+                starts[keys[label, seed]] = vq.start_point(cfg, X_train, U, pool)
     starts = {key: (lambda W0, E0, sec, ref: (W0, E0, sec, ref()))(*finish()) for key, finish in starts.items()}
+    known = {}                                   # validation errors per (cell, spec, seed)
     rounds = 0
     while True:
         todo = {label: sorted({t.spec(k) for t in ts.values() for k in t.wanted()} - set(known.get(label, {})))
@@ -442,7 +443,7 @@ def tune(args, pool, tasks, log=print):
             break
         futures = {(label, seed): pool.submit(tune_task, {"sweep": "tune", "value": label, "seed": seed,
                                                           "settings": {**settings, "methods": todo[label]},
-                                                          "start": starts[_problem_key(vq.make_config(**settings))]})
+                                                          "start": starts[keys[label, seed]]})
                    for label in tuners if todo[label] for seed, settings in configs[label].items()}
         for (label, seed), future in futures.items():
             for spec, err in future.result().items():
@@ -957,7 +958,7 @@ def plot_tricks(lines, note=""):
     fig, axes = vq._figure(width, 3.6 * len(trainings) + 1.0, len(trainings), len(Ks))
     key = "pop_recon_mse" if cell_lines[0].get("pop_recon_mse") is not None else "recon_mse"
     for (ti, training), (ki, K) in itertools.product(enumerate(trainings), enumerate(Ks)):
-        ax, top = axes[ti][ki], 0.0
+        ax = axes[ti][ki]
         for si, start in enumerate(starts):
             cell = [ln for ln in cell_lines if ln["value"] == tricks_value(start, K, training)]
             for mi, method in enumerate(methods):
@@ -969,10 +970,8 @@ def plot_tricks(lines, note=""):
                         mfc=st["mfc"], alpha=0.8, label=st["label"][:48] if ti == ki == si == 0 else None)
                 if ok:
                     ax.hlines(np.mean(ok), x - 0.02, x + 0.02, color=st["color"], lw=2)
-                    top = max(top, max(ok))
                 n_bad = sum(1 for ln in pts if ln["status"] == "diverged")
                 if n_bad:
-                    ax.plot([x], [np.nan], ls="none")      # placed below, once the top is known
                     ax.annotate(f"x{n_bad}", (x, 1.0), xycoords=("data", "axes fraction"), ha="center",
                                 va="top", fontsize=6, color=st["color"])
         ax.set_yscale("log")
@@ -1073,8 +1072,7 @@ def parse_args(argv=None):
         for k, v in preset.items():
             if k not in explicit:
                 setattr(args, k, v)
-    methods = [m.strip() for item in args.methods for m in re.split(r",(?![^\[]*\])", item)
-               if m.strip()] or list(vq.default_methods())
+    methods = vq.split_methods(args.methods) or list(vq.default_methods())
     for spec in methods:
         if vq.parse_spec(spec)[0] not in vq.METHODS:
             raise SweepError(f"--methods {spec}: unknown method (known: {', '.join(vq.METHODS)})")

@@ -220,7 +220,8 @@ def test_affine_and_simvq_codebook_gradients_by_the_chain_rule():
     assert vq.rel_err(_fd(lambda P_: vq.surrogate_loss(W, C @ P_.T + b, X, fr, 1.0, 0.25), P), G.T @ C) < 1e-6
     assert vq.rel_err(_fd(lambda b_: vq.surrogate_loss(W, C @ P.T + b_, X, fr, 1.0, 0.25), b), G.sum(0)) < 1e-6
     # at s = t = 0 (P = I, b = 0) both forward the plain codebook: the start is shared
-    assert np.array_equal(vq.affine_codebook({"C": C, "s": np.zeros(3), "t": np.zeros(3)}, hp), C)  # 1 * C + 0
+    # 1 * C + 0: exact in IEEE arithmetic (a product by 1 and a sum with 0 round nothing), no BLAS
+    assert np.array_equal(vq.affine_codebook({"C": C, "s": np.zeros(3), "t": np.zeros(3)}, hp), C)
 
 
 def test_wasserstein_distance_its_gradients_and_its_closed_form():
@@ -380,7 +381,9 @@ def test_affine_alternating_optimisation_with_no_inner_step_is_the_plain_method(
     plain = vq.run_comparison(**settings)["results"]["affine_ste"]
     same = vq.run_comparison(**settings, affine_ste_alternate=1.0, affine_ste_inner_lr=0.0)["results"]["affine_ste"]
     moved = vq.run_comparison(**settings, affine_ste_alternate=1.0)["results"]["affine_ste"]
-    assert np.array_equal(plain["E"], same["E"]) and np.array_equal(plain["W"], same["W"])
+    # another code path (the codes' step taken at rate 0, the codebook rebuilt): a tolerance
+    for k in ("E", "W"):
+        assert np.abs(plain[k] - same[k]).max() <= 1e-12 * np.abs(plain[k]).max()
     assert not np.allclose(plain["E"], moved["E"])
 
 
@@ -514,7 +517,8 @@ def test_reconstruction_error_splits_into_residual_and_distortion():
 def test_lloyd_by_hand_exact_centres_and_inertia():
     Z = np.array([[0.0, 0.0], [0.0, 1.0], [10.0, 0.0], [10.0, 1.0], [10.0, 2.0]])
     r = vq.lloyd(Z, np.array([[0.0, 3.0], [7.0, 0.0]]), max_iter=10)
-    # first assignment: (0,0),(0,1) -> 0 and the rest -> 1; means (0, .5), (10, 1)
+    # first assignment: (0,0),(0,1) -> 0 and the rest -> 1; means (0, .5), (10, 1): sums of
+    # small integers divided by 2 and 3 to exactly representable results, exact in any order
     assert np.array_equal(r.E, np.array([[0.0, 0.5], [10.0, 1.0]]))
     assert np.array_equal(r.labels, [0, 0, 1, 1, 1])
     assert r.inertia == 0.25 + 0.25 + 1.0 + 0.0 + 1.0
@@ -1678,7 +1682,7 @@ def test_a_variant_is_the_method_with_its_own_settings():
 
 def test_the_command_line_splits_methods_outside_brackets():
     args = vq.build_parser().parse_args(["--methods", "manual_ste,affine_ste[nu=0, a=0]", "rotation"])
-    assert re.split(r",(?![^\[]*\])", args.methods[0]) == ["manual_ste", "affine_ste[nu=0, a=0]"]
+    assert vq.split_methods(args.methods) == ["manual_ste", "affine_ste[nu=0, a=0]", "rotation"]
     assert vq.main(["--methods", "manual_ste[K=3]", "--outdir", ""]) == 2
 
 

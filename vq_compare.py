@@ -1398,6 +1398,12 @@ def parse_spec(spec):
     return name.strip(), settings
 
 
+def split_methods(items):
+    """Method specs from command-line words, each of which may list several split by
+    commas outside the brackets: ``["manual_ste,affine_ste[nu=0, a=0]"]`` -> two specs."""
+    return [m.strip() for item in items for m in re.split(r",(?![^\[]*\])", item) if m.strip()]
+
+
 def spec_of(name, **settings):
     """The inverse of :func:`parse_spec`: ``spec_of("manual_ste", lrE=0.4)``."""
     return name + ("[" + ", ".join(f"{k}={v:.12g}" if isinstance(v, float) else f"{k}={v}"
@@ -1412,7 +1418,6 @@ def method_config(cfg, spec):
     settings = {**(method.recipe(cfg) if cfg.recipe == "authors" and method.recipe else {}), **own}
     mine = {n for n, *_ in method.hyperparameters}
     params = {f"{name}_{k}": settings.pop(k) for k in list(settings) if k in mine}
-    settings.update({k: tuple(settings[k]) for k in ("betas", "fsq_levels") if k in settings})
     return method, dataclasses.replace(cfg, **settings, method_params={**cfg.method_params, **params})
 
 
@@ -1799,7 +1804,7 @@ def fsq_cells(params, hp):
 
 
 def fsq_skip(problem, hp):
-    return None if fsq_levels(hp.K, hp.m) else f"K={hp.K} < 2^m={2 ** hp.m}: a dimension with one level"
+    return None if hp.K >= 2 ** hp.m else f"K={hp.K} < 2^m={2 ** hp.m}: a dimension with one level"
 
 
 def fsq_note(problem, hp):
@@ -2028,13 +2033,15 @@ def batches(problem):
     ``fresh_batches`` drawn anew from the true distribution (the ``"fresh"`` stream: no
     sample seen twice, as a study on an endless source runs)."""
     cfg, X = problem.cfg, problem.X_train
-    rng = derived_rng(cfg.seed, "fresh" if cfg.fresh_batches else "batches")
+    if not cfg.fresh_batches:
+        rng = derived_rng(cfg.seed, "batches")
+        for t in range(1, cfg.steps + 1):
+            yield t, X[rng.integers(0, X.shape[0], size=cfg.batch)]        # (B, D)
+        return
+    rng = derived_rng(cfg.seed, "fresh")
     scale = problem.U * np.sqrt(problem.lam)                # (D, rank): x = scale @ g, g ~ N(0, I)
     for t in range(1, cfg.steps + 1):
-        if cfg.fresh_batches:
-            yield t, (rng.standard_normal((cfg.batch, scale.shape[1])) @ scale.T).astype(X.dtype, copy=False)
-        else:
-            yield t, X[rng.integers(0, X.shape[0], size=cfg.batch)]        # (B, D)
+        yield t, (rng.standard_normal((cfg.batch, scale.shape[1])) @ scale.T).astype(X.dtype, copy=False)
 
 
 def finite(step):
@@ -2997,9 +3004,7 @@ def main(argv=None):
         settings = vars(build_parser().parse_args(argv))
     except SystemExit as e:                                 # --help, or a flag argparse refused
         return e.code
-    settings["methods"] = [m.strip() for item in settings["methods"] for m in re.split(r",(?![^\[]*\])", item)
-                           if m.strip()]
-    settings["betas"], settings["fsq_levels"] = tuple(settings["betas"]), tuple(settings["fsq_levels"])
+    settings["methods"] = split_methods(settings["methods"])
     try:
         cfg = make_config(**settings)                       # every setting checked before any work
     except ConfigError as e:

@@ -8,6 +8,7 @@ differences to STE at its own tuned rates (same seeds, same data), the seeds tha
 diverged or collapsed, and from the tuning's grids where each rate landed and how wide
 the range of good rates is.
 """
+import itertools
 import json
 import math
 import os
@@ -62,47 +63,37 @@ def main(folder):
     print(f"Seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}); % above the rank-m Shannon bound, population error, "
           "mean [95% interval]; used: share of codes used (eval set); d/c: seeds diverged / collapsed "
           f"(more than {sweeps.COLLAPSED:.0%} of the codes unused).\n")
-    for K in Ks:
-        for training in sweeps.TRAINING:
+    def tables(title, methods, entry):
+        """One table per K and training: a row per method, a column per start."""
+        for K, training in itertools.product(Ks, sweeps.TRAINING):
             cells = [sweeps.tricks_value(s, K, training) for s in starts]
             if not all(c in values for c in cells):
                 continue
-            print(f"#### K={K}, {'encoder and codes trained' if training == 'full' else 'codes only'}\n")
+            print(title(K, training) + "\n")
             print("| method | " + " | ".join(starts) + " |")
             print("|---|" + "---|" * len(starts))
             for method in methods:
-                row = []
-                for c in cells:
-                    runs = cell_of(lines, c).get(method, {})
-                    ok = [r for r in runs.values() if r["status"] == "ok"]
-                    div = len(runs) - len(ok)
-                    col = sum(1 for r in ok if r["dead_frac"] > sweeps.COLLAPSED)
-                    text = fmt_ci([percent(r) for r in ok]) if ok else "diverged"
-                    used = f"; {np.mean([1 - r['dead_frac'] for r in ok]):.2f}" if ok else ""
-                    row.append(f"{text}{used}" + (f"; {div}/{col}" if div or col else ""))
-                print(f"| {vq.method_label(method)} | " + " | ".join(row) + " |")
+                print(f"| {vq.method_label(method)} | " + " | ".join(entry(cell_of(lines, c), method) for c in cells)
+                      + " |")
             print()
+
+    def error(cell, method):
+        runs = cell.get(method, {})
+        ok = [r for r in runs.values() if r["status"] == "ok"]
+        div, col = len(runs) - len(ok), sum(1 for r in ok if r["dead_frac"] > sweeps.COLLAPSED)
+        if not ok:
+            return "diverged"
+        return (f"{fmt_ci([percent(r) for r in ok])}; {np.mean([1 - r['dead_frac'] for r in ok]):.2f}"
+                + (f"; {div}/{col}" if div or col else ""))
+
+    def to_ste(cell, method):
+        ste, me = cell.get("manual_ste", {}), cell.get(method, {})
+        d = [percent(me[s]) - percent(ste[s]) for s in me if s in ste and me[s]["status"] == ste[s]["status"] == "ok"]
+        return f"{fmt_ci(d)} {verdict(d)}" if len(d) > 1 else "-"
+
+    tables(lambda K, t: f"#### K={K}, {'encoder and codes trained' if t == 'full' else 'codes only'}", methods, error)
     print("#### Paired difference to STE at its own tuned rates (points of the rank-m bound, mean [95% interval])\n")
-    for K in Ks:
-        for training in sweeps.TRAINING:
-            cells = [sweeps.tricks_value(s, K, training) for s in starts]
-            if not all(c in values for c in cells):
-                continue
-            print(f"K={K}, {training}:\n")
-            print("| method | " + " | ".join(starts) + " |")
-            print("|---|" + "---|" * len(starts))
-            for method in methods:
-                if method in ("manual_ste", "fd_ste"):
-                    continue
-                row = []
-                for c in cells:
-                    cell = cell_of(lines, c)
-                    ste, me = cell.get("manual_ste", {}), cell.get(method, {})
-                    d = [percent(me[s]) - percent(ste[s]) for s in me
-                         if s in ste and me[s]["status"] == ste[s]["status"] == "ok"]
-                    row.append(f"{fmt_ci(d)} {verdict(d)}" if len(d) > 1 else "-")
-                print(f"| {vq.method_label(method)} | " + " | ".join(row) + " |")
-            print()
+    tables(lambda K, t: f"K={K}, {t}:", [m for m in methods if m not in ("manual_ste", "fd_ste")], to_ste)
     if tuning:
         status, bound, widths = {}, [], {}
         for cell, ms in tuning.items():
