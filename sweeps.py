@@ -6,6 +6,7 @@ if asked, with confidence intervals, resumable.
     python sweeps.py --quick                 # a small grid, a smoke run in seconds
     python sweeps.py --preset original       # the original framework's comprehensive set
     python sweeps.py --preset tricks --quick # tuned rates, ablations, every seed drawn
+    python sweeps.py --preset fang2025 --quick   # a published study, curve against curve
 
 Every (cell, seed) is one vq_compare run: each seed draws new data and new batches. One
 line per finished (cell, seed, method) goes to ``DIR/results.jsonl`` as soon as it is
@@ -66,11 +67,36 @@ COLLAPSE = dict(sweep=["shift"], shift_values=[0.0, 1.0, 2.0, 4.0, 8.0], seeds=5
 # the encoder: which trick helps, and where.
 TRICKS = dict(sweep=["tricks"], start_values=list(vq.START_REGIMES), K_values=[16, 64, 256], seeds=10,
               methods=list(vq.METHODS), ablations=True, tune=True)
-PRESETS = {"original": ORIGINAL, "collapse": COLLAPSE, "tricks": TRICKS}
+# Fang et al. 2025's shifted-Gaussian simulation, as their script runs it (VQ-Research/
+# Wasserstein-VQ SimulationAnalyses/DistributionalMatchingPerspective/GaussianDistribution/
+# VariousVQs.py): latents N(mu 1, I_8), codes N(0, I), the codebook alone trained by SGD with
+# momentum 0.9 on fresh batches of 50,000, metrics every 100 steps on 200,000 fresh samples;
+# their five quantizers at their rates (FANG_QUANTIZERS). Their mu is our shift.
+FANG = dict(sweep=["shift"], shift_values=[float(mu) for mu in range(9)], seeds=1, start="shifted",
+            train_encoder=0, D=8, rank=8, m=8, lmax=1.0, lmin=1.0, K=16384, n_train=100_000, n_eval=2000,
+            batch=50_000, steps=2000, fresh_batches=1, optimizer="momentum", momentum=0.9, alpha=1.0,
+            eval_every=100, eval_samples=200_000, n_pop=200_000, n_init=1, kmeans_iter=20)
+PRESETS = {"original": ORIGINAL, "collapse": COLLAPSE, "tricks": TRICKS, "fang2025": FANG}
 # --quick with a preset: QUICK's problem sizes, and these
 SIZES = ("D", "rank", "m", "n_train", "n_eval", "batch", "n_pop", "n_init", "steps")
 QUICK_PRESETS = {"tricks": dict(K_values=[16, 64], seeds=3, tune_seeds=1, tune_samples=20_000),
-                 "collapse": dict(seeds=2, K=64, n_pop=50_000)}
+                 "collapse": dict(seeds=2, K=64, n_pop=50_000),
+                 "fang2025": dict(shift_values=[0.0, 4.0, 8.0], K=1024, D=8, rank=8, m=8, n_train=20_000,
+                                  n_eval=1000, batch=10_000, steps=200, eval_every=20, eval_samples=50_000,
+                                  n_pop=50_000, n_init=1)}
+# Their quantizers: name -> our method at their settings for K codes. The linear quantizer's
+# P and b are shared by the K codes, which step at lrE / K under momentum: lrE = 0.02 K is
+# their rate 0.02. The exact-W2 variant of theirs runs beside it (what the approximation
+# changes).
+FANG_QUANTIZERS = {
+    "vanilla": lambda K: ["manual_ste[lrE=1]"],
+    "ema": lambda K: ["ema_ste[debias=0, ema_decay=0.9]"],
+    "online": lambda K: ["online[lrE=3]"],
+    "linear": lambda K: [vq.spec_of("simvq", linear_init=1.0, lrE=0.02 * K)],
+    "wasserstein": lambda K: ["wasserstein[alpha=0.1, weight=10, exact=0, lrE=3]",
+                              "wasserstein[alpha=0.1, weight=10, exact=1, lrE=3]"]}
+FANG_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "fang2025_results.csv")
+FANG_STEPS = (100, 500, 1000, 2000)     # the table's steps (those the run reaches)
 
 
 DEAD_CODES = 1.0         # --ablations: the re-seeding threshold of the "with dead codes" variants
@@ -263,10 +289,15 @@ def run_task(task):
                 "rank_m_bound": b["rank_m_bound"], "unconstrained_kmeans": b["unconstrained_kmeans"]}
         if sweep == "steps" and r.get("logs") and "batch_loss" in r["logs"]:
             line["curve"] = [[e["step"], e["recon_mse"]] for e in r["logs"]["eval"]]
+        if r.get("logs") and r["logs"].get("fresh"):       # --eval_every
+            line["fresh"] = [[e[k] for k in FRESH_KEYS] for e in r["logs"]["fresh"]]
         if line["method"] != name:
             line["run_as"] = name                           # the tuned rates it ran with
         lines.append(vq._json_ready(line))
     return lines
+
+
+FRESH_KEYS = ("step", "quant_error", "codes_used", "perplexity", "w2", "w2_eigh")
 
 
 def verify_trajectories(problem):
@@ -885,6 +916,123 @@ def plot_sweep(rows, sweep, note=""):
     return fig
 
 
+def fang_quantizer(spec):
+    """Fang et al.'s quantizer that our method ``spec`` stands for, or None."""
+    name, own = vq.parse_spec(spec)
+    return {"manual_ste": "vanilla", "ema_ste": "ema", "online": "online", "simvq": "linear",
+            "wasserstein": "wasserstein"}.get(name)
+
+
+def read_fang(path=FANG_DATA):
+    """Their published per-step values: {(quantizer, mu): {step: (error, share of codes used)}}
+    (empty when the file is missing)."""
+    out = {}
+    if not os.path.exists(path):
+        return out
+    with open(path) as fh:
+        for row in csv.DictReader(line for line in fh if not line.startswith("#")):
+            out.setdefault((row["quantizer"], float(row["mu"])), {})[int(row["step"])] = (
+                float(row["quant_error"]), float(row["codebook_utilization"]))
+    return out
+
+
+def fang_note(settings):
+    return (f"ours: K={settings.get('K')}, batch {settings.get('batch')}, {settings.get('steps')} steps, "
+            f"metrics on {settings.get('eval_samples')} fresh samples every {settings.get('eval_every')} steps; "
+            "theirs: Fang et al. 2025 (arXiv 2506.15078), K=16384, batch 50000, one seed")
+
+
+def _fresh(lines, method, mu):
+    """Our runs of ``method`` at shift ``mu``: {step: [(error, share used) per seed]}."""
+    out = {}
+    for ln in lines:
+        if ln["method"] == method and float(ln["value"]) == mu and ln.get("fresh"):
+            for step, err, used, *_ in ln["fresh"]:
+                out.setdefault(int(step), []).append((err, used))
+    return out
+
+
+def fang_within(ours, theirs):
+    """The issue's test at one step: error within 10% of theirs (or, where our seeds spread
+    wider than 10%, theirs inside our seeds' range) and the share of codes used within
+    0.02 or 20% of theirs (or inside our range likewise)."""
+    errs, used = [o[0] for o in ours], [o[1] for o in ours]
+    e, u = float(np.mean(errs)), float(np.mean(used))
+    spread = len(errs) > 1 and (max(errs) - min(errs)) > 0.1 * theirs[0]
+    ok_e = abs(e - theirs[0]) <= 0.1 * theirs[0] or (spread and min(errs) <= theirs[0] <= max(errs))
+    ok_u = (abs(u - theirs[1]) <= max(0.02, 0.2 * theirs[1])
+            or (len(used) > 1 and min(used) <= theirs[1] <= max(used)))
+    return ok_e, ok_u
+
+
+def fang_table(lines, theirs):
+    """Markdown: per shift and quantizer, our error and share of codes used (mean over
+    seeds, and their range) next to theirs at FANG_STEPS, and at how many of their
+    published steps (every 100) ours pass :func:`fang_within`."""
+    rows = ["| mu | quantizer (ours as) | step | error: theirs | ours | ratio | codes used: theirs | ours "
+            "| steps within (error, codes) |", "|---|---|---|---|---|---|---|---|---|"]
+    methods = list(dict.fromkeys(ln["method"] for ln in lines if fang_quantizer(ln["method"])))
+    for mu in sorted({float(ln["value"]) for ln in lines}):
+        for method in methods:
+            q = fang_quantizer(method)
+            ours, ref = _fresh(lines, method, mu), theirs.get((q, mu), {})
+            steps = [s for s in sorted(ours) if s in ref and s % 100 == 0 and s > 0]
+            if not steps:
+                continue
+            checks = [fang_within(ours[s], ref[s]) for s in steps]
+            count = f"{sum(c[0] for c in checks)}/{len(steps)}, {sum(c[1] for c in checks)}/{len(steps)}"
+            for s in [s for s in FANG_STEPS if s in steps] or steps[-1:]:
+                errs, used = [o[0] for o in ours[s]], [o[1] for o in ours[s]]
+                rng = f" [{min(errs):.3f}, {max(errs):.3f}]" if len(errs) > 1 else ""
+                rows.append(f"| {mu:g} | {q} ({method}) | {s} | {ref[s][0]:.3f} | {np.mean(errs):.3f}{rng} | "
+                            f"{np.mean(errs) / ref[s][0]:.3f} | {ref[s][1]:.4f} | {np.mean(used):.4f} | {count} |")
+    return "\n".join(rows)
+
+
+def plot_fang(lines, theirs, note=""):
+    """Our curves and theirs: quantization error (log) and share of codes used against
+    steps, one column per shift; each of our seeds a solid line (a second variant of the
+    same quantizer dashed), theirs dotted with dots, in the quantizer's colour."""
+    mus = sorted({float(ln["value"]) for ln in lines if ln.get("fresh")})
+    methods = list(dict.fromkeys(ln["method"] for ln in lines if ln.get("fresh") and fang_quantizer(ln["method"])))
+    fig, axes = vq._figure(max(3.2 * len(mus) + 1.5, 11), 8, 2, len(mus))
+    steps_max = max(s for ln in lines if ln.get("fresh") for s, *_ in ln["fresh"])
+    first = {}
+    for method in methods:
+        first.setdefault(fang_quantizer(method), method)
+    for col, mu in enumerate(mus):
+        ax_e, ax_u = axes[0][col], axes[1][col]
+        for method in methods:
+            st = {**vq.style(method), "ls": "-" if first[fang_quantizer(method)] == method else "--"}
+            for i, ln in enumerate(ln for ln in lines if ln["method"] == method and float(ln["value"]) == mu
+                                   and ln.get("fresh")):
+                f = np.array(ln["fresh"], dtype=float)
+                for ax, k in ((ax_e, 1), (ax_u, 2)):
+                    ax.plot(f[:, 0], f[:, k], color=st["color"], ls=st["ls"], lw=1.2,
+                            label=f"ours: {st['label']}" if i == 0 and col == 0 and ax is ax_e else None)
+            ref = theirs.get((fang_quantizer(method), mu))
+            if ref and first[fang_quantizer(method)] == method:
+                pts = sorted((s, *v) for s, v in ref.items() if s <= steps_max)
+                s, e, u = map(np.array, zip(*pts))
+                ax_e.plot(s, e, color=st["color"], ls=":", marker=".", ms=5, lw=1,
+                          label=f"theirs: {fang_quantizer(method)}" if col == 0 else None)
+                ax_u.plot(s, u, color=st["color"], ls=":", marker=".", ms=5, lw=1)
+        ax_e.set_yscale("log")
+        ax_e.set_title(f"mu = {mu:g}", fontsize=10)
+        ax_u.set_xlabel("training step")
+        for ax in (ax_e, ax_u):
+            ax.grid(alpha=0.3)
+        plain_log_ticks(ax_e)
+    axes[0][0].set_ylabel("quantization error mean ||z - q||^2\n(log, lower is better)")
+    axes[1][0].set_ylabel("share of codes used")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", fontsize=8, ncol=3)
+    import textwrap
+    fig.suptitle("Fang et al. 2025's shifted-Gaussian simulation, ours (solid; a second variant dashed) and "
+                 "theirs (dotted)\n" + textwrap.fill(note, 150), fontsize=9)
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.86, bottom=0.2, wspace=0.3, hspace=0.18)
+    return fig
+
+
 def plain_log_ticks(ax):
     """Tick labels of a log y axis as plain numbers; the minor ticks labelled only when
     the axis spans less than a decade (it may have no major tick then)."""
@@ -1026,7 +1174,10 @@ def build_parser():
                         "shifted-start, codebook-only study over --shift_values, 5 seeds; tricks: every "
                         "method from every start at K 16, 64, 256, with and without training the encoder, "
                         "tuned rates, matched ablations, 10 seeds (with --quick: the small problem, K 16 "
-                        "and 64, 3 seeds, minutes)")
+                        "and 64, 3 seeds, minutes); fang2025: Fang et al. 2025's shifted-Gaussian "
+                        "simulation, their five quantizers at their settings, mu 0..8, K 16384, 2000 steps, "
+                        "drawn and tabled against their published curves (fang2025.png, fang2025.md; with "
+                        "--quick: K 1024, mu 0, 4, 8, 200 steps)")
     for name, (kind, grid, label) in GRIDS.items():
         p.add_argument(f"--{name}_values", type=_grid(kind), nargs="+", default=grid, help=f"{label}: grid")
     p.add_argument("--steps_max", type=vq.whole_number, default=500, help="steps sweep: training length")
@@ -1072,6 +1223,8 @@ def parse_args(argv=None):
         for k, v in preset.items():
             if k not in explicit:
                 setattr(args, k, v)
+    if args.preset == "fang2025" and "methods" not in explicit:
+        args.methods = [s for q in FANG_QUANTIZERS.values() for s in q(args.K)]
     methods = vq.split_methods(args.methods) or list(vq.default_methods())
     for spec in methods:
         if vq.parse_spec(spec)[0] not in vq.METHODS:
@@ -1189,6 +1342,14 @@ def _run(args):
     for sweep in dict.fromkeys(r["sweep"] for r in rows if r["sweep"] != "tricks"):
         vq.save_figure(plot_sweep(rows, sweep, describe(args.settings)),
                        os.path.join(args.outdir, f"sweep_{sweep}.png"))
+    if any(ln.get("fresh") for ln in lines) and any(fang_quantizer(ln["method"]) for ln in lines):
+        theirs = read_fang()
+        table = fang_table(lines, theirs)
+        data = (fang_note(args.settings) + "\n\n" + table + "\n").encode()
+        vq.write_atomic(os.path.join(args.outdir, "fang2025.md"), lambda fh: fh.write(data))
+        vq.save_figure(plot_fang(lines, theirs, fang_note(args.settings)), os.path.join(args.outdir, "fang2025.png"))
+        if not args.quiet:
+            print(table + "\n")
     if any(r["sweep"] == "tricks" for r in rows):             # every seed a point
         vq.save_figure(plot_tricks(lines, describe(args.settings)), os.path.join(args.outdir, "sweep_tricks.png"))
     chosen = read_tuning(args.outdir) if args.tune else {}

@@ -1837,3 +1837,192 @@ def test_fresh_batches_come_from_the_true_distribution_and_are_reproducible():
     a = vq.run_comparison(**{**TINY, "fresh_batches": 1, "methods": ["manual_ste"]})["results"]["manual_ste"]
     b = vq.run_comparison(**{**TINY, "methods": ["manual_ste"]})["results"]["manual_ste"]
     assert np.abs(a["E"] - b["E"]).max() > 1e-6                        # other batches, another run
+
+
+# ------------------------------------------- Issue 20: a published study, large K
+
+def _brute_nearest(Z, E):
+    """The nearest code from the whole distance matrix, in float64 (ties: lower index)."""
+    d = ((Z.astype(np.float64)[:, None, :] - E.astype(np.float64)[None]) ** 2).sum(-1)
+    return d.argmin(1), d.min(1), np.sort(d, axis=1)[:, 1] if E.shape[0] > 1 else None
+
+
+def _same_labels(labels, Z, E):
+    """Labels that pick the nearest code, to rounding: where they differ from the brute
+    force, the two codes' distances differ by less than a few ulps of their size."""
+    lab, d1, _ = _brute_nearest(Z, E)
+    d_mine = ((Z.astype(np.float64) - E.astype(np.float64)[labels]) ** 2).sum(1)
+    scale = (np.linalg.norm(Z, axis=1) + np.linalg.norm(E, axis=1).max()) ** 2
+    return np.all((labels == lab) | (d_mine - d1 <= 64 * np.finfo(np.float64).eps * scale))
+
+
+@pytest.mark.parametrize("shift", [0.0, 1.5, 4.0, 12.0])
+def test_pruned_search_finds_the_nearest_code_whatever_the_shift(shift):
+    # the projection bound rules codes out exactly: where it prunes, its labels are the
+    # brute-force ones; where it cannot (codes among the data), it hands over (None)
+    rng = np.random.default_rng(int(10 * shift))
+    for n, K, m in [(3000, 700, 8), (2000, 300, 3)]:
+        Z = rng.normal(size=(n, m)) + shift
+        E = rng.normal(size=(K, m))
+        E[:5] = Z[:5] + 1e-3                                 # a few codes among the data, as training leaves them
+        for a, b in ((Z, E), (E, Z)):                        # and the other way: the nearest latent of each code
+            found = vq._nearest_pruned(a, b)
+            if shift >= 4:
+                assert found is not None                     # far codes: almost all ruled out
+            if found is not None:
+                lab, dist = found
+                assert _same_labels(lab, a, b)
+                assert np.allclose(dist, _brute_nearest(a, b)[1], rtol=1e-9, atol=1e-9)
+    Z = rng.normal(size=(2000, 8))                           # codes drawn like the data: nothing to rule out
+    assert vq._nearest_pruned(Z, rng.normal(size=(700, 8))) is None
+
+
+def test_float32_screen_gives_the_float64_labels_even_at_near_ties(monkeypatch):
+    # pairs of codes 1e-6 apart (float32 cannot order them) and points between them: the
+    # screen must hand those rows to float64, and every label is the float64 search's
+    rng = np.random.default_rng(40)
+    E = rng.normal(size=(300, 6))
+    E = np.concatenate([E, E + 1e-6 * rng.normal(size=E.shape)])
+    Z = np.concatenate([rng.normal(size=(1500, 6)), E[:300] + 1e-4 * rng.normal(size=(300, 6))])
+    pure = vq._nearest_full(Z, E, screen=False)
+    for inputs in ((Z, E), (Z.astype(np.float32), E.astype(np.float32))):
+        lab, dist = vq._nearest_full(*inputs, screen=True)
+        ref = vq._nearest_full(*(x.astype(np.float64) for x in inputs), screen=False)
+        assert np.array_equal(lab, ref[0]) and dist.dtype == inputs[0].dtype
+        assert np.allclose(dist, ref[1], rtol=1e-5 if inputs[0].dtype == np.float32 else 1e-12, atol=1e-9)
+    assert _same_labels(pure[0], Z, E)
+    # nearest() takes these paths by size: the same labels whichever it takes
+    monkeypatch.setattr(vq, "_SCREEN_FROM", 1)
+    monkeypatch.setattr(vq, "_PRUNE_FROM", 1)
+    assert np.array_equal(vq.nearest(Z, E)[0], pure[0])
+    Zs = Z + 6.0                                             # pruned
+    assert np.array_equal(vq.nearest(Zs, E)[0], vq._nearest_full(Zs, E, screen=False)[0])
+
+
+def test_wasserstein_eigh_is_the_exact_distance_when_covariances_commute_and_its_gradients_are_exact():
+    rng = np.random.default_rng(41)
+    # isotropic codes: S_z S_c is symmetric, the approximation is exact but for its 1e-8
+    # inside each root (sum_i 1e-8 / sqrt(l_i) / W2, below 1e-7 here)
+    Z = rng.normal(size=(400, 4)) * [2.0, 1.0, 0.5, 1.5] + 0.3
+    G = rng.normal(size=(300, 4))
+    G = (G - G.mean(0)) @ np.linalg.inv(np.linalg.cholesky(np.cov(G.T, bias=True)).T)   # covariance I
+    assert vq.wasserstein_eigh(Z, 1.7 * G) == pytest.approx(float(vq.wasserstein_distance(Z, 1.7 * G)), rel=1e-7)
+    # correlated covariances: they differ, and the gradients are those of the function computed
+    E = rng.normal(size=(50, 4)) @ rng.normal(size=(4, 4))
+    assert abs(vq.wasserstein_eigh(Z, E) - vq.wasserstein_distance(Z, E)) > 1e-4
+    Wd, gZ, gE = vq.wasserstein_eigh_grads(Z[:60], E)
+    assert Wd == pytest.approx(float(vq.wasserstein_eigh(Z[:60], E)), rel=1e-14)
+    assert vq.rel_err(_fd(lambda E_: vq.wasserstein_eigh(Z[:60], E_), E, 1e-6), gE) < 1e-6
+    assert vq.rel_err(_fd(lambda Z_: vq.wasserstein_eigh(Z_, E), Z[:60], 1e-6), gZ) < 1e-6
+
+
+def test_the_studys_quantizers_are_checked_by_the_one_checker():
+    specs = ["ema_ste[debias=0, ema_decay=0.9]", "online", "simvq[linear_init=1]",
+             "wasserstein[exact=0, weight=10, alpha=0.1]"]
+    out = vq.run_comparison(**{**TINY, "methods": specs, "train_encoder": 0, "optimizer": "momentum"})
+    for spec in specs:
+        assert out["results"][spec]["status"] == "ok"
+        chk = out["gradient_check"].get(spec)
+        if chk:                                              # EMA trains no parameter by gradient
+            assert chk["params_rel_err"] < 1e-6 and chk["loss_rel_err"] < 1e-12
+
+
+def test_ema_without_debiasing_is_the_simulations_update_in_its_own_frame():
+    # the update of Fang et al.'s script written out here in its frame (codes drawn about the
+    # origin, data shifted by mu) and ours in ours (data centred, codes shifted): the same
+    # codes, translated, step after step, unused codes flying off included
+    p = small_problem(train_encoder=0, start="shifted", shift=3.0, steps=6, K=16, dtype="float64")
+    method, mcfg = vq.method_config(p.cfg, "ema_ste[debias=0, ema_decay=0.9]")
+    hp = vq.hyperparameters(mcfg, "ema_ste")
+    params = method.init(p, hp)
+    origin = p.E0.mean(axis=0)
+    E, size, avg = p.E0 - origin, np.zeros(16), p.E0 - origin   # theirs, in their frame
+    for t, Xb in vq.batches(p):
+        fr = method.freeze(p.W0, None, params, Xb, hp, None)
+        params, _ = method.update(params, fr, hp)
+        z = vq.latents(Xb, p.W0) - origin
+        onehot = np.eye(16)[_brute_nearest(z, E)[0]]
+        size = 0.9 * size + 0.1 * onehot.sum(0)
+        avg = 0.9 * avg + 0.1 * onehot.T @ z
+        n = size.sum()
+        E = avg / ((size + 1e-5) / (n + 16 * 1e-5) * n)[:, None]
+        assert np.allclose(params["E"] - origin, E, rtol=1e-9, atol=1e-9 * np.abs(E).max())
+    assert np.abs(E).max() > 1e3                             # some code never used: it has left
+
+
+def test_online_clustering_anchors_unused_codes_on_their_nearest_latent():
+    rng = np.random.default_rng(42)
+    Z = rng.normal(size=(400, 3))
+    E = np.concatenate([rng.normal(size=(5, 3)), rng.normal(size=(5, 3)) + 20])   # 5 far codes: unused
+    hp = vq.types.SimpleNamespace(decay=0.9)
+    prob = np.zeros(10)
+    out = vq.online_anchor({"E": E, "prob": prob}, Z, hp)
+    counts = np.bincount(_brute_nearest(Z, E)[0], minlength=10)
+    p_new = 0.1 * counts / 400
+    w = np.exp(-10 * 10 * p_new / 0.1 - 1e-3)[:, None]
+    anchor = Z[((E[:, None, :] - Z[None]) ** 2).sum(-1).argmin(1)]
+    assert np.allclose(out["prob"], p_new) and np.allclose(out["E"], E * (1 - w) + anchor * w)
+    gap = np.linalg.norm(E - anchor, axis=1)
+    assert np.all(np.linalg.norm(out["E"] - anchor, axis=1)[5:] <= 1.01e-3 * gap[5:])   # unused: onto the data
+    busy = counts >= 0.25 * 400                              # w < exp(-25): they stay
+    assert busy.sum() >= 1 and np.all(np.linalg.norm(out["E"] - E, axis=1)[busy] <= 1e-10 * gap[busy])
+
+
+def test_linear_quantizer_starts_as_pytorchs_linear_on_the_centred_codes():
+    p = small_problem(start="shifted", shift=4.0, K=16)
+    hp = vq.hyperparameters(vq.method_config(p.cfg, "simvq[linear_init=1]")[1], "simvq")
+    params = vq.METHODS["simvq"].init(p, hp)
+    bound = 1 / math.sqrt(p.cfg.m)
+    centre = p.E0.mean(axis=0)
+    assert np.abs(params["P"]).max() <= bound and np.abs(params["b"] - centre).max() <= bound
+    assert np.allclose(params["C"].mean(axis=0), 0, atol=1e-12)
+    assert np.allclose(vq.simvq_codebook(params, hp), (p.E0 - centre) @ params["P"].T + params["b"])
+    again = vq.METHODS["simvq"].init(p, hp)                  # its own stream: reproducible
+    assert np.array_equal(again["P"], params["P"])
+    ident = vq.METHODS["simvq"].init(p, vq.hyperparameters(p.cfg, "simvq"))
+    assert np.array_equal(vq.simvq_codebook(ident, hp), p.E0)
+
+
+def test_fresh_metrics_every_n_steps_on_the_same_samples_for_every_method():
+    p = small_problem(D=6, rank=6, m=6, lmax=1.0, lmin=1.0, steps=9, eval_every=4, eval_samples=3000,
+                      train_encoder=0, start="shifted", shift=2.0)
+    runs = {name: vq.train(p, name) for name in ("manual_ste", "online")}
+    for r in runs.values():
+        rows = r.logs["fresh"]
+        assert [row["step"] for row in rows] == [0, 1, 4, 8]
+        for row in rows:                                      # m = D = rank: quantization = reconstruction
+            assert row["quant_error"] == pytest.approx(row["recon_mse"], rel=1e-9)
+            assert 0 < row["codes_used"] <= 1 and row["w2"] > 0
+    a, b = (runs[k].logs["fresh"][0] for k in runs)
+    assert a == b                                             # the same start on the same samples
+    # the step-0 row is the start's error on fresh samples: close to the population error
+    S = vq.derived_rng(p.cfg.seed, "monitor").standard_normal((3000, 6))
+    direct = vq.nearest(vq.latents(S, p.W0 @ p.U), p.E0)[1].mean()
+    assert a["quant_error"] == pytest.approx(direct, rel=1e-9)
+
+
+def test_fang2025_preset_runs_their_quantizers_and_tables_them_against_their_data(tmp_path):
+    import sweeps
+    theirs = sweeps.read_fang()
+    assert theirs[("vanilla", 4.0)][2000] == pytest.approx((5.294421672821045, 0.00067138671875))
+    assert len(theirs) == 45 and all(len(v) == 22 for v in theirs.values())
+    args = sweeps.parse_args(["--preset", "fang2025", "--outdir", str(tmp_path / "f")])
+    s = args.settings
+    assert (s["K"], s["batch"], s["steps"], s["eval_every"], s["eval_samples"]) == (16384, 50000, 2000, 100, 200000)
+    assert s["optimizer"] == "momentum" and s["fresh_batches"] == 1 and s["train_encoder"] == 0
+    assert {sweeps.fang_quantizer(m) for m in s["methods"]} == {None, "vanilla", "ema", "online", "linear",
+                                                                "wasserstein"}
+    assert "simvq[linear_init=1, lrE=327.68]" in s["methods"]          # their 0.02 on P and b
+    # the issue's test at one step
+    assert sweeps.fang_within([(1.05, 0.5)], (1.0, 0.45)) == (True, True)
+    assert sweeps.fang_within([(1.2, 0.5)], (1.0, 0.3)) == (False, False)
+    assert sweeps.fang_within([(0.8, 0.1), (1.3, 0.1)], (1.0, 0.1)) == (True, True)   # wide seeds: inside
+    tiny = ["--preset", "fang2025", "--quick", "--K", "64", "--batch", "500", "--steps", "100", "--eval_every", "50",
+            "--eval_samples", "2000", "--n_train", "2000", "--n_pop", "2000", "--shift_values", "4",
+            "--quiet", "--outdir", str(tmp_path / "q")]
+    assert sweeps.main(tiny) == 0
+    table = (tmp_path / "q" / "fang2025.md").read_text()
+    assert "| 4 | vanilla (manual_ste[lrE=1]) |" in table and (tmp_path / "q" / "fang2025.png").stat().st_size > 0
+    line = next(json.loads(x) for x in (tmp_path / "q" / "results.jsonl").read_text().splitlines()
+                if json.loads(x)["method"] == "online[lrE=3]")
+    assert [f[0] for f in line["fresh"]] == [0, 1, 50, 100]

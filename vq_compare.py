@@ -118,6 +118,9 @@ class Config:
     pl_rounds: int = _f(500, "procrustes_lloyd: rounds at most")
     pl_tol: float = _f(1e-10, "procrustes_lloyd: stop when the relative improvement falls below this")
     log_every: int = _f(0, "evaluate eval-set metrics every this many steps (0: auto, about 20 points)")
+    eval_every: int = _f(0, "at step 1 and every this many steps, the quantizer's metrics on --eval_samples "
+                            "fresh samples of the true distribution (error, codes used, perplexity, W2); 0: off")
+    eval_samples: int = _f(200_000, "--eval_every: fresh samples per evaluation (the same for every method)")
     dtype: str = _f("float64", "float64 (exact checks) or float32 (speed)")
     fd_h: float = _f(1e-5, "finite-difference step")
     fd_max_evals: float = _f(2e6, "skip fd_ste when steps x 2 x (parameters) loss evaluations exceed this")
@@ -132,7 +135,7 @@ class Config:
 # restart never changes the numbers of another.
 _STREAMS = {"kmeans": 1, "batches": 2, "population": 3, "unconstrained": 4,
             "reseed": 5, "gradcheck": 6, "start": 7, "curves": 8, "noise": 9, "validation": 10,
-            "fresh": 11}
+            "fresh": 11, "monitor": 12, "init": 13}
 
 
 def derived_rng(seed, purpose):
@@ -315,42 +318,182 @@ def pca_encoder(X, m):
 
 # ----------- Quantizer: nearest code, Lloyd, k-means++, k-means with restarts
 
-def nearest(Z, E, second=False):
-    """Nearest code of every row of ``Z`` (n, m) in ``E`` (K, m), in bounded memory.
+# Entries of one block of the nearest-code search's (rows x K) distances: small enough to
+# stay in the last-level cache while its row minima are taken, large enough that the
+# per-block overhead of Python is small beside the product.
+_DISTANCES = 1 << 19
+# Below this many (point, code) pairs the full search is cheap: no pruning is tried.
+_PRUNE_FROM = 1 << 24
 
-    Returns ``labels`` (n,), ties to the lower index, and ``dist`` (n,), the squared
-    distance to that code; with ``second=True`` also the squared distance to the
-    second-nearest code (inf when K = 1). Works through cache-sized blocks of rows,
-    comparing ``||e||^2 - 2 z.e`` (``||z||^2`` is the same for every code).
+
+def nearest(Z, E, second=False):
+    """Nearest code of every row of ``Z`` (n, m) in ``E`` (K, m), exactly, in bounded memory.
+
+    Returns ``labels`` (n,) and ``dist`` (n,), the squared distance to that code; with
+    ``second=True`` also the squared distance to the second-nearest code (inf when K = 1).
+    Ties go to the lower index (to rounding: codes whose computed distances differ by less
+    than their rounding error are equally near). The search compares ``||e||^2 - 2 z.e``
+    (``||z||^2`` is the same for every code), both terms from one product with ``z``
+    augmented by a 1, over cache-sized blocks of rows. Large searches are pruned first
+    (:func:`_nearest_pruned`: codes that cannot be nearest are never compared). In
+    float32, rows whose two nearest codes are closer than float32 can tell apart are
+    searched again in float64, so the labels are those of the float64 search.
 
     Examples
     --------
     >>> nearest(np.array([[0.0], [0.9], [2.2]]), np.array([[0.0], [2.0]]))
     (array([0, 0, 1]), array([0.  , 0.81, 0.04]))
     """
-    n, K = Z.shape[0], E.shape[0]
+    if not second and Z.shape[0] * E.shape[0] >= _PRUNE_FROM:
+        found = _nearest_pruned(Z, E)
+        if found is not None:
+            return found
+    return _nearest_full(Z, E, second)
+
+
+def _augmented(E, dtype):
+    """``[-2 E^T; ||e||^2]`` (m + 1, K): ``[z, 1] @`` it gives ``||e||^2 - 2 z.e``."""
+    A = np.empty((E.shape[1] + 1, E.shape[0]), dtype=dtype)
+    A[:-1] = -2.0 * E.T
+    A[-1] = np.einsum("km,km->k", E, E, dtype=np.float64)
+    return A
+
+
+# From this many codes a search for the nearest code alone screens in float32 (see
+# _nearest_full): the product and the row minima take half the memory traffic.
+_SCREEN_FROM = 256
+
+
+def _nearest_full(Z, E, second=False, screen=None):
+    """:func:`nearest` comparing every code with every point, in blocks of rows.
+
+    ``screen`` (default: for the nearest code alone, from ``_SCREEN_FROM`` codes, values
+    within float32's range): the distances are computed in float32, and the rows whose
+    runner-up lies within float32's rounding of the best are searched again in float64,
+    so the labels are those of the float64 search; the distances returned are then
+    computed directly, ``||z - e||^2`` in float64. Without it the search runs in the
+    inputs' precision.
+    """
+    n, m = Z.shape
+    K = E.shape[0]
     dtype = np.result_type(Z, E)
-    minus_2Et = (-2.0 * E.T).astype(dtype)                  # (m, K)
-    e_sq = np.einsum("km,km->k", E, E).astype(dtype)        # (K,)
+    if screen is None:
+        screen = not second and K >= _SCREEN_FROM and (dtype == np.float32 or (
+            np.all(np.isfinite(E)) and float(np.max(np.abs(E), initial=0.0)) < 1e15
+            and float(np.max(np.abs(Z), initial=0.0)) < 1e15))
+    work = np.float32 if screen else dtype
+    A = _augmented(E, work)                                  # (m + 1, K)
+    z_sq = np.einsum("nm,nm->n", Z, Z)
+    dist = z_sq.astype(work)                                 # ||z||^2, added at the end
     labels = np.empty(n, dtype=np.intp)
-    dist = np.einsum("nm,nm->n", Z, Z).astype(dtype, copy=False)   # ||z||^2, the distance added
-    dist2 = dist.copy() if second else None
-    rows = _block_rows(K * Z.shape[1])
-    idx = np.arange(min(rows, n))
+    dist2 = np.empty(n, work) if second or screen else None
+    rows = max(1, min(n, _DISTANCES // K))
+    Za = np.empty((rows, m + 1), work)
+    Za[:, m] = 1.0
+    out = np.empty((rows, K), work)
+    idx = np.arange(rows)
     for s in range(0, n, rows):
-        d = Z[s:s + rows] @ minus_2Et                       # (c, K)
-        d += e_sq
+        c = min(rows, n - s)
+        Za[:c, :m] = Z[s:s + c]
+        d = np.matmul(Za[:c], A, out=out[:c])               # (c, K) ||e||^2 - 2 z.e
         lab = d.argmin(axis=1)
-        i = idx[:len(lab)]
-        labels[s:s + rows] = lab
-        dist[s:s + rows] += d[i, lab]
-        if second:
-            d[i, lab] = np.inf                              # argmin is faster than min on short rows
-            dist2[s:s + rows] += d[i, d.argmin(axis=1)]
+        labels[s:s + c] = lab
+        i = idx[:c]
+        best = d[i, lab]
+        if dist2 is not None:
+            d[i, lab] = np.inf
+            dist2[s:s + c] = (d.min(axis=1) if K > 1 else np.inf) + dist[s:s + c]
+        dist[s:s + c] += best
+    if screen:
+        # a float32 distance is off by at most (m + 3) u (||z|| + ||e||)^2 with
+        # ||e|| <= 2 ||z|| + ||z - e||: rows whose runner-up is within twice that of the
+        # best are searched again in float64
+        z = np.sqrt(z_sq, dtype=np.float64)
+        d1 = np.maximum(dist.astype(np.float64), 0)
+        tol = 2.02 * (m + 3) * float(np.finfo(np.float32).eps) * (2 * z + np.sqrt(d1) + 1e-30) ** 2
+        redo = np.flatnonzero(~(dist2 - d1 > tol))
+        if redo.size:
+            labels[redo] = _nearest_full(Z[redo].astype(np.float64), E.astype(np.float64), screen=False)[0]
+        diff = Z.astype(np.float64) - E[labels]
+        return labels, np.einsum("nm,nm->n", diff, diff).astype(dtype, copy=False)
     np.maximum(dist, 0, out=dist)                           # rounding can dip below zero
     if second:
         return labels, dist, np.maximum(dist2, 0, out=dist2)
     return labels, dist
+
+
+_PROBES = 4     # codes next to a point in the projection's order whose distances bound its nearest
+
+
+def _nearest_pruned(Z, E, sample=1024):
+    """:func:`nearest` for many points and codes, comparing a point only with the codes
+    that can be its nearest; None when too few codes can be ruled out to pay.
+
+    The bound: for a unit vector ``u``, ``|u.z - u.e| <= ||z - e||``. With ``u`` along the
+    difference of the points' and the codes' means and the codes sorted by ``u.e``, a
+    point whose distance to some code is ``r`` can only be nearest to codes with ``u.e``
+    in ``[u.z - r, u.z + r]``, a contiguous run of the sorted codes; ``r`` comes from the
+    ``_PROBES`` codes next to ``u.z`` in that order. Points are taken in the order of
+    their runs, in blocks that share one (the union of theirs). When the codes lie away from the data (a
+    shifted start, codes abandoned by training) almost every code is ruled out; when
+    they lie among the data none is, and the full search runs (decided on ``sample``
+    points first). Rounding is allowed for on both the projections and the distances,
+    so the labels are those of the full search (to rounding, see :func:`nearest`).
+    Float32 inputs are searched in float64 here (few pairs are left to compare).
+    """
+    n, m = Z.shape
+    K = E.shape[0]
+    Z64, E64 = Z.astype(np.float64, copy=False), E.astype(np.float64, copy=False)
+    u = Z64.mean(axis=0) - E64.mean(axis=0)
+    norm = np.linalg.norm(u)
+    if not norm > 0:
+        return None
+    u /= norm
+    pe = E64 @ u
+    order = np.argsort(pe, kind="stable")
+    pe, Es = pe[order], E64[order]                          # codes in the order of u.e
+    z_sq = np.einsum("nm,nm->n", Z64, Z64)
+    e_max = float(np.sqrt(np.max(np.einsum("km,km->k", E64, E64))))
+    z_max = float(np.sqrt(np.max(z_sq)))
+    # the projections' rounding, and the computed distances', with room
+    slack_p = 4 * (m + 2) * np.finfo(np.float64).eps * (z_max + e_max)
+    slack_d = _distance_eps(E64, z_max ** 2)
+
+    def windows(rows):
+        pz = Z64[rows] @ u
+        pos = np.searchsorted(pe, pz)
+        ub = np.full(len(pz), np.inf)
+        for off in range(-(_PROBES // 2), _PROBES - _PROBES // 2):
+            diff = Z64[rows] - Es[np.clip(pos + off, 0, K - 1)]
+            np.minimum(ub, np.einsum("nm,nm->n", diff, diff), out=ub)
+        r = np.sqrt(ub + slack_d) * (1 + 1e-12) + slack_p
+        return pz, np.searchsorted(pe, pz - r, "left"), np.searchsorted(pe, pz + r, "right")
+
+    probe = np.linspace(0, n - 1, min(n, sample)).astype(np.intp)
+    _, lo, hi = windows(probe)
+    if (hi - lo).mean() > K / 4:                            # too little to rule out: search all
+        return None
+    pz, lo, hi = windows(slice(None))
+    if (hi - lo).mean() > K / 4:
+        return None
+    zo = np.lexsort((pz, lo))                               # points in the order of their runs
+    # blocks short enough that a block's points share most of their runs
+    rows = max(16, min(256, n // 64, int(_DISTANCES // max(1.0, float(np.mean(hi - lo))))))
+    starts = np.arange(0, n, rows)
+    lo, hi = np.minimum.reduceat(lo[zo], starts), np.maximum.reduceat(hi[zo], starts)   # per block
+    if np.sum((hi - lo) * np.minimum(rows, n - starts)) > n * K / 4:   # the blocks' runs overlap
+        return None                                         # too much: the full search is faster
+    A = _augmented(Es, np.float64)                          # (m + 1, K) in the codes' order
+    labels, dist = np.empty(n, dtype=np.intp), np.empty(n)
+    for s, a, b in zip(starts, lo, hi):
+        pts = zo[s:s + rows]
+        d = Z64[pts] @ A[:m, a:b]
+        d += A[m, a:b]                                      # (c, b - a)
+        k = d.argmin(axis=1)
+        labels[pts] = order[a + k]
+        dist[pts] = z_sq[pts] + d[np.arange(len(pts)), k]
+    np.maximum(dist, 0, out=dist)
+    return labels, dist.astype(np.result_type(Z, E), copy=False)
 
 
 def assign(Z, E):
@@ -1233,6 +1376,28 @@ def curve_point(problem, W, E, V=None, assign=None):
     return {"pop_diff_to_start": float(d.mean()), "pop_diff_to_start_se": float(d.std(ddof=1) / math.sqrt(n))}
 
 
+def fresh_metrics(problem, rng, W, E, V=None, assign=None):
+    """What a quantizer study reports along training (``--eval_every``), on
+    ``eval_samples`` fresh samples of the true distribution drawn from ``rng``:
+    ``quant_error`` mean ||z - q||^2 (the quantizer's own error; with m = D = rank it is
+    the reconstruction error), ``recon_mse``, ``codes_used`` (the share of codes that
+    some sample picks), ``perplexity``, and the 2-Wasserstein distance between Gaussian
+    fits of the latents and the codes, exact (``w2``) and as Fang et al.'s simulation
+    computes it (``w2_eigh``, :func:`wasserstein_eigh`)."""
+    c = problem.cfg
+    S = rng.standard_normal((c.eval_samples, len(problem.lam))) * np.sqrt(problem.lam)   # (n, rank)
+    s_sq = np.einsum("nr,nr->n", S, S)
+    Z = latents(S, W @ problem.U)                           # (n, m)
+    Y = None if V is None else latents(S, V @ problem.U)
+    err, labels, dist = reconstruction_errors(s_sq, Z, E, W, None if assign is None else own_codes(assign, Z, E),
+                                              V=V, Y=Y)
+    counts = np.bincount(labels, minlength=E.shape[0])
+    Z64, E64 = Z.astype(np.float64), E.astype(np.float64)
+    return {"quant_error": float(dist.mean()), "recon_mse": float(err.mean()),
+            "codes_used": float(np.mean(counts > 0)), "perplexity": usage_stats(labels, E.shape[0])["perplexity"],
+            "w2": float(wasserstein_distance(Z64, E64)), "w2_eigh": float(wasserstein_eigh(Z64, E64))}
+
+
 START_REGIMES = ("kmeans", "random_codes", "shifted", "random")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
@@ -1349,7 +1514,8 @@ class Method:
     its surrogate holds fixed on a batch (``freeze``), that surrogate from its definition
     (``loss``: the checker differentiates it) and its hand-derived gradients
     (``loss_and_grads``); optionally a non-gradient step (``update``, EMA's), its own
-    cells (``assign``) and its re-seeding (``reset``). A fitted method declares ``fit``.
+    cells (``assign``), its re-seeding (``reset``) and a step of its own after the
+    optimizer's on the batch's latents (``anchor``). A fitted method declares ``fit``.
     Every callable takes ``hp``, the settings it reads (:func:`hyperparameters`).
     """
     label: str
@@ -1362,6 +1528,7 @@ class Method:
     update: Callable = None          # (params, frozen, hp) -> (params, frozen), before the gradient step
     assign: Callable = None          # (params, hp) -> labels(Z): its own cells instead of the nearest code
     reset: Callable = None           # (params, codes, latents, hp) -> params: re-seed dead codes
+    anchor: Callable = None          # (params, latents, hp) -> params: a step of its own after the optimizer's
     shared: tuple = ()               # parameters shared by the K codes: they step at lrE / K
     fit: Callable = None             # (problem, hp) -> Result: a fitted (non-gradient) method
     skip: Callable = None            # (problem, hp) -> why it cannot run here, or None
@@ -1489,9 +1656,15 @@ def fd_ste_budget(problem, hp):
 
 
 def ema_init(problem, hp):
-    """The codebook and its moving averages (hidden, before debiasing), and the updates made."""
+    """The codebook and its moving averages (hidden, before debiasing), and the updates
+    made; without ``debias`` the sums start at the codes themselves, about their centre
+    (``origin``, see :func:`ema_update`)."""
     K, m = problem.E0.shape
-    return {"E": problem.E0.copy(), "counts": np.zeros(K), "sums": np.zeros((K, m)), "t": np.zeros(())}
+    if getattr(hp, "debias", 1.0):
+        return {"E": problem.E0.copy(), "counts": np.zeros(K), "sums": np.zeros((K, m)), "t": np.zeros(())}
+    origin = problem.E0.astype(np.float64).mean(axis=0)
+    return {"E": problem.E0.copy(), "counts": np.zeros(K), "sums": problem.E0 - origin, "t": np.zeros(()),
+            "origin": origin}
 
 
 def ema_update(params, frozen, hp):
@@ -1503,28 +1676,58 @@ def ema_update(params, frozen, hp):
     ``N_j' = (N_j + eps) / (sum N + K eps) * sum N``, and ``e_j = M_j / N_j'``. While
     every code is used this is Sonnet's update; a code never used keeps its vector
     (Sonnet's becomes exactly 0).
+
+    With ``debias=0``, the quantizer of Fang et al.'s simulation (VQ-Research/Wasserstein-VQ
+    ``SimulationAnalyses/.../GaussianDistribution/VariousVQs.py``, ``ema_update``): the
+    counts start at zero, the sums at the initial codes, nothing is debiased, and every
+    code is set to its sum over its smoothed count, used or not: a code unused from the
+    start is divided by about ``eps`` and leaves the data for good, then decays toward
+    the origin of the coordinates. That origin is where their codes are drawn (their data
+    are shifted, ours centred with the codes shifted): the averages are kept about the
+    start codes' centre, ``origin``, so that the same happens here.
     """
-    E, decay = params["E"], hp.ema_decay
+    E, decay, debiased = params["E"], hp.ema_decay, getattr(hp, "debias", 1.0)
     n_j, s_j = cluster_sums(frozen.Z0, frozen.labels, E.shape[0])
+    origin = params.get("origin", 0.0)
+    if not debiased:
+        s_j = s_j - n_j[:, None] * origin
     counts = decay * params["counts"] + (1 - decay) * n_j
     sums = decay * params["sums"] + (1 - decay) * s_j
     t = params["t"] + 1
-    N, M = counts / (1 - decay ** t), sums / (1 - decay ** t)
+    debias = 1 - decay ** t if debiased else 1.0
+    N, M = counts / debias, sums / debias
     smoothed = (N + hp.ema_eps) / (N.sum() + E.shape[0] * hp.ema_eps) * N.sum()
-    E_new, used = np.array(E, dtype=np.float64), N > 0
-    E_new[used] = M[used] / smoothed[used, None]
-    return {"E": E_new.astype(E.dtype, copy=False), "counts": counts, "sums": sums, "t": t}, frozen
+    E_new, used = np.array(E, dtype=np.float64), N > 0 if debiased else np.ones(len(N), bool)
+    E_new[used] = origin + M[used] / smoothed[used, None]
+    return {**params, "E": E_new.astype(E.dtype, copy=False), "counts": counts, "sums": sums, "t": t}, frozen
 
 
 def ema_reset(params, codes, values, hp):
     """A re-seeded code restarts its averages at the latent it took, with the count the
     threshold (debiased: count T, sum T * latent)."""
     params = {k: v.copy() for k, v in params.items()}
-    debias = 1 - hp.ema_decay ** params["t"]
+    debias = 1 - hp.ema_decay ** params["t"] if getattr(hp, "debias", 1.0) else 1.0
     params["E"][codes] = values
     params["counts"][codes] = hp.dead_threshold * debias
-    params["sums"][codes] = hp.dead_threshold * values * debias
+    params["sums"][codes] = hp.dead_threshold * (values - params.get("origin", 0.0)) * debias
     return params
+
+
+def online_anchor(params, Z, hp):
+    """Online clustering's step after the gradient step (Zheng and Vedaldi, ICCV 2023,
+    CVQ-VAE; as Fang et al.'s simulation runs it, VQ-Research/Wasserstein-VQ
+    ``VariousVQs.py``, ``online_update``): each code's running usage ``p_j <- d p_j +
+    (1-d) n_j / B`` (from zero), then the code pulled toward its nearest latent of the
+    batch ``a_j``: ``e_j <- (1 - w_j) e_j + w_j a_j``, ``w_j = exp(-10 K p_j / (1-d) -
+    1e-3)``: a code in use stays, an unused one jumps to the data. ``Z`` (B, m) the batch's
+    latents; the nearest codes and latents are those of the codes after the gradient step."""
+    E = params["E"]
+    K = E.shape[0]
+    n_j = np.bincount(nearest(Z, E)[0], minlength=K)
+    prob = hp.decay * params["prob"] + (1 - hp.decay) * n_j / len(Z)
+    anchors = Z[nearest(E, Z)[0]]                           # (K, m) each code's nearest latent
+    w = np.exp(-10 * K * prob / (1 - hp.decay) - 1e-3)[:, None]
+    return {**params, "E": (E * (1 - w) + anchors * w).astype(E.dtype, copy=False), "prob": prob}
 
 
 def affine_codebook(params, hp):
@@ -1569,6 +1772,24 @@ def affine_reset(params, codes, values, hp):
 def simvq_codebook(params, hp):
     """SimVQ's ``E = C P^T + 1 b^T``; stacks of P (n, m, m) or b (n, m) give stacks."""
     return params["C"] @ np.swapaxes(params["P"], -1, -2) + params["b"][..., None, :]
+
+
+def simvq_init(problem, hp):
+    """SimVQ's parameters at the start: the frozen basis C (K, m), the map P (m, m) and the
+    bias b (m,). ``linear_init=0``: C the shared start codebook, P = I, b = 0 (the start
+    codebook itself). ``linear_init=1``: the linear quantizer of Fang et al.'s simulation
+    (VQ-Research/Wasserstein-VQ ``VariousVQs.py``, ``codebook_projection``, an
+    ``nn.Linear`` with PyTorch's default init): P and b uniform in ``+-1/sqrt(m)`` (the
+    ``"init"`` stream), the basis the start codes about their mean, which b carries (their
+    basis is N(0, I) and their data are shifted; ours are centred and the codes shifted:
+    the same geometry, since the map acts on the basis about its own centre)."""
+    C = problem.E0.astype(np.float64)
+    if not hp.linear_init:
+        return {"C": C, "P": np.eye(hp.m), "b": np.zeros(hp.m)}
+    rng, bound = derived_rng(problem.cfg.seed, "init"), 1 / math.sqrt(hp.m)
+    centre = C.mean(axis=0)
+    P = rng.uniform(-bound, bound, (hp.m, hp.m))
+    return {"C": C - centre, "P": P, "b": centre + rng.uniform(-bound, bound, hp.m)}
 
 
 def simvq_reset(params, codes, values, hp):
@@ -1626,10 +1847,60 @@ def wasserstein_grads(Z, E):
     return Wd, gZ, gE
 
 
+def _lower(M):
+    """What ``eigh`` reads of ``M`` (…, m, m): the lower triangle, mirrored."""
+    return np.tril(M) + np.swapaxes(np.tril(M, -1), -1, -2)
+
+
+def wasserstein_eigh(Z, E):
+    """Fang et al.'s simulation's distance (``calc_wasserstein_distance`` in VariousVQs.py,
+    the one their Gaussian study trains with and reports): ``sqrt(||mu_z - mu_c||^2 +
+    relu(tr(S_z + S_c) - 2 sum_i sqrt(relu(l_i) + 1e-8)) + 1e-8)``, ``l_i`` the eigenvalues
+    that ``eigh`` returns for the non-symmetric ``S_z S_c``: those of its lower triangle
+    mirrored. It equals :func:`wasserstein_distance` when ``S_z S_c`` is symmetric (the
+    covariances commute) and approximates it otherwise. Stacks give one distance each."""
+    mu_z, mu_c = Z.mean(axis=-2), E.mean(axis=-2)
+    Zc, Ec = Z - mu_z[..., None, :], E - mu_c[..., None, :]
+    S_z = np.swapaxes(Zc, -1, -2) @ Zc / Z.shape[-2]
+    S_c = np.swapaxes(Ec, -1, -2) @ Ec / E.shape[-2]
+    lam = np.linalg.eigvalsh(_lower(S_z @ S_c))
+    trace = (np.trace(S_z, axis1=-2, axis2=-1) + np.trace(S_c, axis1=-2, axis2=-1)
+             - 2 * np.sum(np.sqrt(np.maximum(lam, 0) + 1e-8), axis=-1))
+    return np.sqrt(np.sum((mu_z - mu_c) ** 2, axis=-1) + np.maximum(trace, 0.0) + 1e-8)
+
+
+def wasserstein_eigh_grads(Z, E):
+    """:func:`wasserstein_eigh` of ``Z`` (n, m) and ``E`` (K, m) and its gradients (n, m),
+    (K, m). With ``M = S_z S_c``, ``Q diag(l) Q^T`` the mirrored lower triangle's
+    eigendecomposition and ``G = Q diag(g) Q^T``, ``g_i = [l_i > 0] / (2 sqrt(l_i + 1e-8))``,
+    the derivative of the trace's root part in M is ``2 tril(G) - diag(G)`` (the function
+    reads the lower triangle only). PyTorch's ``eigh`` backward returns G itself (the
+    derivative for symmetric changes of its input): the symmetric parts agree, the two
+    differ by ``G``'s antisymmetric completion carried through ``S_z`` and ``S_c`` (zero
+    when the covariances commute). This is the derivative of the function as computed."""
+    n, K = Z.shape[0], E.shape[0]
+    mu_z, mu_c = Z.mean(axis=0), E.mean(axis=0)
+    Zc, Ec = Z - mu_z, E - mu_c
+    S_z, S_c = Zc.T @ Zc / n, Ec.T @ Ec / K
+    lam, Q = np.linalg.eigh(_lower(S_z @ S_c))
+    trace = np.trace(S_z) + np.trace(S_c) - 2 * np.sum(np.sqrt(np.maximum(lam, 0) + 1e-8))
+    Wd = float(wasserstein_eigh(Z, E))
+    G = (Q * np.where(lam > 0, 0.5 / np.sqrt(np.maximum(lam, 0) + 1e-8), 0.0)) @ Q.T
+    G_M = 2 * np.tril(G) - np.diag(np.diag(G))              # d(sum sqrt) / dM
+    I = np.eye(len(mu_z))
+    on = 1.0 if trace > 0 else 0.0
+    H_c = on * (I - 2 * S_z.T @ G_M)                        # d trace / d S_c
+    H_z = on * (I - 2 * G_M @ S_c.T)                        # d trace / d S_z
+    gE = (Ec @ (H_c + H_c.T) / K - 2 * (mu_z - mu_c) / K) / (2 * Wd)
+    gZ = (Zc @ (H_z + H_z.T) / n + 2 * (mu_z - mu_c) / n) / (2 * Wd)
+    return Wd, gZ, gE
+
+
 def wasserstein_loss(W, V, params, Xb, frozen, hp):
     Z = Xb @ np.swapaxes(W, -1, -2) if hp.encoder else frozen.Z0     # (…, B, m)
+    distance = wasserstein_distance if hp.exact else wasserstein_eigh
     return (surrogate_loss(W, params["E"], Xb, frozen, hp.alpha, hp.beta, V)
-            + hp.weight * wasserstein_distance(Z, params["E"]))
+            + hp.weight * distance(Z, params["E"]))
 
 
 def wasserstein_loss_and_grads(W, V, params, Xb, frozen, hp):
@@ -1639,7 +1910,7 @@ def wasserstein_loss_and_grads(W, V, params, Xb, frozen, hp):
     ``code/VQGAN/models/wasserstein_quantizer.py``, ``calc_wasserstein_loss``: z's mean
     and covariance detached)."""
     gr = manual_grads(W, params["E"], Xb, hp.alpha, hp.beta, frozen=frozen, V=V)
-    Wd, gZ, gE = wasserstein_grads(frozen.Z0, params["E"])
+    Wd, gZ, gE = (wasserstein_grads if hp.exact else wasserstein_eigh_grads)(frozen.Z0, params["E"])
     gW = gr.gW + hp.weight * t_dot(gZ, Xb) if hp.encoder else gr.gW
     return Step(gr.loss + hp.weight * Wd, gW, gr.gV, {"E": gr.gE + hp.weight * gE})
 
@@ -1913,7 +2184,9 @@ METHODS: dict[str, Method] = {
     # VectorQuantizerEMA (decay 0.99, epsilon 1e-5, commitment 0.25) with Adam
     "ema_ste": vq_method("EMA STE", "van den Oord et al. 2017, app. A.1; DeepMind Sonnet",
                          weights=lambda hp: (0.0, hp.beta), init=ema_init, codebook_grads=lambda p, gE, hp: {},
-                         update=ema_update, reset=ema_reset,
+                         update=ema_update, reset=ema_reset, hyperparameters=(
+                             ("debias", 1.0, "1: Sonnet's debiased averages; 0: Fang et al.'s simulation's "
+                                             "(no debiasing, averages from the start codes, every code recomputed)"),),
                          recipe=lambda c: per_element(c, 0.0, 0.25, optimizer="adam", ema_decay=0.99, ema_eps=1e-5)),
     "procrustes_lloyd": Method("Procrustes-Lloyd", "alternating exact minimisation", fit=fit_procrustes_lloyd),
     # cfifty/rotation_trick exp_weights_and_configs/table_3/rot_vqgan.py, VQModel.get_rotation:
@@ -1960,12 +2233,20 @@ METHODS: dict[str, Method] = {
     # shared start codebook with P = I, b = 0 (the authors draw it from N(0, 1/m): the start
     # regime is ours to vary); dL/dP = G^T C, dL/db = sum_j G_j. configs/imagenet_simvq_128_B.yaml
     # (beta 0.25, legacy false: codebook 1, commitment 0.25) and taming/models/vq.py (Adam (0.5, 0.9))
-    "simvq": vq_method("SimVQ", "Zhu et al., arXiv 2411.02038",
-                       init=lambda problem, hp: {"C": problem.E0.astype(np.float64), "P": np.eye(hp.m),
-                                                 "b": np.zeros(hp.m)},
+    "simvq": vq_method("SimVQ", "Zhu et al., arXiv 2411.02038", init=simvq_init,
                        codebook=simvq_codebook, codebook_grads=lambda p, gE, hp: {"P": gE.T @ p["C"], "b": gE.sum(0)},
-                       reset=simvq_reset, shared=("P", "b"), in_default=False,
+                       reset=simvq_reset, shared=("P", "b"), in_default=False, hyperparameters=(
+                           ("linear_init", 0.0, "0: P = I, b = 0; 1: Fang et al.'s linear quantizer "
+                                                "(nn.Linear's init, the basis about its centre)"),),
                        recipe=lambda c: per_element(c, 1.0, 0.25, optimizer="adam", betas=(0.5, 0.9))),
+    # Fang et al.'s simulation (VQ-Research/Wasserstein-VQ SimulationAnalyses/
+    # DistributionalMatchingPerspective/GaussianDistribution/VariousVQs.py): the codebook loss by
+    # the optimizer, then online_update's anchors. CVQ-VAE trains it inside a VQ-VAE: no
+    # authors' recipe here beyond that study's (sweeps.py --preset fang2025)
+    "online": vq_method("Online clustering", "Zheng and Vedaldi, ICCV 2023 (CVQ-VAE)",
+                        init=lambda problem, hp: {"E": problem.E0.copy(), "prob": np.zeros(hp.K)},
+                        anchor=online_anchor, in_default=False,
+                        hyperparameters=(("decay", 0.9, "decay of the codes' running usage"),)),
     # VQ-Research/Wasserstein-VQ code/VQGAN/models/wasserstein_quantizer.py (codebook alpha 1,
     # commitment beta 0.2, gamma 1 in the scripts, per-element means, the latents' statistics
     # detached) and train_VQ_transplant.py (AdamW, betas (0.9, 0.95), weight decay 1e-5)
@@ -1974,7 +2255,9 @@ METHODS: dict[str, Method] = {
         loss=wasserstein_loss, loss_and_grads=wasserstein_loss_and_grads, in_default=False,
         hyperparameters=(("weight", 1.0, "weight of the Wasserstein distance"),
                          ("encoder", 0.0, "1: its gradient reaches the encoder through the latents "
-                                          "(the authors detach them)")),
+                                          "(the authors detach them)"),
+                         ("exact", 1.0, "1: the exact Gaussian W2; 0: the simulation's eigh of S_z S_c "
+                                        "(Fang et al.'s VariousVQs.py)")),
         recipe=lambda c: per_element(c, 1.0, 0.2, optimizer="adamw", betas=(0.9, 0.95), weight_decay=1e-5,
                                      weight=1.0 * c.D)),
     # Mentzer et al.'s Colab FSQ.quantize and lucidrains finite_scalar_quantization.py:
@@ -2067,9 +2350,11 @@ class Run:
     batch (without replacement when it has enough) through the method's ``reset`` (or
     into its parameter ``E``; not for a method with its own cells) and ``N_j`` is set to
     the threshold; or, with ``replace_every``, the periodic replacement (:meth:`renew`);
+    a method's own step after the optimizer's (``anchor``, online clustering's);
     tail averaging (the mean of the last iterates, W projected back); logs
     (batch loss, re-seeded codes, every ``log_every`` steps the eval metrics and the
-    curve's point, :func:`curve_point`). A non-finite loss, gradient or parameter, or an
+    curve's point, :func:`curve_point`; with ``eval_every``, at step 1 and every
+    ``eval_every`` steps :func:`fresh_metrics`, in ``logs["fresh"]``). A non-finite loss, gradient or parameter, or an
     eval error above ``DIVERGED`` times the start's, stops the run as diverged.
     """
 
@@ -2095,6 +2380,9 @@ class Run:
         self.sums = [np.zeros(self.W.shape), np.zeros(self.E.shape), np.zeros(self.W.shape)]
         self.status, self.diverged_at_step, self.note = "ok", None, ""
         self.logs = {"batch_loss": [], "reseeded": [], "eval": [self.eval_row(0)]}
+        if cfg.eval_every:                                  # the same samples for every method
+            self.monitor = derived_rng(cfg.seed, "monitor")
+            self.logs["fresh"] = [self.fresh_row(0)]
 
     def codebook(self, params):
         return self.method.codebook(params, self.hp).astype(self.problem.W0.dtype, copy=False)
@@ -2105,6 +2393,9 @@ class Run:
     def eval_row(self, t):
         model = (self.problem, self.W, self.E, self.V, self.cells())
         return {"step": t, **eval_metrics(*model), **curve_point(*model)}
+
+    def fresh_row(self, t):
+        return {"step": t, **fresh_metrics(self.problem, self.monitor, self.W, self.E, self.V, self.cells())}
 
     def stop(self, t, note):
         self.status, self.diverged_at_step, self.note = "diverged", t, note
@@ -2123,6 +2414,8 @@ class Run:
                 W = opt.step("W", self.W, st.gW, f) if cfg.train_encoder else self.W
                 V = None if self.V is None else opt.step("V", self.V, st.gV, f)
                 params = {**params, **{k: opt.step(k, params[k], g, f) for k, g in st.grads.items()}}
+                if m.anchor:
+                    params = m.anchor(params, latents(Xb, W), hp)
                 E = self.codebook(params)
                 ok = np.isfinite(W).all() and np.isfinite(E).all() and (V is None or np.isfinite(V).all())
         except np.linalg.LinAlgError:
@@ -2142,6 +2435,8 @@ class Run:
             if not row["recon_mse"] <= DIVERGED * self.logs["eval"][0]["recon_mse"]:
                 return self.stop(t, f"eval error {row['recon_mse']:.3g} at step {t}, over {DIVERGED:g}x its start")
             self.logs["eval"].append(row)
+        if cfg.eval_every and (t == 1 or t % cfg.eval_every == 0):
+            self.logs["fresh"].append(self.fresh_row(t))
         return True
 
     def renew(self, t, Z, params, E):
@@ -2300,9 +2595,9 @@ def validate_settings(cfg):
             setattr(cfg, f.name, v)
         if kind in kinds and (isinstance(v, bool) or not isinstance(v, kinds[kind][1])):
             raise ConfigError(f.name, repr(v), f"must be {kinds[kind][0]}, got {type(v).__name__}")
-    for flag in ("D", "rank", "m", "K", "n_train", "n_eval", "batch", "kmeans_iter"):
+    for flag in ("D", "rank", "m", "K", "n_train", "n_eval", "batch", "kmeans_iter", "eval_samples"):
         need(getattr(cfg, flag) >= 1, flag, "must be a whole number >= 1")
-    for flag in ("steps", "seed", "n_pop", "pl_rounds", "n_init", "log_every", "workers"):
+    for flag in ("steps", "seed", "n_pop", "pl_rounds", "n_init", "log_every", "workers", "eval_every"):
         need(getattr(cfg, flag) >= 0, flag, "must be a whole number >= 0")
     need(cfg.rank <= cfg.D, "rank", f"must be <= D={cfg.D}")
     need(cfg.m <= cfg.D, "m", f"must be <= D={cfg.D}")

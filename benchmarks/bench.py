@@ -1,7 +1,7 @@
 """Benchmarks of vq_compare: prints figures, asserts nothing (these machines are shared).
 
     python benchmarks/bench.py            # everything (a few minutes)
-    python benchmarks/bench.py --only kmeans step scaling memory default busy sweeps realistic
+    python benchmarks/bench.py --only kmeans nearest step scaling memory default busy sweeps realistic
 
 Each timing is min / median / max over repeats measured in this one run, so ratios
 between rows compare like with like. scikit-learn and PyTorch are compared against only
@@ -57,6 +57,63 @@ def bench_kmeans(repeats):
     print(f"sklearn KMeans     {fmt(t_sk)}  inertia {km.inertia_:.10e}")
     print(f"ratio ours / sklearn (medians) {np.median(t_ours) / np.median(t_sk):.2f}; "
           f"inertia relative difference {abs(r.inertia - km.inertia_) / km.inertia_:.1e}")
+
+
+def _search_before(Z, E):
+    """The nearest-code search as it was before the large-K work (blocks of 2^18
+    multiply-adds, ``||e||^2`` added in a pass of its own): the reference of the speed-up."""
+    minus_2Et, e_sq = -2.0 * E.T, np.einsum("km,km->k", E, E)
+    labels = np.empty(len(Z), dtype=np.intp)
+    rows = max(1, (1 << 18) // (E.shape[0] * Z.shape[1]))
+    for s in range(0, len(Z), rows):
+        d = Z[s:s + rows] @ minus_2Et
+        d += e_sq
+        labels[s:s + rows] = d.argmin(axis=1)
+    return labels
+
+
+def _bare_product(Z, E):
+    """The product alone, in the blocks of our full search: the floor of any full search."""
+    A = vq._augmented(E, Z.dtype)
+    rows = max(1, min(len(Z), vq._DISTANCES // E.shape[0]))
+    Za = np.ones((rows, Z.shape[1] + 1), Z.dtype)
+    out = np.empty((rows, E.shape[0]), Z.dtype)
+    for s in range(0, len(Z), rows):
+        c = min(rows, len(Z) - s)
+        Za[:c, :-1] = Z[s:s + c]
+        np.matmul(Za[:c], A, out=out[:c])
+
+
+def bench_nearest(repeats):
+    print("\n## nearest code: B = 50,000 latents, K = 16,384 codes, m = 8 (Fang et al.'s study)")
+    rng = np.random.default_rng(0)
+    Z, E = rng.normal(size=(50_000, 8)), rng.normal(size=(16_384, 8))
+    Z32, E32 = Z.astype(np.float32), E.astype(np.float32)
+    for title, Zc in (("codes drawn like the data", Z), ("codes 4 sd off the data (mu = 4, the study's start)", Z + 4)):
+        rows = {"bare blocked float64 product": lambda: _bare_product(Zc, E),
+                "search before this work": lambda: _search_before(Zc, E),
+                "ours, float64 throughout": lambda: vq._nearest_full(Zc, E, screen=False),
+                "ours, nearest() (float64 in)": lambda: vq.nearest(Zc, E),
+                "ours, nearest() (float32 in)": lambda: vq.nearest(Zc.astype(np.float32), E32)}
+        times = {k: [] for k in rows}
+        for _ in range(repeats):                            # interleaved: A B C A B C ...
+            for k, fn in rows.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        ref = vq._nearest_full(Zc, E, screen=False)[0]
+        same = (np.array_equal(vq.nearest(Zc, E)[0], ref) and np.array_equal(_search_before(Zc, E), ref)
+                and np.array_equal(vq.nearest(Zc.astype(np.float32), E32)[0],
+                                   vq._nearest_full(Zc.astype(np.float32).astype(float), E32.astype(float),
+                                                    screen=False)[0]))
+        print(f"### {title}: labels equal to the float64 search: {same}")
+        base = np.median(times["bare blocked float64 product"])
+        for k, t in times.items():
+            t = np.array(t)
+            print(f"{k:32s} {fmt(t)}  / product {np.median(t) / base:5.2f}")
+        print(f"speed-up of nearest() over the search before: "
+              f"{np.median(times['search before this work']) / np.median(times['ours, nearest() (float64 in)']):.1f}x")
+    del Z32
 
 
 def _rss_kib(pid):
@@ -299,13 +356,15 @@ REALISTIC = ["--D", "512", "--rank", "24", "--m", "16", "--K", "512", "--n_train
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", nargs="+", default=["kmeans", "memory", "step", "scaling", "default",
+    p.add_argument("--only", nargs="+", default=["kmeans", "nearest", "memory", "step", "scaling", "default",
                                                  "busy", "sweeps", "realistic"])
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     print(f"numpy {np.__version__}, {os.cpu_count()} cores, python {sys.version.split()[0]}")
     if "kmeans" in a.only:
         bench_kmeans(a.repeats)
+    if "nearest" in a.only:
+        bench_nearest(a.repeats)
     if "memory" in a.only:
         bench_memory(a.repeats)
     if "step" in a.only:
