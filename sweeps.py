@@ -71,9 +71,10 @@ TRICKS = dict(sweep=["tricks"], start_values=list(vq.START_REGIMES), K_values=[1
 # Wasserstein-VQ SimulationAnalyses/DistributionalMatchingPerspective/GaussianDistribution/
 # VariousVQs.py): latents N(mu 1, I_8), codes N(0, I), the codebook alone trained by SGD with
 # momentum 0.9 on fresh batches of 50,000, metrics every 100 steps on 200,000 fresh samples;
-# their five quantizers at their rates (FANG_QUANTIZERS). Their mu is our shift.
+# their five quantizers at their rates (FANG_QUANTIZERS). Their mu is our shift. The
+# training set only feeds the start's PCA and the k-means reference (batches are fresh).
 FANG = dict(sweep=["shift"], shift_values=[float(mu) for mu in range(9)], seeds=1, start="shifted",
-            train_encoder=0, D=8, rank=8, m=8, lmax=1.0, lmin=1.0, K=16384, n_train=100_000, n_eval=2000,
+            train_encoder=0, D=8, rank=8, m=8, lmax=1.0, lmin=1.0, K=16384, n_train=20_000, n_eval=2000,
             batch=50_000, steps=2000, fresh_batches=1, optimizer="momentum", momentum=0.9, alpha=1.0,
             eval_every=100, eval_samples=200_000, n_pop=200_000, n_init=1, kmeans_iter=20)
 PRESETS = {"original": ORIGINAL, "collapse": COLLAPSE, "tricks": TRICKS, "fang2025": FANG}

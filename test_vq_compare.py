@@ -1861,7 +1861,7 @@ def test_pruned_search_finds_the_nearest_code_whatever_the_shift(shift):
     # the projection bound rules codes out exactly: where it prunes, its labels are the
     # brute-force ones; where it cannot (codes among the data), it hands over (None)
     rng = np.random.default_rng(int(10 * shift))
-    for n, K, m in [(3000, 700, 8), (2000, 300, 3)]:
+    for n, K, m in [(1500, 400, 8), (1000, 150, 3)]:
         Z = rng.normal(size=(n, m)) + shift
         E = rng.normal(size=(K, m))
         E[:5] = Z[:5] + 1e-3                                 # a few codes among the data, as training leaves them
@@ -1873,8 +1873,8 @@ def test_pruned_search_finds_the_nearest_code_whatever_the_shift(shift):
                 lab, dist = found
                 assert _same_labels(lab, a, b)
                 assert np.allclose(dist, _brute_nearest(a, b)[1], rtol=1e-9, atol=1e-9)
-    Z = rng.normal(size=(2000, 8))                           # codes drawn like the data: nothing to rule out
-    assert vq._nearest_pruned(Z, rng.normal(size=(700, 8))) is None
+    Z = rng.normal(size=(1500, 8))                           # codes drawn like the data: nothing to rule out
+    assert vq._nearest_pruned(Z, rng.normal(size=(400, 8))) is None
 
 
 def test_float32_screen_gives_the_float64_labels_even_at_near_ties(monkeypatch):
@@ -2017,8 +2017,8 @@ def test_fang2025_preset_runs_their_quantizers_and_tables_them_against_their_dat
     assert sweeps.fang_within([(1.05, 0.5)], (1.0, 0.45)) == (True, True)
     assert sweeps.fang_within([(1.2, 0.5)], (1.0, 0.3)) == (False, False)
     assert sweeps.fang_within([(0.8, 0.1), (1.3, 0.1)], (1.0, 0.1)) == (True, True)   # wide seeds: inside
-    tiny = ["--preset", "fang2025", "--quick", "--K", "64", "--batch", "500", "--steps", "100", "--eval_every", "50",
-            "--eval_samples", "2000", "--n_train", "2000", "--n_pop", "2000", "--shift_values", "4",
+    tiny = ["--preset", "fang2025", "--quick", "--K", "32", "--batch", "200", "--steps", "100", "--eval_every", "50",
+            "--eval_samples", "1000", "--n_train", "1000", "--n_pop", "1000", "--shift_values", "4",
             "--quiet", "--outdir", str(tmp_path / "q")]
     assert sweeps.main(tiny) == 0
     table = (tmp_path / "q" / "fang2025.md").read_text()

@@ -318,10 +318,10 @@ def pca_encoder(X, m):
 
 # ----------- Quantizer: nearest code, Lloyd, k-means++, k-means with restarts
 
-# Entries of one block of the nearest-code search's (rows x K) distances: small enough to
-# stay in the last-level cache while its row minima are taken, large enough that the
-# per-block overhead of Python is small beside the product.
-_DISTANCES = 1 << 19
+# Rows of a block of the nearest-code search when a block of _PRODUCT multiply-adds holds
+# fewer (large K): the block's products are then split over the codes, and its (rows x K)
+# distances stay in a core's cache while their row minima are taken.
+_SEARCH_ROWS = 16
 # Below this many (point, code) pairs the full search is cheap: no pruning is tried.
 _PRUNE_FROM = 1 << 24
 
@@ -359,6 +359,15 @@ def _augmented(E, dtype):
     return A
 
 
+def _products(Za, A, out):
+    """``out = Za @ A`` ((c, w) from (c, m + 1) and (m + 1, w)) in column tiles of at most
+    ``_PRODUCT`` multiply-adds each: one BLAS thread each (see there)."""
+    cols = max(1, _PRODUCT // max(1, Za.shape[0] * Za.shape[1]))
+    for k in range(0, A.shape[1], cols):
+        np.matmul(Za, A[:, k:k + cols], out=out[:, k:k + cols])
+    return out
+
+
 # From this many codes a search for the nearest code alone screens in float32 (see
 # _nearest_full): the product and the row minima take half the memory traffic.
 _SCREEN_FROM = 256
@@ -387,7 +396,7 @@ def _nearest_full(Z, E, second=False, screen=None):
     dist = z_sq.astype(work)                                 # ||z||^2, added at the end
     labels = np.empty(n, dtype=np.intp)
     dist2 = np.empty(n, work) if second or screen else None
-    rows = max(1, min(n, _DISTANCES // K))
+    rows = max(1, min(n, max(_SEARCH_ROWS, _PRODUCT // ((m + 1) * K))))
     Za = np.empty((rows, m + 1), work)
     Za[:, m] = 1.0
     out = np.empty((rows, K), work)
@@ -395,7 +404,7 @@ def _nearest_full(Z, E, second=False, screen=None):
     for s in range(0, n, rows):
         c = min(rows, n - s)
         Za[:c, :m] = Z[s:s + c]
-        d = np.matmul(Za[:c], A, out=out[:c])               # (c, K) ||e||^2 - 2 z.e
+        d = _products(Za[:c], A, out[:c])                   # (c, K) ||e||^2 - 2 z.e
         lab = d.argmin(axis=1)
         labels[s:s + c] = lab
         i = idx[:c]
@@ -478,17 +487,18 @@ def _nearest_pruned(Z, E, sample=1024):
         return None
     zo = np.lexsort((pz, lo))                               # points in the order of their runs
     # blocks short enough that a block's points share most of their runs
-    rows = max(16, min(256, n // 64, int(_DISTANCES // max(1.0, float(np.mean(hi - lo))))))
+    rows = max(16, min(256, n // 64, int(_PRODUCT // ((m + 1) * max(1.0, float(np.mean(hi - lo)))))))
     starts = np.arange(0, n, rows)
     lo, hi = np.minimum.reduceat(lo[zo], starts), np.maximum.reduceat(hi[zo], starts)   # per block
     if np.sum((hi - lo) * np.minimum(rows, n - starts)) > n * K / 4:   # the blocks' runs overlap
         return None                                         # too much: the full search is faster
     A = _augmented(Es, np.float64)                          # (m + 1, K) in the codes' order
     labels, dist = np.empty(n, dtype=np.intp), np.empty(n)
+    Za = np.ones((n, m + 1))
+    Za[:, :m] = Z64
     for s, a, b in zip(starts, lo, hi):
         pts = zo[s:s + rows]
-        d = Z64[pts] @ A[:m, a:b]
-        d += A[m, a:b]                                      # (c, b - a)
+        d = _products(Za[pts], A[:, a:b], np.empty((len(pts), b - a)))   # (c, b - a)
         k = d.argmin(axis=1)
         labels[pts] = order[a + k]
         dist[pts] = z_sq[pts] + d[np.arange(len(pts)), k]
@@ -3173,10 +3183,15 @@ def plot_training_curves(summary):
     panels = [("pop_diff_to_start", "error minus the start's, fresh samples (lower is better)"),
               ("codes_used", "share of codes used (eval set)"), ("perplexity", "code perplexity (eval set)"),
               ("subspace_angle_deg", "largest angle to the true top-m subspace (degrees)")]
+    fresh = c.get("eval_every", 0) > 0                      # usage on --eval_samples fresh samples instead
+    if fresh:
+        panels[1:3] = [("codes_used", f"share of codes used ({c['eval_samples']:,} fresh samples)"),
+                       ("perplexity", f"code perplexity ({c['eval_samples']:,} fresh samples)")]
     for ax, (key, title) in zip(axes.ravel(), panels):
         for name in names:
-            rows = res[name]["logs"]["eval"]
-            pts = [(e["step"], 1 - e["dead_frac"] if key == "codes_used" else e.get(key)) for e in rows]
+            rows = res[name]["logs"]["fresh" if fresh and key in ("codes_used", "perplexity") else "eval"]
+            pts = [(e["step"], e[key] if "codes_used" in e or key != "codes_used" else 1 - e["dead_frac"])
+                   for e in rows] if key in ("codes_used", "perplexity") else [(e["step"], e.get(key)) for e in rows]
             pts = [(s, v) for s, v in pts if v is not None]
             if not pts:
                 continue

@@ -75,13 +75,13 @@ def _search_before(Z, E):
 def _bare_product(Z, E):
     """The product alone, in the blocks of our full search: the floor of any full search."""
     A = vq._augmented(E, Z.dtype)
-    rows = max(1, min(len(Z), vq._DISTANCES // E.shape[0]))
+    rows = max(1, min(len(Z), max(vq._SEARCH_ROWS, vq._PRODUCT // (A.shape[0] * E.shape[0]))))
     Za = np.ones((rows, Z.shape[1] + 1), Z.dtype)
     out = np.empty((rows, E.shape[0]), Z.dtype)
     for s in range(0, len(Z), rows):
         c = min(rows, len(Z) - s)
         Za[:c, :-1] = Z[s:s + c]
-        np.matmul(Za[:c], A, out=out[:c])
+        vq._products(Za[:c], A, out[:c])
 
 
 def bench_nearest(repeats):
