@@ -458,7 +458,7 @@ def _nearest_pruned(Z, E, sample=1024):
     if not norm > 0:
         return None
     u /= norm
-    pe = E64 @ u
+    pe = np.einsum("km,m->k", E64, u)                       # no BLAS: a matrix-vector product threads
     order = np.argsort(pe, kind="stable")
     pe, Es = pe[order], E64[order]                          # codes in the order of u.e
     z_sq = np.einsum("nm,nm->n", Z64, Z64)
@@ -469,7 +469,7 @@ def _nearest_pruned(Z, E, sample=1024):
     slack_d = _distance_eps(E64, z_max ** 2)
 
     def windows(rows):
-        pz = Z64[rows] @ u
+        pz = np.einsum("nm,m->n", Z64[rows], u)
         pos = np.searchsorted(pe, pz)
         ub = np.full(len(pz), np.inf)
         for off in range(-(_PROBES // 2), _PROBES - _PROBES // 2):
@@ -1816,6 +1816,15 @@ def _sym_power(S, power, floor=1e-12):
     return (vecs * np.maximum(vals, floor)[..., None, :] ** power) @ np.swapaxes(vecs, -1, -2)
 
 
+def gaussian_fit(X):
+    """Mean (…, m), centred rows (…, n, m) and covariance (…, m, m) (divided by n) of the
+    rows of ``X`` (…, n, m); the covariance of a single set by :func:`t_dot`'s blocks."""
+    mu = X.mean(axis=-2)
+    Xc = X - mu[..., None, :]
+    S = t_dot(Xc, Xc) if X.ndim == 2 else np.swapaxes(Xc, -1, -2) @ Xc
+    return mu, Xc, S / X.shape[-2]
+
+
 def wasserstein_distance(Z, E):
     """The 2-Wasserstein distance between Gaussian fits of the latents ``Z`` (…, n, m) and
     the codes ``E`` (…, K, m) (Fang et al. 2025, ``calc_wasserstein_distance`` in
@@ -1824,10 +1833,7 @@ def wasserstein_distance(Z, E):
     ``A = S_z^(1/2)``, covariances divided by n and K. The authors take the square root
     of the non-symmetric ``S_z S_c`` with ``eigh`` (which reads one triangle only); this
     is the exact symmetric form. Stacks give one distance each."""
-    mu_z, mu_c = Z.mean(axis=-2), E.mean(axis=-2)
-    Zc, Ec = Z - mu_z[..., None, :], E - mu_c[..., None, :]
-    S_z = np.swapaxes(Zc, -1, -2) @ Zc / Z.shape[-2]           # (…, m, m)
-    S_c = np.swapaxes(Ec, -1, -2) @ Ec / E.shape[-2]
+    (mu_z, _, S_z), (mu_c, _, S_c) = gaussian_fit(Z), gaussian_fit(E)
     A = _sym_power(S_z, 0.5)
     trace = (np.trace(S_z, axis1=-2, axis2=-1) + np.trace(S_c, axis1=-2, axis2=-1)
              - 2 * np.trace(_sym_power(A @ S_c @ A, 0.5), axis1=-2, axis2=-1))
@@ -1843,17 +1849,16 @@ def wasserstein_grads(Z, E):
         dWd/dz_i = (2/n) (z_i - mu_z) dWd/dS_z + (mu_z - mu_c) / (n Wd)
     """
     n, K = Z.shape[0], E.shape[0]
-    mu_z, mu_c = Z.mean(axis=0), E.mean(axis=0)
-    Zc, Ec = Z - mu_z, E - mu_c
-    S_z, S_c = Zc.T @ Zc / n, Ec.T @ Ec / K                 # (m, m) each
+    (mu_z, Zc, S_z), (mu_c, Ec, S_c) = gaussian_fit(Z), gaussian_fit(E)   # (m, m) covariances
     A, B = _sym_power(S_z, 0.5), _sym_power(S_c, 0.5)
     M = A @ S_c @ A
     trace = np.trace(S_z) + np.trace(S_c) - 2 * np.trace(_sym_power(M, 0.5))
     Wd = float(wasserstein_distance(Z, E))
-    G_c = (np.eye(len(mu_z)) - A @ _sym_power(M, -0.5) @ A) / (2 * Wd) if trace > 0 else 0.0
-    G_z = (np.eye(len(mu_z)) - B @ _sym_power(B @ S_z @ B, -0.5) @ B) / (2 * Wd) if trace > 0 else 0.0
-    gZ = (2 / n) * Zc @ G_z + (mu_z - mu_c) / (n * Wd)
-    gE = (2 / K) * Ec @ G_c - (mu_z - mu_c) / (K * Wd)
+    none = np.zeros_like(S_z)
+    G_c = (np.eye(len(mu_z)) - A @ _sym_power(M, -0.5) @ A) / (2 * Wd) if trace > 0 else none
+    G_z = (np.eye(len(mu_z)) - B @ _sym_power(B @ S_z @ B, -0.5) @ B) / (2 * Wd) if trace > 0 else none
+    gZ = (2 / n) * latents(Zc, np.transpose(G_z)) + (mu_z - mu_c) / (n * Wd)   # blocked products
+    gE = (2 / K) * latents(Ec, np.transpose(G_c)) - (mu_z - mu_c) / (K * Wd)
     return Wd, gZ, gE
 
 
@@ -1869,10 +1874,7 @@ def wasserstein_eigh(Z, E):
     that ``eigh`` returns for the non-symmetric ``S_z S_c``: those of its lower triangle
     mirrored. It equals :func:`wasserstein_distance` when ``S_z S_c`` is symmetric (the
     covariances commute) and approximates it otherwise. Stacks give one distance each."""
-    mu_z, mu_c = Z.mean(axis=-2), E.mean(axis=-2)
-    Zc, Ec = Z - mu_z[..., None, :], E - mu_c[..., None, :]
-    S_z = np.swapaxes(Zc, -1, -2) @ Zc / Z.shape[-2]
-    S_c = np.swapaxes(Ec, -1, -2) @ Ec / E.shape[-2]
+    (mu_z, _, S_z), (mu_c, _, S_c) = gaussian_fit(Z), gaussian_fit(E)
     lam = np.linalg.eigvalsh(_lower(S_z @ S_c))
     trace = (np.trace(S_z, axis1=-2, axis2=-1) + np.trace(S_c, axis1=-2, axis2=-1)
              - 2 * np.sum(np.sqrt(np.maximum(lam, 0) + 1e-8), axis=-1))
@@ -1889,9 +1891,7 @@ def wasserstein_eigh_grads(Z, E):
     differ by ``G``'s antisymmetric completion carried through ``S_z`` and ``S_c`` (zero
     when the covariances commute). This is the derivative of the function as computed."""
     n, K = Z.shape[0], E.shape[0]
-    mu_z, mu_c = Z.mean(axis=0), E.mean(axis=0)
-    Zc, Ec = Z - mu_z, E - mu_c
-    S_z, S_c = Zc.T @ Zc / n, Ec.T @ Ec / K
+    (mu_z, Zc, S_z), (mu_c, Ec, S_c) = gaussian_fit(Z), gaussian_fit(E)
     lam, Q = np.linalg.eigh(_lower(S_z @ S_c))
     trace = np.trace(S_z) + np.trace(S_c) - 2 * np.sum(np.sqrt(np.maximum(lam, 0) + 1e-8))
     Wd = float(wasserstein_eigh(Z, E))
@@ -1901,8 +1901,8 @@ def wasserstein_eigh_grads(Z, E):
     on = 1.0 if trace > 0 else 0.0
     H_c = on * (I - 2 * S_z.T @ G_M)                        # d trace / d S_c
     H_z = on * (I - 2 * G_M @ S_c.T)                        # d trace / d S_z
-    gE = (Ec @ (H_c + H_c.T) / K - 2 * (mu_z - mu_c) / K) / (2 * Wd)
-    gZ = (Zc @ (H_z + H_z.T) / n + 2 * (mu_z - mu_c) / n) / (2 * Wd)
+    gE = (latents(Ec, H_c + H_c.T) / K - 2 * (mu_z - mu_c) / K) / (2 * Wd)   # blocked products
+    gZ = (latents(Zc, H_z + H_z.T) / n + 2 * (mu_z - mu_c) / n) / (2 * Wd)
     return Wd, gZ, gE
 
 
