@@ -912,9 +912,45 @@ def test_the_verdict_says_what_the_population_separates():
         assert d == pytest.approx(r["pop_diff_to_baseline"]) and se == pytest.approx(r["pop_diff_to_baseline_se"])
         assert pairs["pca_lloyd"][name][0] == -d                          # antisymmetric
     worse = vq.verdict(out).split("worse: ")[1].split(";")[0]            # the words, unwrapped
+    base = out["results"]["pca_lloyd"]["pop_recon_mse"]
     for name, (d, se) in ((n, pairs[n]["pca_lloyd"]) for n in pairs if n != "pca_lloyd"):
-        assert (vq.method_label(name) in worse) == (d > 2 * se), name
+        assert (vq.method_label(name) in worse) == (d > 2 * se and d >= 0.001 * base), name
     assert max(map(len, text.splitlines())) <= 100
+
+
+def _verdict_of(pairs, errors, practical):
+    """The verdict of a summary holding only these population pairs and errors."""
+    mean = {k: v for k, v in errors.items()}
+    best = min(mean, key=mean.get)
+    return vq.verdict({"results": {k: {"pop_recon_mse": v} for k, v in mean.items()},
+                       "config": {"practical": practical}, "bounds": {"pop_pairs": pairs, "best_method": best}})
+
+
+def test_the_verdict_weighs_size_and_names_no_winner_it_cannot_separate():
+    # hand-made pairs: a (0.05% below the baseline, 10 se), b (2% above, 10 se), c (tied)
+    err = {"pca_lloyd": 1.0, "manual_ste": 0.9995, "rotation": 1.02, "ema_ste": 0.9996}
+    d = {("manual_ste", "pca_lloyd"): (-0.0005, 0.00005), ("rotation", "pca_lloyd"): (0.02, 0.002),
+         ("ema_ste", "pca_lloyd"): (-0.0004, 0.001), ("manual_ste", "rotation"): (-0.0205, 0.002),
+         ("manual_ste", "ema_ste"): (-0.0001, 0.001), ("rotation", "ema_ste"): (0.0204, 0.002)}
+    pairs = {}
+    for (a, b), (diff, se) in d.items():
+        pairs.setdefault(a, {})[b] = (diff, se)
+        pairs.setdefault(b, {})[a] = (-diff, se)
+    text = _verdict_of(pairs, err, 0.001)
+    assert "better than PCA + Lloyd: none" in text and "worse: Rotation trick (+2.000%)" in text
+    assert "not practically different: Manual STE (-0.050%)" in text      # separable, but under 0.1%
+    assert "not separable from it: EMA STE" in text
+    assert "No single lowest error: the lowest, Manual STE, is not separable from EMA STE" in text
+    assert "Lowest error" not in text
+    loose = _verdict_of(pairs, err, 0.0)                                   # no threshold: it is better
+    assert "better than PCA + Lloyd: Manual STE (-0.050%)" in loose
+    # Holm: six pairs; the smallest p first against 0.05/6, and so on; a pair at 2.05 se is
+    # separable alone (p = 0.040) but not after five others
+    assert "Of the 6 pairs, 4 are separable at two standard errors each, 4 with Holm's" in text
+    items, sep = vq.holm({"a": {"b": (2.05, 1.0)}})
+    assert sep == [("a", "b")]
+    many = {f"m{i}": {"z": (2.05, 1.0)} for i in range(6)}
+    assert vq.holm(many)[1] == []
 
 
 def test_progress_lines_for_long_phases_and_silence_when_quiet(tmp_path, capsys):

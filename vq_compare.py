@@ -112,6 +112,8 @@ class Config:
     tail_average: float = _f(0.0, "report the average of the iterates over this last fraction of "
                                   "the steps (0: the last iterate)")
     n_pop: int = _f(500_000, "fresh samples of the true distribution for the population error (0 disables)")
+    practical: float = _f(0.001, "the verdict calls a difference smaller than this share of the baseline's "
+                                 "error not practically different, however many samples separate it")
     n_init: int = _f(0, "k-means restarts, the lowest inertia kept (0: auto, 8 on small problems, "
                         "fewer as n_train x K grows)")
     kmeans_iter: int = _f(300, "Lloyd iterations per k-means restart at most")
@@ -2620,7 +2622,7 @@ def validate_settings(cfg):
         v = getattr(cfg, flag)
         need(math.isfinite(v) and v >= 0, flag, "must be finite and >= 0")
     need(cfg.lmin <= cfg.lmax, "lmin", f"must be <= lmax={cfg.lmax}")
-    for flag in ("ema_decay", "dead_decay", "tail_average", "momentum", "replace_below"):
+    for flag in ("ema_decay", "dead_decay", "tail_average", "momentum", "replace_below", "practical"):
         need(0 <= getattr(cfg, flag) < 1, flag, "must be in [0, 1)")
     for flag, choices in (("start", START_REGIMES), ("train_encoder", (0, 1)), ("fresh_batches", (0, 1)),
                           ("decoder", ("tied", "untied")),
@@ -3016,29 +3018,64 @@ def format_report(summary):
     return "\n".join(lines)
 
 
+def holm(pairs, level=0.05):
+    """Holm's step-down correction over every unordered pair of ``pairs`` (name -> name ->
+    (paired difference, its standard error)): the pairs it separates at family-wise error
+    ``level``, from normal two-sided p-values. Returns (every pair, the separated ones).
+
+    >>> pairs = {"a": {"b": (3.0, 1.0), "c": (2.1, 1.0)}, "b": {"c": (0.5, 1.0)}}
+    >>> holm(pairs)[1]              # p: 0.0027, 0.036 (> 0.05 / 2), 0.62
+    [('a', 'b')]
+    """
+    items = sorted({tuple(sorted((a, b))) for a in pairs for b in pairs[a]})
+
+    def p_value(a, b):
+        d, se = pairs[a][b] if b in pairs.get(a, {}) else pairs[b][a]
+        return math.erfc(abs(d) / (se * math.sqrt(2))) if se > 0 else float(d == 0)
+    p = [p_value(a, b) for a, b in items]
+    separated = []
+    for rank, i in enumerate(sorted(range(len(items)), key=p.__getitem__)):
+        if p[i] > level / (len(items) - rank):
+            break
+        separated.append(items[i])
+    return items, sorted(separated)
+
+
 def verdict(summary):
     """In words: which methods the population sample separates from the baseline and
-    from the best method, at about 95% (two paired standard errors)."""
+    from the best method, at about 95% (two paired standard errors); differences under
+    ``practical`` of the baseline's error are called not practically different; the
+    lowest error is named only when it is separable from every other; and how many of
+    all the pairs stay separable under Holm's correction."""
     res, pairs = summary["results"], summary["bounds"].get("pop_pairs")
     if not pairs:
         return "Verdict: no population sample (--n_pop 0): nothing is separated."
+    practical = summary["config"].get("practical", 0.0)
     out = []
     if "pca_lloyd" in pairs:
-        better, worse, tied = [], [], []
+        base = res["pca_lloyd"]["pop_recon_mse"]
+        groups = {"better": [], "worse": [], "small": [], "tied": []}
         for name in pairs:
             if name == "pca_lloyd":
                 continue
             d, se = pairs[name]["pca_lloyd"]
-            pct = f"{method_label(name)} ({_fmt(100 * d / res['pca_lloyd']['pop_recon_mse'], '+.3f')}%)"
-            (better if d < -2 * se else worse if d > 2 * se else tied).append(pct)
-        out.append("Verdict (population, paired, about 95%): better than PCA + Lloyd: "
-                   + (", ".join(better) or "none") + "; worse: " + (", ".join(worse) or "none")
-                   + "; not separable from it: " + (", ".join(tied) or "none") + ".")
+            kind = ("tied" if abs(d) <= 2 * se else "small" if abs(d) < practical * base
+                    else "better" if d < 0 else "worse")
+            groups[kind].append(f"{method_label(name)} ({_fmt(100 * d / base, '+.3f')}%)")
+        out.append(f"Verdict (population, paired, about 95%): better than PCA + Lloyd: "
+                   + (", ".join(groups["better"]) or "none") + "; worse: " + (", ".join(groups["worse"]) or "none")
+                   + (f"; separable but under {100 * practical:g}% of its error, not practically different: "
+                      + ", ".join(groups["small"]) if groups["small"] else "")
+                   + "; not separable from it: " + (", ".join(groups["tied"]) or "none") + ".")
     best = summary["bounds"].get("best_method")
     if best and len(pairs) > 1:
         ties = [method_label(n) for n in pairs if n != best and abs(pairs[n][best][0]) <= 2 * pairs[n][best][1]]
-        out.append(f"Lowest error: {method_label(best)}"
-                   + (f", not separable from {', '.join(ties)}." if ties else ", separable from every other."))
+        out.append(f"No single lowest error: the lowest, {method_label(best)}, is not separable from "
+                   f"{', '.join(ties)}." if ties else f"Lowest error: {method_label(best)}, separable from every other.")
+        items, separated = holm(pairs)
+        naive = sum(1 for a, b in items if abs(pairs[a][b][0]) > 2 * pairs[a][b][1])
+        out.append(f"Of the {len(items)} pairs, {naive} are separable at two standard errors each, "
+                   f"{len(separated)} with Holm's correction for all {len(items)} (family-wise 5%).")
     return " ".join(out)
 
 
