@@ -30,6 +30,8 @@ import itertools
 import json
 import math
 import os
+import shlex
+import shutil
 import sys
 import time
 from collections import Counter
@@ -1266,6 +1268,7 @@ def parse_args(argv=None):
     vq.make_config(**{**settings, "seed": args.seed + args.seeds - 1, "outdir": None})
     if args.merge and not os.path.exists(os.path.join(args.outdir, CONFIG)):
         raise SweepError(f"--merge {args.outdir}: no sweep there ({CONFIG} missing)")
+    args.created_outdir = not os.path.exists(args.outdir)
     vq.check_outdir(args.outdir)                            # created and probed: the last check
     #                                                         before results exist there
     res_path = os.path.join(args.outdir, RESULTS)
@@ -1324,6 +1327,22 @@ def main(argv=None):
     except SweepError as e:                                 # --merge with runs missing
         sys.stderr.write(f"sweeps.py: error: {e}\n")
         return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"sweeps.py: interrupted: {interrupted(args, argv)}\n")
+        return 130
+
+
+def interrupted(args, argv):
+    """What an interrupted sweep leaves, in words, and how to finish it; a folder this
+    command created that holds no finished run is removed."""
+    path = os.path.join(args.outdir, RESULTS) if not args.shard else _shard_path(args.outdir, args.shard)
+    lines = len(_read_lines(path)) if os.path.exists(path) else 0
+    if lines == 0 and args.created_outdir:
+        shutil.rmtree(args.outdir, ignore_errors=True)
+        return "no run had finished: nothing saved"
+    words = [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]
+    command = " ".join(["python", "sweeps.py", *words, *([] if "--resume" in words else ["--resume"])])
+    return f"{lines} result lines saved in {path}; finish with: {command}"
 
 
 def _run(args):

@@ -2062,3 +2062,46 @@ def test_fang2025_preset_runs_their_quantizers_and_tables_them_against_their_dat
     line = next(json.loads(x) for x in (tmp_path / "q" / "results.jsonl").read_text().splitlines()
                 if json.loads(x)["method"] == "online[lrE=3]")
     assert [f[0] for f in line["fresh"]] == [0, 1, 50, 100]
+
+
+# ------------------------------------------------- Issue 21: interrupted runs
+
+def _interrupt(cmd, tmp_path, after):
+    """Start ``cmd``, send Ctrl-C to its whole process group (as a terminal does) after
+    ``after`` seconds, return (exit status, stderr)."""
+    import signal
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    time.sleep(after)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_no_empty_folder(tmp_path):
+    # the k-means restarts run on worker processes here: they get the signal too
+    code, err = _interrupt([sys.executable, os.path.join(HERE, "vq_compare.py"), "--outdir", "out",
+                            "--n_train", "40000", "--workers", "2"], tmp_path, 2.0)
+    assert code == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    sweep = [sys.executable, os.path.join(HERE, "sweeps.py"), "--sweep", "K", "--K_values", "8", "16",
+             "--seeds", "3", "--steps", "400", "--n_pop", "2000", "--outdir", "sw", "--jobs", "2"]
+    code, err = _interrupt(sweep, tmp_path, 4.0)
+    assert code == 130 and err.strip().count("\n") <= 3 and "Traceback" not in err, err   # progress lines aside
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("sweeps.py: interrupted: ")
+    if "finish with" in last:                                # some runs done: the command that finishes it
+        assert last.endswith("--resume") and (tmp_path / "sw" / "results.jsonl").exists()
+    else:
+        assert not (tmp_path / "sw").exists()
+
+
+def test_a_run_into_a_used_folder_replaces_its_outputs_as_a_set(tmp_path):
+    out = str(tmp_path / "o")
+    base = ["--D", "8", "--rank", "3", "--m", "2", "--K", "4", "--n_train", "300", "--n_eval", "100",
+            "--steps", "5", "--n_pop", "1000", "--outdir", out, "--workers", "1"]
+    assert vq.main(base + ["--methods", "manual_ste", "rotation"]) == 0
+    assert (tmp_path / "o" / "rotation_logs.json").exists()
+    assert vq.main(base + ["--methods", "manual_ste"]) == 0
+    logs = sorted(f for f in os.listdir(out) if f.endswith("_logs.json"))
+    assert logs == ["manual_ste_logs.json"]

@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import types
@@ -746,9 +747,20 @@ def process_pool(workers):
     if workers <= 1 or not _spawnable(kmeans_restart):
         yield _InProcess()
         return
-    with concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_leave_interrupts_to_the_caller)
+    try:
         yield pool
+    except BaseException:           # Ctrl-C, an error: queued tasks dropped, running ones end
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _leave_interrupts_to_the_caller():
+    """A worker ignores Ctrl-C (the terminal sends it to every process of the job): the
+    caller stops, reports in one line and shuts the pool down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # -------------------- Losses, the frozen surrogate and hand-derived gradients
@@ -3113,13 +3125,18 @@ def write_json(path, obj):
 
 
 def write_outputs(summary, outdir):
-    """summary.json, <method>_logs.json, comparison.png, training_curves.png."""
+    """summary.json, <method>_logs.json, comparison.png, training_curves.png; logs of an
+    earlier run in the folder that this one did not write are removed (one set)."""
     os.makedirs(outdir, exist_ok=True)
     write_json(os.path.join(outdir, "summary.json"), summary)
+    written = set()
     for name, r in summary["results"].items():
         if r.get("logs") is not None and name != "pca_lloyd":
+            written.add(f"{name}_logs.json")
             write_json(os.path.join(outdir, f"{name}_logs.json"),
                        {"method": name, "status": r["status"], **r["logs"]})
+    for stale in set(f for f in os.listdir(outdir) if f.endswith("_logs.json")) - written:
+        os.remove(os.path.join(outdir, stale))
     save_figure(plot_comparison(summary), os.path.join(outdir, "comparison.png"))
     save_figure(plot_training_curves(summary), os.path.join(outdir, "training_curves.png"))
 
@@ -3352,12 +3369,20 @@ def main(argv=None):
     except SystemExit as e:                                 # --help, or a flag argparse refused
         return e.code
     settings["methods"] = split_methods(settings["methods"])
+    fresh = bool(settings.get("outdir")) and not os.path.exists(settings["outdir"])
     try:
         cfg = make_config(**settings)                       # every setting checked before any work
     except ConfigError as e:
         sys.stderr.write(f"vq_compare.py: error: {e}\n")
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except KeyboardInterrupt:
+        if fresh and os.path.isdir(cfg.outdir) and not os.listdir(cfg.outdir):
+            os.rmdir(cfg.outdir)                            # no empty folder left behind
+        sys.stderr.write("vq_compare.py: interrupted: nothing saved (the outputs are written together "
+                         "at the end)\n")
+        return 130
     return 0
 
 
