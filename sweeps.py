@@ -80,6 +80,12 @@ FANG = dict(sweep=["shift"], shift_values=[float(mu) for mu in range(9)], seeds=
             batch=50_000, steps=2000, fresh_batches=1, optimizer="momentum", momentum=0.9, alpha=1.0,
             eval_every=100, eval_samples=200_000, n_pop=200_000, n_init=1, kmeans_iter=20)
 PRESETS = {"original": ORIGINAL, "collapse": COLLAPSE, "tricks": TRICKS, "fang2025": FANG}
+# What each sweep varies (a fixed value for it contradicts the sweep), and which sweeps use
+# each grid flag (values for no sweep run contradict it)
+AXES = {"K": ("K",), "beta": ("beta",), "start": ("start",), "shift": ("shift",), "lr": (),
+        "tricks": ("start", "K", "train_encoder"), "steps": (), "verify": ()}
+VALUES_OF = {"K_values": ("K", "tricks"), "beta_values": ("beta",), "start_values": ("start", "tricks"),
+             "shift_values": ("shift",), "lr_values": ("lr",), "steps_max": ("steps",), "steps_every": ("steps",)}
 # --quick with a preset: QUICK's problem sizes, and these
 SIZES = ("D", "rank", "m", "n_train", "n_eval", "batch", "n_pop", "n_init", "steps")
 QUICK_PRESETS = {"tricks": dict(K_values=[16, 64], seeds=3, tune_seeds=1, tune_samples=20_000),
@@ -111,7 +117,7 @@ def ablations(methods, settings):
     weights and optimizer (the same method in the tied model), the affine map without
     sync (nu = 0), and every trained method with dead-code re-seeding switched the other
     way (fd_ste follows manual_ste; FSQ has no codes to re-seed)."""
-    cfg = vq.make_config(**{**settings, "methods": (), "outdir": None})
+    cfg = config({**settings, "methods": (), "outdir": None})
     out = []
     if "affine_ste" in methods:
         affine, ste = vq.method_config(cfg, "affine_ste")[1], vq.method_config(cfg, "manual_ste")[1]
@@ -206,6 +212,12 @@ _PROBLEM_KEYS = ("D", "rank", "m", "K", "n_train", "n_eval", "seed", "lmax", "lm
                  "n_init", "kmeans_iter", "dtype")   # what the data and the start point depend on
 
 
+def config(settings):
+    """A cell's validated :class:`vq.Config`; contradictions between settings are checked
+    once per cell in :func:`parse_args`, knowing what the sweep varies."""
+    return vq.build_config(settings, dependencies=False)
+
+
 def _problem_key(cfg):
     return tuple(getattr(cfg, k) for k in _PROBLEM_KEYS)
 
@@ -229,7 +241,7 @@ def _task_config(task):
                     seed=task["seed"], outdir=None, quiet=True)
     if task["sweep"] == "steps":
         settings["log_every"] = task["steps_every"]
-    return vq.make_config(**settings)
+    return config(settings)
 
 
 # The methods a fresh interpreter knows (the module's registry, recipe lines in the file
@@ -453,7 +465,7 @@ def tune(args, pool, tasks, log=print):
     seeds = [args.seed + TUNE_SEED + i for i in range(args.tune_seeds)]
     tuners, configs, keys, starts = {}, {}, {}, {}
     for label, settings in cells.items():
-        cfg = vq.make_config(**{**settings, "outdir": None})
+        cfg = config({**settings, "outdir": None})
         tuners[label] = {}
         for spec in settings["methods"]:
             if tunable(cfg, spec):
@@ -462,7 +474,7 @@ def tune(args, pool, tasks, log=print):
         configs[label] = {seed: {**settings, "seed": seed, "n_pop": args.tune_samples, "outdir": None, "quiet": True}
                           for seed in seeds}
         for seed, tuning in configs[label].items():   # each problem's start point, once
-            cfg = vq.make_config(**tuning)
+            cfg = config(tuning)
             keys[label, seed] = _problem_key(cfg)
             if keys[label, seed] not in starts:
                 X_train, _, U, _ = vq.problem_data(cfg)
@@ -1206,7 +1218,7 @@ def build_parser():
     p.add_argument("--tune_limit", type=vq.whole_number, default=10,
                    help="--tune: doublings from the grid's centre at most")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    return vq.add_config_flags(p, skip={"outdir", "methods", "quiet"}, defaults=False)
+    return vq.add_config_flags(p, skip={"outdir", "methods", "quiet", "workers"}, defaults=False)   # --jobs: the pool
 
 
 def parse_args(argv=None):
@@ -1258,14 +1270,24 @@ def parse_args(argv=None):
     base = vq.Config()
     args.seed = settings.get("seed", base.seed)
     args.steps = settings.get("steps", base.steps)
-    for sweep in plan_sweeps(args):                        # every cell's settings, checked up front
+    swept = plan_sweeps(args)
+    for field in {f for sweep in swept for f in AXES[sweep]}:   # a fixed value that no cell uses
+        if field in explicit and all(field in AXES[sweep] for sweep in swept):
+            raise SweepError(f"--{field} {getattr(args, field)}: fixed, but --sweep {' '.join(swept)} "
+                             f"varies it in every cell (set its values instead)")
+    for flag, users in VALUES_OF.items():                   # values for an axis not swept
+        if flag in explicit and not set(users) & set(swept):
+            raise SweepError(f"--{flag}: only used by --sweep {' or '.join(users)}, which --sweep "
+                             f"{' '.join(args.sweep)} does not run")
+    for sweep in swept:                                     # every cell's settings, checked up front
         cells = plan(args) if sweep == "tricks" else []
         for value in getattr(args, f"{sweep}_values", []) or [t["value"] for t in cells if t["sweep"] == sweep]:
             try:
-                vq.make_config(**{**cell_settings(settings, sweep, value), "outdir": None})
+                vq.contradiction(config({**cell_settings(settings, sweep, value), "outdir": None}),
+                                 varying=("start",) if sweep in ("start", "tricks") else ())
             except vq.ConfigError as e:
                 raise SweepError(f"--{sweep}_values {value}: {e}")
-    vq.make_config(**{**settings, "seed": args.seed + args.seeds - 1, "outdir": None})
+    config({**settings, "seed": args.seed + args.seeds - 1, "outdir": None})
     if args.merge and not os.path.exists(os.path.join(args.outdir, CONFIG)):
         raise SweepError(f"--merge {args.outdir}: no sweep there ({CONFIG} missing)")
     args.created_outdir = not os.path.exists(args.outdir)

@@ -250,7 +250,8 @@ def test_method_hyperparameters_come_from_the_registry_and_reach_the_method():
     assert set(vq.make_config().method_params) == set(vq.declared_params())
     settings = {**TINY, "alpha": 1.0, "beta": 0.25, "affine_ste_a": 0.0}
     sync = vq.run_comparison(**settings, methods=["affine_ste"], affine_ste_nu=0.5)["results"]["affine_ste"]
-    ste = vq.run_comparison(**{**settings, "alpha": 1.5}, methods=["manual_ste"])["results"]["manual_ste"]
+    ste = vq.run_comparison(**{**settings, "alpha": 1.5, "affine_ste_a": 2.0},     # a: affine's own
+                            methods=["manual_ste"])["results"]["manual_ste"]
     default = vq.run_comparison(**settings, methods=["affine_ste"])["results"]["affine_ste"]      # nu = 2
     assert np.abs(sync["E"] - ste["E"]).max() < 1e-9 and np.abs(sync["W"] - ste["W"]).max() < 1e-9
     assert np.abs(default["E"] - ste["E"]).max() > 1e-6
@@ -1116,6 +1117,25 @@ SWEEP_ARGS = ["--D", "10", "--rank", "3", "--m", "2", "--K", "4", "--n_train", "
               "--quiet"]
 
 
+def for_sweeps(*sweeps, args=SWEEP_ARGS):
+    """SWEEP_ARGS without what the given sweeps would refuse as unused: --K when every
+    swept cell sets K, grid values of sweeps not run (see sweeps.VALUES_OF)."""
+    out, skip = [], False
+    for a in args:
+        if a.startswith("--"):
+            flag = a[2:]
+            skip = ((flag == "K" and set(sweeps) <= {"K", "tricks"})
+                    or (flag in sweeps_module().VALUES_OF and not set(sweeps_module().VALUES_OF[flag]) & set(sweeps)))
+        if not skip:
+            out.append(a)
+    return out
+
+
+def sweeps_module():
+    import sweeps
+    return sweeps
+
+
 def run_sweeps(*args):
     return subprocess.run([sys.executable, os.path.join(HERE, "sweeps.py"), *args],
                           capture_output=True, text=True, timeout=300)
@@ -1176,7 +1196,7 @@ def test_tiny_sweep_end_to_end_and_jobs_do_not_change_results(tmp_path):
 
 def test_resume_after_interruption_gives_the_same_lines(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    args = ["--sweep", "K", *SWEEP_ARGS]
+    args = ["--sweep", "K", *for_sweeps("K")]
     assert sweep_here("--outdir", str(full), *args)[0] == 0
     text = (full / "results.jsonl").read_text()
     cut.mkdir()
@@ -1221,7 +1241,8 @@ def test_sweep_bad_input_from_the_shell_exits_2(tmp_path):
 
 def test_start_shift_and_lr_sweeps(tmp_path):
     out = tmp_path / "s"
-    code, err = sweep_here("--sweep", "start", "lr", "--lr_values", "1", "0.25", "--outdir", str(out), *SWEEP_ARGS)
+    code, err = sweep_here("--sweep", "start", "lr", "--lr_values", "1", "0.25", "--outdir", str(out),
+                           *for_sweeps("start", "lr"))
     assert code == 0, err
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     starts = [ln["value"] for ln in lines if ln["sweep"] == "start"]
@@ -1259,7 +1280,7 @@ def test_collapse_preset_is_the_shifted_codebook_only_study(tmp_path):
 
 
 def test_shards_run_as_separate_processes_merge_into_the_one_machine_sweep(tmp_path):
-    args = ["--sweep", "K", "beta", *SWEEP_ARGS]
+    args = ["--sweep", "K", "beta", *for_sweeps("K", "beta")]
     shards = [subprocess.Popen([sys.executable, os.path.join(HERE, "sweeps.py"), *args, "--outdir",
                                 str(tmp_path / "sh"), "--shard", f"{i}/3"], stderr=subprocess.PIPE, text=True)
               for i in range(3)]
@@ -1288,16 +1309,16 @@ def test_shards_run_as_separate_processes_merge_into_the_one_machine_sweep(tmp_p
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     out = tmp_path / "o"
-    assert sweep_here("--sweep", "beta", "--outdir", str(out), *SWEEP_ARGS)[0] == 0
+    assert sweep_here("--sweep", "beta", "--outdir", str(out), *for_sweeps("beta"))[0] == 0
     before = sorted(os.listdir(out))
     stamp = (out / "results.jsonl").read_text()
-    code, err = sweep_here("--sweep", "beta", "--outdir", str(out), "--resume", *SWEEP_ARGS, "--lrW", "0.01")
+    code, err = sweep_here("--sweep", "beta", "--outdir", str(out), "--resume", *for_sweeps("beta"), "--lrW", "0.01")
     assert code == 2 and "lrW: 0.08 -> 0.01" in err and len(err.strip().splitlines()) == 1
     assert "alpha" not in err and "None" not in err                     # only what changed
     assert sorted(os.listdir(out)) == before and (out / "results.jsonl").read_text() == stamp
-    code, err = sweep_here("--sweep", "beta", "--outdir", str(out), "--resume", *SWEEP_ARGS, "--alpha", "1.0")
+    code, err = sweep_here("--sweep", "beta", "--outdir", str(out), "--resume", *for_sweeps("beta"), "--alpha", "1.0")
     assert code == 0, err                                                # a default, given: the same
-    code, err = sweep_here("--sweep", "beta", "--outdir", str(out), *SWEEP_ARGS)   # no --resume
+    code, err = sweep_here("--sweep", "beta", "--outdir", str(out), *for_sweeps("beta"))   # no --resume
     assert code == 2 and "--resume" in err
 
 
@@ -1490,7 +1511,7 @@ def test_the_readme_recipe_adds_a_method_everywhere(tmp_path, monkeypatch):
     colors = [v.color(n) for n in v.METHODS]
     assert len(set(colors)) == len(colors)                           # each its own colour
     monkeypatch.setattr(sweeps, "vq", v)                             # sweeps.py on the edited file
-    code, err = sweep_here("--sweep", "K", "--K_values", "4", "--seeds", "1", *tiny, "--outdir",
+    code, err = sweep_here("--sweep", "K", "--K_values", "4", "--seeds", "1", *for_sweeps("K", args=tiny), "--outdir",
                            str(tmp_path / "sw"), "--quiet")
     assert code == 0, err
     methods = {json.loads(x)["method"] for x in (tmp_path / "sw" / "results.jsonl").read_text().splitlines()}
@@ -1631,7 +1652,7 @@ def test_a_sweep_of_a_method_registered_at_run_time_runs_with_worker_processes(t
     import io
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = sweeps.main(["--sweep", "K", "--K_values", "4", "--seeds", "1", *SWEEP_ARGS[:18],
+        code = sweeps.main(["--sweep", "K", "--K_values", "4", "--seeds", "1", *for_sweeps("K", args=SWEEP_ARGS[:18]),
                             "--methods", "late_ste", "--jobs", "2", "--quiet", "--outdir", str(tmp_path / "s")])
     assert code == 0, err.getvalue()
     methods = {json.loads(x)["method"] for x in (tmp_path / "s" / "results.jsonl").read_text().splitlines()}
@@ -2099,9 +2120,52 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_no_empty_folder(tmp_path):
 def test_a_run_into_a_used_folder_replaces_its_outputs_as_a_set(tmp_path):
     out = str(tmp_path / "o")
     base = ["--D", "8", "--rank", "3", "--m", "2", "--K", "4", "--n_train", "300", "--n_eval", "100",
-            "--steps", "5", "--n_pop", "1000", "--outdir", out, "--workers", "1"]
+            "--steps", "5", "--batch", "64", "--n_pop", "1000", "--outdir", out, "--workers", "1"]
     assert vq.main(base + ["--methods", "manual_ste", "rotation"]) == 0
     assert (tmp_path / "o" / "rotation_logs.json").exists()
     assert vq.main(base + ["--methods", "manual_ste"]) == 0
     logs = sorted(f for f in os.listdir(out) if f.endswith("_logs.json"))
     assert logs == ["manual_ste_logs.json"]
+
+
+# ------------------------------------------- Issue 21: settings that contradict each other
+
+@pytest.mark.parametrize("args, flags", [
+    (["--shift", "2"], ("--shift", "--start")),
+    (["--dead_decay", "0.5"], ("--dead_decay", "--dead_threshold")),
+    (["--replace_below", "0.1"], ("--replace_below", "--replace_every")),
+    (["--momentum", "0.5"], ("--momentum", "--optimizer")),
+    (["--betas", "0.5", "0.9", "--optimizer", "momentum"], ("--betas", "--optimizer")),
+    (["--lrV", "0.1"], ("--lrV", "--decoder")),
+    (["--eval_samples", "1000"], ("--eval_samples", "--eval_every")),
+    (["--affine_ste_nu", "1"], ("--affine_ste_nu", "--methods")),
+    (["--ema_decay", "0.9", "--methods", "manual_ste"], ("--ema_decay", "--methods")),
+    (["--batch", "50000"], ("--batch", "--n_train")),
+])
+def test_settings_that_cannot_all_hold_are_refused_before_any_work(tmp_path, capsys, args, flags):
+    t0 = time.perf_counter()
+    assert vq.main([*args, "--outdir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(f in err for f in flags), err
+    assert not (tmp_path / "out").exists() and time.perf_counter() - t0 < 2
+    # where the setting matters, it runs: the same check passes (no work done here)
+    if args[0] == "--shift":
+        vq.contradiction(vq.build_config({"shift": 2.0, "start": "shifted"}, dependencies=False))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--sweep", "K", "--K_values", "8", "16", "--K", "64"], "--K 64: fixed"),
+    (["--sweep", "K", "--beta_values", "0", "1"], "--beta_values: only used by --sweep beta"),
+    (["--sweep", "beta", "--steps_max", "100"], "--steps_max: only used by --sweep steps"),
+    (["--sweep", "shift", "--shift_values", "1", "2"], "--shift 1.0: only matters with --start shifted"),
+    (["--sweep", "K", "--workers", "2"], "unrecognized arguments: --workers"),
+])
+def test_sweep_settings_that_contradict_the_sweep_are_refused(tmp_path, capsys, args, words):
+    import sweeps
+    t0 = time.perf_counter()
+    assert sweeps.main([*args, "--outdir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.strip().count("\n") <= 1, err
+    assert not (tmp_path / "out").exists() and time.perf_counter() - t0 < 2
+    # the tricks sweep sets the start per cell: a shift for its shifted cells is no contradiction
+    assert sweeps.parse_args(["--preset", "tricks", "--shift", "2", "--outdir", str(tmp_path / "t")])

@@ -53,8 +53,11 @@ import numpy as np
 # ------------------------------------------- Configuration and random streams
 
 
-def _f(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+def _f(default, help, needs=None):
+    """A field of :class:`Config`: its default, its help, and what it ``needs`` to matter:
+    ``(other, values)`` another field's values, ``(other, None)`` another field on (not
+    0), ``("methods", key)`` a method that reads it run (see :func:`contradiction`)."""
+    return dataclasses.field(default=default, metadata={"help": help, "needs": needs})
 
 
 @dataclasses.dataclass
@@ -74,11 +77,12 @@ class Config:
     beta: float = _f(0.25, "commitment-loss weight")
     lrW: float = _f(0.08, "encoder learning rate (on the Stiefel manifold, see --optimizer)")
     lrE: float = _f(0.2, "codebook learning rate (every parameter of a method's own)")
-    lrV: float = _f(0.0, "untied decoder's learning rate (0: --lrW)")
+    lrV: float = _f(0.0, "untied decoder's learning rate (0: --lrW)", needs=("decoder", ("untied",)))
     optimizer: str = _f("sgd", "sgd, momentum (heavy ball), adam or adamw, for every trained parameter; "
                                "W takes its Riemannian version")
-    momentum: float = _f(0.9, "momentum: the heavy-ball coefficient")
-    betas: tuple = _f((0.9, 0.999), "adam, adamw: decay of the first and second moment averages")
+    momentum: float = _f(0.9, "momentum: the heavy-ball coefficient", needs=("optimizer", ("momentum",)))
+    betas: tuple = _f((0.9, 0.999), "adam, adamw: decay of the first and second moment averages",
+                      needs=("optimizer", ("adam", "adamw")))
     weight_decay: float = _f(0.0, "L2 penalty (sgd, momentum, adam) or decoupled decay (adamw); "
                                    "none on W, where the tangent space removes it")
     recipe: str = _f("shared", "shared: one optimizer and one set of loss weights for every method; "
@@ -90,24 +94,27 @@ class Config:
     lmin: float = _f(0.25, "smallest non-zero covariance eigenvalue")
     methods: tuple = _f((), "methods to run and report (empty: every registered method not marked opt-in)")
     quiet: bool = _f(False, "print nothing")
-    ema_decay: float = _f(0.99, "ema_ste: decay of the codebook moving averages")
-    ema_eps: float = _f(1e-5, "ema_ste: Laplace smoothing of the cluster sizes")
+    ema_decay: float = _f(0.99, "ema_ste: decay of the codebook moving averages", needs=("methods", "ema_ste"))
+    ema_eps: float = _f(1e-5, "ema_ste: Laplace smoothing of the cluster sizes", needs=("methods", "ema_ste"))
     start: str = _f("kmeans", "start of every trained method: kmeans (PCA encoder, converged "
                               "k-means codes), random_codes (PCA encoder, Gaussian codes at the "
                               "latents' scale), shifted (the same, mean offset by --shift), "
                               "random (random orthonormal encoder, Gaussian codes)")
-    shift: float = _f(4.0, "shifted start: offset of the codes' mean, in latent standard deviations per latent coordinate")
+    shift: float = _f(4.0, "shifted start: offset of the codes' mean, in latent standard deviations per latent coordinate",
+                      needs=("start", ("shifted",)))
     train_encoder: int = _f(1, "1: train the encoder W; 0: W stays at its start, only the codebook learns")
     decoder: str = _f("tied", "tied: the decoder is W; untied: a free decoder V (m, D), started at W, "
                               "trained by every gradient method")
     dead_threshold: float = _f(0.0, "re-seed a code whose moving-average count per batch falls below "
                                     "this with a latent of the batch, every trained method (0 disables)")
-    dead_decay: float = _f(0.8, "decay of the moving-average code counts for --dead_threshold")
+    dead_decay: float = _f(0.8, "decay of the moving-average code counts for --dead_threshold",
+                           needs=("dead_threshold", None))
     fsq_levels: tuple = _f((), "fsq: levels per latent dimension (empty: allotted by the start latents' "
-                                "variances, at most K codes)")
+                                "variances, at most K codes)", needs=("methods", "fsq"))
     replace_every: int = _f(0, "every this many steps, codes used in fewer than --replace_below of those "
                                "batches become copies of used codes (NSVQ's and DiVeQ's replacement; 0: off)")
-    replace_below: float = _f(0.01, "--replace_every: the share of batches below which a code is replaced")
+    replace_below: float = _f(0.01, "--replace_every: the share of batches below which a code is replaced",
+                              needs=("replace_every", None))
     lr_schedule: str = _f("constant", "learning rates along training: constant, cosine or linear "
                                       "(decay to zero over --steps)")
     tail_average: float = _f(0.0, "report the average of the iterates over this last fraction of "
@@ -118,16 +125,19 @@ class Config:
     n_init: int = _f(0, "k-means restarts, the lowest inertia kept (0: auto, 8 on small problems, "
                         "fewer as n_train x K grows)")
     kmeans_iter: int = _f(300, "Lloyd iterations per k-means restart at most")
-    pl_rounds: int = _f(500, "procrustes_lloyd: rounds at most")
-    pl_tol: float = _f(1e-10, "procrustes_lloyd: stop when the relative improvement falls below this")
+    pl_rounds: int = _f(500, "procrustes_lloyd: rounds at most", needs=("methods", "procrustes_lloyd"))
+    pl_tol: float = _f(1e-10, "procrustes_lloyd: stop when the relative improvement falls below this",
+                       needs=("methods", "procrustes_lloyd"))
     log_every: int = _f(0, "evaluate eval-set metrics every this many steps (0: auto, about 20 points)")
     eval_every: int = _f(0, "at step 1 and every this many steps, the quantizer's metrics on --eval_samples "
                             "fresh samples of the true distribution (error, codes used, perplexity, W2); 0: off")
-    eval_samples: int = _f(200_000, "--eval_every: fresh samples per evaluation (the same for every method)")
+    eval_samples: int = _f(200_000, "--eval_every: fresh samples per evaluation (the same for every method)",
+                           needs=("eval_every", None))
     dtype: str = _f("float64", "float64 (exact checks) or float32 (speed)")
     fd_h: float = _f(1e-5, "finite-difference step")
-    fd_max_evals: float = _f(2e6, "skip fd_ste when steps x 2 x (parameters) loss evaluations exceed this")
-    force_fd: bool = _f(False, "run fd_ste whatever its cost")
+    fd_max_evals: float = _f(2e6, "skip fd_ste when steps x 2 x (parameters) loss evaluations exceed this",
+                             needs=("methods", "fd_ste"))
+    force_fd: bool = _f(False, "run fd_ste whatever its cost", needs=("methods", "fd_ste"))
     workers: int = _f(1, "processes for the independent k-means restarts (0: one per core, the "
                          "command line's default; 1: all in this process); results do not depend on it")
     method_params: dict = dataclasses.field(default_factory=dict, metadata={"help": (
@@ -2648,8 +2658,38 @@ def validate_settings(cfg):
          "must be two numbers in [0, 1)")
 
 
-def validate(cfg):
-    """Raise :class:`ConfigError` for the first invalid setting of ``cfg``."""
+def contradiction(cfg, varying=()):
+    """Raise :class:`ConfigError`, naming both flags, for the first setting of ``cfg``
+    that differs from its default but cannot matter: what a field ``needs`` (its
+    declaration in :class:`Config`) does not hold, a method's own hyperparameter when
+    that method is not run, a batch larger than the training set it is drawn from.
+    ``varying``: fields a sweep sets per cell (their needs are checked per cell)."""
+    base, declared = Config(), declared_params()
+    run = {parse_spec(m)[0] for m in cfg.methods}
+    needs = [(f.name, getattr(cfg, f.name), getattr(base, f.name), f.metadata["needs"])
+             for f in dataclasses.fields(Config) if f.metadata.get("needs")]
+    needs += [(f"{key}_{n}", cfg.method_params[f"{key}_{n}"], declared[f"{key}_{n}"][0], ("methods", key))
+              for key, m in METHODS.items() for n, *_ in m.hyperparameters]
+    for name, value, default, (other, want) in needs:
+        if value == default or other in varying:
+            continue
+        have = getattr(cfg, other)
+        if other == "methods":
+            if want not in run:
+                raise ConfigError(name, value, f"only matters when {want} runs, and --methods does not name it")
+        elif want is None and not have:
+            raise ConfigError(name, value, f"only matters with --{other} on, and --{other} is {have!r}")
+        elif want is not None and have not in want:
+            raise ConfigError(name, value, f"only matters with --{other} {' or '.join(map(str, want))}, "
+                                           f"and --{other} is {have}")
+    if not cfg.fresh_batches and cfg.batch > cfg.n_train:
+        raise ConfigError("batch", cfg.batch, f"is larger than --n_train {cfg.n_train}, the training set it is "
+                                             "drawn from (or --fresh_batches 1)")
+
+
+def validate(cfg, dependencies=True):
+    """Raise :class:`ConfigError` for the first invalid setting of ``cfg``; with
+    ``dependencies``, also for settings that contradict each other (:func:`contradiction`)."""
     validate_settings(cfg)
     for spec in cfg.methods:
         name, own = parse_spec(spec)
@@ -2671,6 +2711,8 @@ def validate(cfg):
             raise ConfigError(name, v, "unknown method parameter (known: " + ", ".join(declared) + ")")
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ConfigError(name, v, "must be finite and >= 0")
+    if dependencies:
+        contradiction(cfg)
     need_bytes, have_bytes = memory_estimate(cfg), available_memory()
     if have_bytes is not None and need_bytes > have_bytes:
         raise ConfigError("n_train", f"{cfg.n_train} --n_eval {cfg.n_eval} --D {cfg.D} --K {cfg.K}",
@@ -2715,6 +2757,12 @@ def make_config(**settings):
     Resolves the automatic settings: every registered method when none is named, the
     k-means restarts for ``n_init=0`` and the logging interval for ``log_every=0``.
     """
+    return build_config(settings)
+
+
+def build_config(settings, dependencies=True):
+    """:func:`make_config` of a dict; ``dependencies=False`` leaves :func:`contradiction`
+    to the caller (a sweep checks it once, knowing which fields its cells vary)."""
     settings = dict(settings)
     declared = declared_params()
     known = {f.name for f in dataclasses.fields(Config)} | set(declared)
@@ -2732,7 +2780,7 @@ def make_config(**settings):
     methods = (cfg.methods,) if isinstance(cfg.methods, str) else tuple(cfg.methods)
     cfg.methods = methods or default_methods()
     cfg.betas, cfg.fsq_levels = tuple(cfg.betas), tuple(cfg.fsq_levels)
-    validate(cfg)
+    validate(cfg, dependencies)
     cfg.n_init = cfg.n_init or auto_restarts(cfg.n_train, cfg.K)
     cfg.log_every = cfg.log_every or max(1, cfg.steps // 20)
     return cfg
