@@ -845,11 +845,18 @@ METRIC_LABELS = {"pop_recon_mse": "population reconstruction error\n(lower is be
                  "recon_mse (eval)": "eval-set reconstruction error\n(lower is better)"}
 
 
-def describe(settings):
-    """The fixed settings that differ from vq_compare's defaults, in a few words."""
-    defaults = effective_defaults()
+def describe(settings, sweep=None):
+    """The fixed settings that differ from vq_compare's defaults, in a few words; not
+    those the sweep ``sweep`` varies."""
+    defaults, varied = effective_defaults(), AXES.get(sweep, ())
     return ", ".join(f"{k}={v}" for k, v in settings.items()
-                     if k != "methods" and defaults.get(k) != v) or "vq_compare's defaults"
+                     if k != "methods" and k not in varied and defaults.get(k) != v) or "vq_compare's defaults"
+
+
+def title(text, width=150):
+    """A figure title wrapped, never cut."""
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width))
 
 
 def plot_sweep(rows, sweep, note=""):
@@ -869,18 +876,20 @@ def plot_sweep(rows, sweep, note=""):
         for ax in (ax0, ax1):
             ax.set_yscale("log")
             ax.set_xlabel("training steps of the run")
-        fig.suptitle(f"verify sweep: {note}", fontsize=9)
-        fig.subplots_adjust(left=0.1, right=0.98, wspace=0.35, top=0.82, bottom=0.14)
+        fig.suptitle(title(f"verify sweep, fixed: {note}"), fontsize=9)
+        fig.subplots_adjust(left=0.1, right=0.98, wspace=0.35, top=0.8, bottom=0.14)
         return fig
     methods = list(dict.fromkeys(r["method"] for r in rs))
     values = sorted({r["value"] for r in rs}, key=_value_key)
     categorical = any(isinstance(v, str) for v in values)  # start regimes: one place each
     position = {v: (i if categorical else float(v)) for i, v in enumerate(values)}
 
+    seeds = max((r.get("n_seeds") or 0) for r in rs) if rs else 0
+
     def band(ax, x, y, lo, hi, style):                      # the 95% interval: bars or a band
-        if categorical:
+        if categorical or seeds <= 3:                       # few seeds: wide intervals, bars stay apart
             ax.errorbar(x, y, yerr=np.abs([y - lo, hi - y]) if np.isfinite(lo).any() else None,
-                        capsize=3, **{**style, "ls": "none"})
+                        capsize=3, **{**style, "ls": "none" if categorical else style["ls"]})
             return
         ax.plot(x, y, **style)
         if np.isfinite(lo).any():
@@ -890,6 +899,12 @@ def plot_sweep(rows, sweep, note=""):
         x = np.array([position[r["value"]] for r in mr], dtype=float)
         if categorical:                # side by side within a category, no line across categories
             x += 0.6 * (methods.index(method) / max(len(methods) - 1, 1) - 0.5)
+        elif seeds <= 3 and len(x) > 1:    # bars side by side around each value
+            step = np.min(np.diff(np.sort(np.unique(x)))) if len(np.unique(x)) > 1 else 1.0
+            if sweep in ("K", "lr"):
+                x = x * 2 ** (0.15 * (methods.index(method) / max(len(methods) - 1, 1) - 0.5))
+            else:
+                x = x + 0.15 * step * (methods.index(method) / max(len(methods) - 1, 1) - 0.5)
         y = np.array([r["mean"] for r in mr])
         lo = np.array([r.get("ci_lo", np.nan) for r in mr], dtype=float)
         hi = np.array([r.get("ci_hi", np.nan) for r in mr], dtype=float)
@@ -921,13 +936,17 @@ def plot_sweep(rows, sweep, note=""):
     metric = rs[0]["metric"] if rs else ""
     ax0.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax1.set_ylabel("% difference to PCA + Lloyd, paired\n(lower is better)")
-    seeds = max((r.get("n_seeds") or 0) for r in rs) if rs else 0
-    ax0.set_title("mean over seeds, 95% interval", fontsize=10)
-    ax1.set_title("paired difference, 95% interval (crossing 0: not separable)", fontsize=10)
+    if seeds > 1:
+        ax0.set_title("mean over seeds, 95% interval", fontsize=10)
+        ax1.set_title("paired difference, 95% interval (crossing 0: not separable)", fontsize=10)
+    else:
+        ax0.set_title("one seed: no interval", fontsize=10)
+        ax1.set_title("paired difference, one seed: no interval", fontsize=10)
     ax0.legend(fontsize=8)
     ax1.legend(fontsize=8)
-    fig.suptitle(f"{sweep} sweep, {seeds} seeds per point; {note}"[:150], fontsize=10)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.86, wspace=0.25)
+    text = title(f"{sweep} sweep, {seeds} seed{'s' if seeds != 1 else ''} per point; fixed: {note}")
+    fig.suptitle(text, fontsize=10)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.88 - 0.04 * text.count("\n"), wspace=0.25)
     return fig
 
 
@@ -1382,7 +1401,7 @@ def _run(args):
     rows = aggregate(lines)
     write_csv(os.path.join(args.outdir, SUMMARY), rows)
     for sweep in dict.fromkeys(r["sweep"] for r in rows if r["sweep"] != "tricks"):
-        vq.save_figure(plot_sweep(rows, sweep, describe(args.settings)),
+        vq.save_figure(plot_sweep(rows, sweep, describe(args.settings, sweep)),
                        os.path.join(args.outdir, f"sweep_{sweep}.png"))
     if any(ln.get("fresh") for ln in lines) and any(fang_quantizer(ln["method"]) for ln in lines):
         theirs = read_fang()
@@ -1393,7 +1412,8 @@ def _run(args):
         if not args.quiet:
             print(table + "\n")
     if any(r["sweep"] == "tricks" for r in rows):             # every seed a point
-        vq.save_figure(plot_tricks(lines, describe(args.settings)), os.path.join(args.outdir, "sweep_tricks.png"))
+        vq.save_figure(plot_tricks(lines, describe(args.settings, "tricks")),
+                       os.path.join(args.outdir, "sweep_tricks.png"))
     chosen = read_tuning(args.outdir) if args.tune else {}
     if chosen:
         if not os.path.exists(os.path.join(args.outdir, TUNING)):   # the shards' files, merged
