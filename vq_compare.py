@@ -2915,8 +2915,10 @@ def compare(problem, check=True, stream="population"):
                           "params": {f"{key}_{k}": mcfg.method_params[f"{key}_{k}"] for k, *_ in m.hyperparameters},
                           "settings": {k: getattr(mcfg, k) for k in RECIPE_KEYS}}
     results = {n: r.as_dict() for n, r in records.items()}
+    # the baseline's level on the training curves' sample, paired with the start's
+    baseline = curve_point(problem, problem.W_pca, problem.E_kmeans)
     return {"config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)}, "methods": registry,
-            "results": results, "bounds": {**floors, **pop},
+            "results": results, "bounds": {**floors, **pop, "curve_baseline": baseline},
             "gradient_check": check_gradients(problem, cfg.methods) if check else {},
             "fd_vs_manual": agreement(results)}
 
@@ -3308,6 +3310,10 @@ def plot_training_curves(summary):
             ax.set_ylim(0, 1.05 * c["K"])                   # out of K: eval-set noise stays small
         if key == "pop_diff_to_start":
             ax.axhline(0, color="k", lw=0.8)
+            level = summary["bounds"].get("curve_baseline", {}).get("pop_diff_to_start")
+            if level is not None and c["start"] != "kmeans":   # from k-means, the start is the baseline
+                ax.axhline(level, color=color("pca_lloyd"), ls="--", lw=1.2, label="PCA + Lloyd (the baseline)")
+                ax.legend(fontsize=8, loc="upper right")
             n_curve = min(N_CURVE, c["n_pop"])
             title = f"error minus the start's on {n_curve:,} fresh samples\n(paired, band ± 2 se; lower is better)"
         ax.set_title(title, fontsize=9)
