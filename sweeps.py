@@ -1001,8 +1001,8 @@ def fang_within(ours, theirs):
 
 def fang_table(lines, theirs):
     """Markdown: per shift and quantizer, our error and share of codes used (mean over
-    seeds, and their range) next to theirs at FANG_STEPS, and at how many of their
-    published steps (every 100) ours pass :func:`fang_within`."""
+    seeds, and their range) next to theirs at FANG_STEPS and at the last step, and at how
+    many of their published steps (every 100) ours pass :func:`fang_within`."""
     rows = ["| mu | quantizer (ours as) | step | error: theirs | ours | ratio | codes used: theirs | ours "
             "| steps within (error, codes) |", "|---|---|---|---|---|---|---|---|---|"]
     methods = list(dict.fromkeys(ln["method"] for ln in lines if fang_quantizer(ln["method"])))
@@ -1015,7 +1015,7 @@ def fang_table(lines, theirs):
                 continue
             checks = [fang_within(ours[s], ref[s]) for s in steps]
             count = f"{sum(c[0] for c in checks)}/{len(steps)}, {sum(c[1] for c in checks)}/{len(steps)}"
-            for s in [s for s in FANG_STEPS if s in steps] or steps[-1:]:
+            for s in sorted({s for s in FANG_STEPS if s in steps} | {steps[-1]}):   # and the last
                 errs, used = [o[0] for o in ours[s]], [o[1] for o in ours[s]]
                 rng = f" [{min(errs):.3f}, {max(errs):.3f}]" if len(errs) > 1 else ""
                 rows.append(f"| {mu:g} | {q} ({method}) | {s} | {ref[s][0]:.3f} | {np.mean(errs):.3f}{rng} | "
