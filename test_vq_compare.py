@@ -2102,12 +2102,12 @@ def _interrupt(cmd, tmp_path, after):
 def test_ctrl_c_is_one_line_exit_130_and_leaves_no_empty_folder(tmp_path):
     # the k-means restarts run on worker processes here: they get the signal too
     code, err = _interrupt([sys.executable, os.path.join(HERE, "vq_compare.py"), "--outdir", "out",
-                            "--n_train", "40000", "--workers", "2"], tmp_path, 2.0)
+                            "--n_train", "20000", "--workers", "2"], tmp_path, 1.2)
     assert code == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
     sweep = [sys.executable, os.path.join(HERE, "sweeps.py"), "--sweep", "K", "--K_values", "8", "16",
              "--seeds", "3", "--steps", "400", "--n_pop", "2000", "--outdir", "sw", "--jobs", "2"]
-    code, err = _interrupt(sweep, tmp_path, 4.0)
+    code, err = _interrupt(sweep, tmp_path, 2.5)
     assert code == 130 and err.strip().count("\n") <= 3 and "Traceback" not in err, err   # progress lines aside
     last = err.strip().splitlines()[-1]
     assert last.startswith("sweeps.py: interrupted: ")
