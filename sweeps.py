@@ -946,7 +946,7 @@ def plot_sweep(rows, sweep, note=""):
     ax1.legend(fontsize=8)
     text = title(f"{sweep} sweep, {seeds} seed{'s' if seeds != 1 else ''} per point; fixed: {note}")
     fig.suptitle(text, fontsize=10)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.88 - 0.04 * text.count("\n"), wspace=0.25)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.84 - 0.04 * text.count("\n"), wspace=0.25)
     return fig
 
 
