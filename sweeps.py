@@ -1060,9 +1060,8 @@ def plot_fang(lines, theirs, note=""):
     axes[0][0].set_ylabel("quantization error mean ||z - q||^2\n(log, lower is better)")
     axes[1][0].set_ylabel("share of codes used")
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", fontsize=8, ncol=3)
-    import textwrap
     fig.suptitle("Fang et al. 2025's shifted-Gaussian simulation, ours (solid; a second variant dashed) and "
-                 "theirs (dotted)\n" + textwrap.fill(note, 150), fontsize=9)
+                 "theirs (dotted)\n" + title(note), fontsize=9)
     fig.subplots_adjust(left=0.08, right=0.98, top=0.86, bottom=0.2, wspace=0.3, hspace=0.18)
     return fig
 
