@@ -48,6 +48,20 @@ GRIDS = {"K": (int, [8, 16, 32, 64], "codebook size K"),
          "lr": (float, [1.0, 0.25, 0.0625], "scale on both learning rates")}
 # "tricks": every combination of --start_values, --K_values and full / codebook-only training
 SWEEPS = tuple(GRIDS) + ("tricks", "steps", "verify")
+# What each sweep and preset does, for --help (a test checks that every one is explained)
+SWEEP_HELP = {
+    "K": "the codebook size over --K_values",
+    "beta": "the commitment weight over --beta_values",
+    "start": "the trained methods' start regime over --start_values (kmeans, random_codes, shifted, random)",
+    "shift": "the shifted start's offset over --shift_values (latent standard deviations; needs --start "
+             "shifted)",
+    "lr": "both learning rates (lrW and lrE) scaled by each of --lr_values",
+    "tricks": "every method from every start in --start_values at every K in --K_values, with the encoder "
+              "trained and fixed (codebook only): sweep_tricks.png draws every seed",
+    "steps": "one run of --steps_max steps scored every --steps_every steps: the population error along "
+             "training (paired with PCA + Lloyd's on the same fresh samples)",
+    "verify": "fd_ste and manual_ste trained side by side by the one loop for --steps steps: the gradients' "
+              "difference at every step and how far the two runs drift apart"}
 TRAINING = {"full": 1, "codes": 0}                          # --train_encoder of a tricks cell
 RESULTS, CONFIG, SUMMARY, TUNING = "results.jsonl", "sweep_config.json", "summary.csv", "tuning.json"
 SCORE_KEYS = ("recon_mse", "in_sub_dist", "usage_entropy", "dead_frac", "perplexity",
@@ -80,6 +94,17 @@ FANG = dict(sweep=["shift"], shift_values=[float(mu) for mu in range(9)], seeds=
             batch=50_000, steps=2000, fresh_batches=1, optimizer="momentum", momentum=0.9, alpha=1.0,
             eval_every=100, eval_samples=200_000, n_pop=200_000, n_init=1, kmeans_iter=20)
 PRESETS = {"original": ORIGINAL, "collapse": COLLAPSE, "tricks": TRICKS, "fang2025": FANG}
+PRESET_HELP = {
+    "original": "the original framework's comprehensive set: the K, beta, steps and verify sweeps, "
+                "fd_ste, manual_ste and rotation at 300 steps, one seed (42)",
+    "collapse": "codebook collapse: codes started off the data by each of --shift_values (0 to 8 latent "
+                "sd), the encoder fixed, isotropic 8-dimensional latents, K 256, 5 seeds",
+    "tricks": "which trick helps, and where: every method from every start at K 16, 64 and 256, with and "
+              "without training the encoder, each method at its tuned rates, the matched ablations, "
+              "10 seeds (with --quick: the small problem, K 16 and 64, 3 seeds, minutes)",
+    "fang2025": "Fang et al. 2025's shifted-Gaussian simulation: their five quantizers at their settings, "
+                "mu 0..8, K 16384, 2000 steps, drawn and tabled against their published curves "
+                "(fang2025.png, fang2025.md; with --quick: K 1024, mu 0, 4, 8, 200 steps)"}
 # What each sweep varies (a fixed value for it contradicts the sweep), and which sweeps use
 # each grid flag (values for no sweep run contradict it)
 AXES = {"K": ("K",), "beta": ("beta",), "start": ("start",), "shift": ("shift",), "lr": (),
@@ -303,7 +328,12 @@ def run_task(task):
                 "pca_floor": b["pca_floor"], "shannon_bound": b["shannon_bound"],
                 "rank_m_bound": b["rank_m_bound"], "unconstrained_kmeans": b["unconstrained_kmeans"]}
         if sweep == "steps" and r.get("logs") and "batch_loss" in r["logs"]:
-            line["curve"] = [[e["step"], e["recon_mse"]] for e in r["logs"]["eval"]]
+            # the population error along training (the curves' fixed fresh sample), and
+            # PCA + Lloyd's on the same sample: paired; the eval set's with --n_pop 0
+            baseline = out["bounds"]["curve_baseline"].get("curve_recon_mse")
+            key = "recon_mse" if baseline is None else "curve_recon_mse"
+            line["curve"] = [[e["step"], e[key]] for e in r["logs"]["eval"]]
+            line["curve_baseline"] = baseline
         if r.get("logs") and r["logs"].get("fresh"):       # --eval_every
             line["fresh"] = [[e[k] for k in FRESH_KEYS] for e in r["logs"]["fresh"]]
         if line["method"] != name:
@@ -718,10 +748,22 @@ def _write_lines(path, lines):
 # Aggregation, table, plots
 # ----------------------------------------------------------------------------
 
+# Differences are in % of the reference's mean error, in the CSV as on the console and in
+# the plots: the paired difference's mean and 95% interval, times 100 / the reference's mean.
 CSV_FIELDS = ["sweep", "param", "value", "method", "n_seeds", "metric", "mean", "sd", "ci_lo", "ci_hi",
-              "diff_to_pca_lloyd", "diff_ci_lo", "diff_ci_hi", "codes_used", "codes_used_ci_lo",
+              "diff_pct", "diff_pct_lo", "diff_pct_hi", "codes_used", "codes_used_ci_lo",
               "codes_used_ci_hi", "eval_recon_mse", "pca_floor", "shannon_bound", "rank_m_bound",
-              "unconstrained_kmeans", "diverged", "collapsed", "diff_to_ste", "ste_ci_lo", "ste_ci_hi"]
+              "unconstrained_kmeans", "diverged", "collapsed", "vs_ste_pct", "vs_ste_pct_lo", "vs_ste_pct_hi"]
+PAIRED = {"pca_lloyd": ("diff_pct", "diff_pct_lo", "diff_pct_hi"),
+          "manual_ste": ("vs_ste_pct", "vs_ste_pct_lo", "vs_ste_pct_hi")}
+
+
+def percent_difference(values, refs):
+    """Paired differences ``values - refs`` (per seed) as % of the refs' mean: mean and
+    95% interval."""
+    d, _, lo, hi = mean_ci([v - r for v, r in zip(values, refs)])
+    scale = 100 / float(np.mean(refs))
+    return d * scale, lo * scale, hi * scale
 COLLAPSED = 0.5            # a seed whose model leaves more than this share of its codes unused has collapsed
 
 
@@ -757,33 +799,40 @@ def aggregate(lines):
                     vals = [c[f] for c in ok if c.get(f) is not None]
                     row[f] = float(np.mean(vals)) if vals else None
                 row["collapsed"] = sum(1 for c in ok if c["dead_frac"] > COLLAPSED)
-                for ref, cols in (("pca_lloyd", ("diff_to_pca_lloyd", "diff_ci_lo", "diff_ci_hi")),
-                                  ("manual_ste", ("diff_to_ste", "ste_ci_lo", "ste_ci_hi"))):
+                for ref, cols in PAIRED.items():
                     base = {c["seed"]: c[key] for c in cell if c["method"] == ref and c["status"] == "ok"}
-                    diffs = [c[key] - base[c["seed"]] for c in ok if c["seed"] in base]
-                    if method != ref and diffs:
-                        d, _, lo, hi = mean_ci(diffs)
-                        row.update(zip(cols, (d, lo, hi)))
+                    pairs = [(c[key], base[c["seed"]]) for c in ok if c["seed"] in base]
+                    if method != ref and pairs:
+                        row.update(zip(cols, percent_difference(*zip(*pairs))))
             rows.append(row)
     return rows
 
 
+CURVE_METRIC = "pop_recon_mse (curve sample)"
+
+
 def _aggregate_curves(value, cell):
+    """The steps sweep: each checkpoint's population error, estimated on the training
+    curves' fixed fresh sample (vq_compare.N_CURVE samples, the same at every checkpoint
+    and for every model: paired, PCA + Lloyd included); the eval-set error only where
+    the run had no population (``--n_pop 0``)."""
     rows = []
     for method in dict.fromkeys(c["method"] for c in cell):
-        curves = [dict(map(tuple, c["curve"])) for c in cell if c["method"] == method and c.get("curve")]
-        if not curves:
+        runs = [c for c in cell if c["method"] == method and c.get("curve")]
+        if not runs:
             continue
-        base = {c["seed"]: c["recon_mse"] for c in cell if c["method"] == "pca_lloyd"}
-        seeds = [c["seed"] for c in cell if c["method"] == method and c.get("curve")]
+        curves = [dict(map(tuple, c["curve"])) for c in runs]
+        metric = CURVE_METRIC if all(c.get("curve_baseline") is not None for c in runs) else "recon_mse (eval)"
+        base = ({c["seed"]: c["curve_baseline"] for c in runs} if metric == CURVE_METRIC else
+                {c["seed"]: c["recon_mse"] for c in cell if c["method"] == "pca_lloyd"})
         for step in sorted(set.intersection(*[set(c) for c in curves])):
             vals = [c[step] for c in curves]
             row = {"sweep": "steps", "param": "step", "value": step, "method": method,
-                   "n_seeds": len(vals), "metric": "recon_mse (eval)"}
+                   "n_seeds": len(vals), "metric": metric}
             row["mean"], row["sd"], row["ci_lo"], row["ci_hi"] = mean_ci(vals)
-            diffs = [v - base[s] for v, s in zip(vals, seeds) if s in base]
-            if diffs:
-                row["diff_to_pca_lloyd"], _, row["diff_ci_lo"], row["diff_ci_hi"] = mean_ci(diffs)
+            pairs = [(v, base[c["seed"]]) for v, c in zip(vals, runs) if c["seed"] in base]
+            if pairs:
+                row.update(zip(PAIRED["pca_lloyd"], percent_difference(*zip(*pairs))))
             rows.append(row)
     return rows
 
@@ -808,25 +857,27 @@ def format_table(rows):
         if sweep == "steps":                               # the last checkpoint only
             last = max(r["value"] for r in rs)
             rs = [r for r in rs if r["value"] == last]
-        ste = any(r.get("diff_to_ste") is not None for r in rs)
+        ste = any(r.get("vs_ste_pct") is not None for r in rs)
         out.append("")
-        out += vq._wrap(f"{sweep} sweep ({rs[0]['metric']}; mean [95% CI] over seeds; used: share of codes "
-                        "used on the eval set; seeds: scored / diverged / collapsed (more than half the codes "
-                        "unused); diff: paired difference to pca_lloyd [95% CI]"
-                        + ("; vs STE: paired difference to manual_ste at its own tuned rates" if ste else "") + ")")
         if sweep == "verify":
+            out.append("verify sweep (fd_ste's gradient against manual_ste's, trained side by side)")
             for r in rs:
                 out.append(f"  steps={r['value']}: largest gradient rel. error {r['mean']:.1e}; "
                            f"fd vs manual, eval error: {r['eval_recon_mse']:.1e} apart at most")
             continue
+        out += vq._wrap(f"{sweep} sweep ({rs[0]['metric']}; mean [95% CI] over seeds; used: share of codes "
+                        "used on the eval set; seeds: scored / diverged / collapsed (more than half the codes "
+                        "unused); diff: paired difference to pca_lloyd, % of its error [95% CI]"
+                        + ("; vs STE: paired difference to manual_ste at its own tuned rates, % of its error"
+                           if ste else "") + ")")
         w, wm = max(6, *(len(str(r["value"])) for r in rs)), max(18, *(len(r["method"]) + 1 for r in rs))
 
         def pair(r, d, lo, hi):
             if r.get(d) is None:
-                return f"{'':>34}"
-            return f"{r[d]:+11.5f} " + (f"[{r[lo]:+.5f}, {r[hi]:+.5f}]" if not math.isnan(r[lo]) else f"{'':>22}")
+                return f"{'':>31}"
+            return f"{r[d]:+9.3f}% " + (f"[{r[lo]:+.3f}, {r[hi]:+.3f}]" if not math.isnan(r[lo]) else f"{'':>20}")
         out.append(f"  {rs[0]['param']:>{w}} {'method':<{wm}}{'mean':>10}{'95% CI':>20}{'used':>6}{'seeds':>10}"
-                   f"{'diff':>11}{'95% CI':>23}" + (f"{'vs STE':>12}{'95% CI':>22}" if ste else ""))
+                   f"{'diff':>10}{'95% CI':>21}" + (f"{'vs STE':>10}{'95% CI':>21}" if ste else ""))
         for r in rs:
             n = f"{r.get('n_seeds', 0)}/{r.get('diverged', 0)}/{r.get('collapsed', 0)}"
             if r.get("mean") is None:
@@ -835,14 +886,15 @@ def format_table(rows):
             ci = f"[{r['ci_lo']:.4f}, {r['ci_hi']:.4f}]" if not math.isnan(r.get("ci_lo", math.nan)) else "n/a (1 seed)"
             used = f"{r['codes_used']:.2f}" if r.get("codes_used") is not None else ""
             out.append(f"  {r['value']!s:>{w}} {r['method']:<{wm}}{r['mean']:>10.5f}{ci:>20}{used:>6}{n:>10}"
-                       + pair(r, "diff_to_pca_lloyd", "diff_ci_lo", "diff_ci_hi")
-                       + (pair(r, "diff_to_ste", "ste_ci_lo", "ste_ci_hi") if ste else ""))
+                       + pair(r, *PAIRED["pca_lloyd"]) + (pair(r, *PAIRED["manual_ste"]) if ste else ""))
     return "\n".join(out)
 
 
 METRIC_LABELS = {"pop_recon_mse": "population reconstruction error\n(lower is better)",
                  "recon_mse": "eval-set reconstruction error\n(lower is better)",
-                 "recon_mse (eval)": "eval-set reconstruction error\n(lower is better)"}
+                 "recon_mse (eval)": "eval-set reconstruction error\n(lower is better)",
+                 CURVE_METRIC: "population reconstruction error,\n%s fresh samples (lower is better)"
+                               % f"{vq.N_CURVE:,}"}
 
 
 def describe(settings, sweep=None):
@@ -911,11 +963,8 @@ def plot_sweep(rows, sweep, note=""):
         style = dict(vq.style(method), ms=5)
         band(ax0, x, y, lo, hi, style)
         if method != "pca_lloyd":
-            d = np.array([r.get("diff_to_pca_lloyd", np.nan) for r in mr], dtype=float)
-            ref = np.array([r["mean"] - (r.get("diff_to_pca_lloyd") or 0) for r in mr])
-            dlo = np.array([r.get("diff_ci_lo", np.nan) for r in mr], dtype=float)
-            dhi = np.array([r.get("diff_ci_hi", np.nan) for r in mr], dtype=float)
-            band(ax1, x, 100 * d / ref, 100 * dlo / ref, 100 * dhi / ref, style)
+            d, dlo, dhi = (np.array([r.get(k, np.nan) for r in mr], dtype=float) for k in PAIRED["pca_lloyd"])
+            band(ax1, x, d, dlo, dhi, style)
     for key, label, ls in (("rank_m_bound", "rank-m Shannon bound", "--"),
                            ("unconstrained_kmeans", "unconstrained k-means", "-.")):
         pts = sorted({(position[r["value"]], r[key]) for r in rs if r.get(key) is not None})
@@ -1185,15 +1234,20 @@ def _grid(kind):
 
 
 def build_parser():
-    p = vq._Parser(prog="sweeps.py", description=__doc__.split("\n")[0],
-                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = vq._Parser(prog="sweeps.py", description=" ".join(__doc__.split("\n\n")[0].split()),
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                   epilog="Any other flag below --quiet is vq_compare's (see python vq_compare.py --help): it "
+                          "fixes that setting for every cell; a fixed value of a swept setting is refused.")
     p.add_argument("--sweep", choices=SWEEPS + ("all",), nargs="+", default=["K", "beta", "steps", "verify"],
-                   help="what to sweep (one or more; all: every one)")
-    p.add_argument("--seeds", type=vq.whole_number, default=5, help="seeds per cell (seed, seed+1, ...)")
+                   help="what to sweep, one or more (all: every one): "
+                        + "; ".join(f"{k}: {v}" for k, v in SWEEP_HELP.items()))
+    p.add_argument("--seeds", type=vq.whole_number, default=5,
+                   help="seeds per cell (seed, seed+1, ...); each draws new data, start and batches")
     p.add_argument("--jobs", type=vq.whole_number, default=0,
-                   help="processes for the k-means restarts (0: one per core); results do not "
-                        "depend on it")
-    p.add_argument("--outdir", default="sweeps_out", help="output folder")
+                   help="processes for the k-means restarts and then the cells (0: one per core); results "
+                        "do not depend on it")
+    p.add_argument("--outdir", default="sweeps_out",
+                   help="output folder: results.jsonl, summary.csv, sweep_*.png (created if needed)")
     p.add_argument("--resume", action="store_true", help="skip runs already in OUTDIR (results.jsonl "
                    "and the shards' files)")
     p.add_argument("--shard", metavar="I/N", help="run only the I-th (0 to N-1) of N disjoint slices of "
@@ -1201,18 +1255,17 @@ def build_parser():
                    "SLURM_ARRAY_TASK_ID")
     p.add_argument("--merge", action="store_true", help="assemble results.jsonl, summary.csv and the "
                    "plots from the shards' files in OUTDIR (nothing is computed)")
-    p.add_argument("--quick", action="store_true", help="a small grid: a smoke run in seconds")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run in seconds, with " + ", ".join(
+                       f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in QUICK.items())
+                   + " (with --preset: that preset's design at a smaller size)")
     p.add_argument("--preset", choices=tuple(PRESETS),
-                   help="original: the original framework's comprehensive set; collapse: the "
-                        "shifted-start, codebook-only study over --shift_values, 5 seeds; tricks: every "
-                        "method from every start at K 16, 64, 256, with and without training the encoder, "
-                        "tuned rates, matched ablations, 10 seeds (with --quick: the small problem, K 16 "
-                        "and 64, 3 seeds, minutes); fang2025: Fang et al. 2025's shifted-Gaussian "
-                        "simulation, their five quantizers at their settings, mu 0..8, K 16384, 2000 steps, "
-                        "drawn and tabled against their published curves (fang2025.png, fang2025.md; with "
-                        "--quick: K 1024, mu 0, 4, 8, 200 steps)")
+                   help="a study's whole design; flags given with it override it: "
+                        + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
     for name, (kind, grid, label) in GRIDS.items():
-        p.add_argument(f"--{name}_values", type=_grid(kind), nargs="+", default=grid, help=f"{label}: grid")
+        used = " and ".join(f"--sweep {s}" for s in VALUES_OF[f"{name}_values"])
+        p.add_argument(f"--{name}_values", type=_grid(kind), nargs="+", default=grid,
+                       help=f"{label}: the values of {used}")
     p.add_argument("--steps_max", type=vq.whole_number, default=500, help="steps sweep: training length")
     p.add_argument("--steps_every", type=vq.whole_number, default=25, help="steps sweep: metrics every this many steps")
     p.add_argument("--methods", nargs="+", default=[], metavar="NAME",
@@ -1235,7 +1288,8 @@ def build_parser():
                    help="--tune: fresh validation samples per run")
     p.add_argument("--tune_limit", type=vq.whole_number, default=10,
                    help="--tune: doublings from the grid's centre at most")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--quiet", action="store_true",
+                   help="nothing on the console (no progress lines, no tables); the files are written as usual")
     return vq.add_config_flags(p, skip={"outdir", "methods", "quiet", "workers"}, defaults=False)   # --jobs: the pool
 
 

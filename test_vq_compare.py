@@ -268,6 +268,59 @@ def test_the_readme_method_table_is_the_registry():
     assert "\n".join(rows) in readme
 
 
+def test_sweeps_help_explains_every_flag_sweep_and_preset(capsys, tmp_path):
+    import contextlib
+    import io
+    with pytest.raises(SystemExit):
+        sweeps.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for action in sweeps.build_parser()._actions:
+        words = re.findall(r"[a-z]{3,}", (action.help or "").lower())
+        assert len(words) >= 3, action.option_strings      # each flag says something
+    assert set(sweeps.SWEEP_HELP) == set(sweeps.SWEEPS) and set(sweeps.PRESET_HELP) == set(sweeps.PRESETS)
+    for name, what in {**sweeps.SWEEP_HELP, **sweeps.PRESET_HELP}.items():
+        assert f"{name}: {' '.join(what.split())}" in text, name
+    for key, value in sweeps.QUICK.items():                 # --quick says what it sets
+        assert f"--{key} " in text.split("--quick a smoke", 1)[1].split("--preset {", 1)[0], key
+    assert "--quiet nothing on the console" in text
+    # and --quiet does what it says: nothing on the console, the files written
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        assert sweeps.main(["--sweep", "K", *for_sweeps("K"), "--outdir", str(tmp_path), "--jobs", "1"]) == 0
+    assert out.getvalue() == "" and (tmp_path / "summary.csv").exists()
+
+
+def test_what_the_readme_says_of_the_defaults_is_what_the_code_does():
+    with open(os.path.join(HERE, "README.md")) as fh:
+        readme = " ".join(fh.read().split())                 # one line: claims wrap
+    base = vq.Config()
+    stated = re.findall(r"`--(\w+)` \(([0-9][0-9,.]*%?)\)", readme)       # "`--n_pop` (500,000)"
+    assert len(stated) >= 2
+    for flag, text in stated:
+        value = float(text.rstrip("%").replace(",", "")) / (100 if text.endswith("%") else 1)
+        assert getattr(base, flag) == pytest.approx(value, rel=1e-12), flag
+    words = {"twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16}
+    count = re.search(r"\b(" + "|".join(words) + r") methods", readme)
+    assert count and words[count.group(1)] == len(BUILT_IN)
+    claims = {                                                 # the sentence, and whether it holds
+        "with no `--methods` every registered method not marked `in_default=False` runs":
+            list(base.methods) == [] and vq.default_methods() == tuple(k for k, m in vq.METHODS.items() if m.in_default),
+        "**`--recipe shared`** (the default)": base.recipe == "shared",
+        "(`--start`, by default the `pca_lloyd` model)": base.start == "kmeans",
+        "writes results_out/": vq.CLI_DEFAULTS["outdir"] == "results_out",
+        f"the paired difference to the start on {vq.N_CURVE:,} fresh samples": True,
+        "--sweep K --seeds 5 # K in " + " ".join(map(str, sweeps.GRIDS["K"][1])): True,
+        "--sweep beta --beta_values " + " ".join(f"{b:g}" for b in sweeps.GRIDS["beta"][1]): True,
+        "(opt-in methods run when named in `--methods`": all(
+            not m.in_default for k, m in vq.METHODS.items() if k not in vq.default_methods()),
+    }
+    for sentence, holds in claims.items():
+        assert sentence in readme and holds, sentence
+    p = small_problem()                                        # the kmeans start is pca_lloyd's model
+    assert p.W0 is p.W_pca or np.array_equal(p.W0, p.W_pca)
+    assert np.array_equal(p.E0, p.E_kmeans)
+
+
 @pytest.mark.parametrize("estimator", vq.ESTIMATORS)
 def test_untied_decoder_gradients_match_finite_differences(estimator):
     rng = np.random.default_rng(zlib.crc32(estimator.encode()))
@@ -683,6 +736,16 @@ def test_ema_codebook_converges_to_cluster_means():
         assert np.allclose(params["E"], means, rtol=tol, atol=tol) and params["t"] == 300
 
 
+@pytest.fixture
+def blank_plots(monkeypatch):
+    """For tests of what a run writes, not of its plots: the PNGs are written, blank
+    (drawing the real ones takes most of a tiny run's time; other tests look at them)."""
+    def blank(summary):
+        return vq._figure(1, 1)[0]
+    monkeypatch.setattr(vq, "plot_comparison", blank)
+    monkeypatch.setattr(vq, "plot_training_curves", blank)
+
+
 def small_problem(**settings):
     """A problem of TINY's data with the given settings (start point computed here)."""
     return vq.make_problem(vq.make_config(**{**TINY, **settings}))
@@ -886,9 +949,12 @@ def _strip_times(obj):
     return obj
 
 
-def test_same_settings_give_the_same_summary(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
+def test_same_settings_give_the_same_summary(tmp_path, monkeypatch):
+    import matplotlib
+    a, b, backend = tmp_path / "a", tmp_path / "b", matplotlib.rcParams["backend"]
     vq.run_comparison(**{**TINY, "outdir": str(a)})
+    assert matplotlib.rcParams["backend"] == backend        # plots drawn without touching the user's
+    monkeypatch.setattr(vq, "save_figure", lambda fig, path: None)   # the numbers, not the plots
     vq.run_comparison(**{**TINY, "outdir": str(b)})
     ja = json.loads((a / "summary.json").read_text())
     jb = json.loads((b / "summary.json").read_text())
@@ -956,7 +1022,7 @@ def test_the_verdict_weighs_size_and_names_no_winner_it_cannot_separate():
     assert vq.holm(many)[1] == []
 
 
-def test_progress_lines_for_long_phases_and_silence_when_quiet(tmp_path, capsys):
+def test_progress_lines_for_long_phases_and_silence_when_quiet(tmp_path, capsys, blank_plots):
     import io
     buf = io.StringIO()
     p = small_problem(steps=40)
@@ -1000,7 +1066,7 @@ def test_another_method_does_not_change_a_methods_numbers():
     assert one["results"]["manual_ste"]["recon_mse"] == two["results"]["manual_ste"]["recon_mse"]
 
 
-def test_diverging_method_is_reported_and_others_finish(tmp_path):
+def test_diverging_method_is_reported_and_others_finish(tmp_path, blank_plots):
     out = vq.run_comparison(**{**TINY, "lrE": 1e150, "outdir": str(tmp_path),
                                "methods": ["pca_lloyd", "manual_ste", "procrustes_lloyd"]})
     r = out["results"]["manual_ste"]
@@ -1057,10 +1123,14 @@ def test_outdir_that_cannot_be_created(tmp_path):
     assert p.returncode == 2 and "--outdir" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
-def test_cli_runs_and_writes_its_outputs(tmp_path):
-    p = run_cli("--D", "12", "--rank", "4", "--m", "3", "--K", "8", "--n_train", "600",
-                "--n_eval", "300", "--steps", "10", "--batch", "64", "--n_pop", "10000",
-                "--n_init", "2", "--outdir", "res", cwd=tmp_path)
+def test_cli_runs_and_writes_its_outputs_without_a_display(tmp_path):
+    # no display, and a user's interactive backend that cannot start without one: the plots
+    # are drawn without pyplot, so neither matters
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    p = subprocess.run([sys.executable, os.path.join(HERE, "vq_compare.py"), "--D", "12", "--rank", "4",
+                        "--m", "3", "--K", "8", "--n_train", "600", "--n_eval", "300", "--steps", "10",
+                        "--batch", "64", "--n_pop", "10000", "--n_init", "2", "--outdir", "res"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**env, "MPLBACKEND": "TkAgg"})
     assert p.returncode == 0, p.stderr
     assert "Verdict" in p.stdout and "Procrustes-Lloyd" in p.stdout
     assert max(map(len, p.stdout.splitlines())) <= 100                    # fits a terminal, a notebook
@@ -1084,20 +1154,6 @@ def test_help_explains_every_flag_and_the_docs_name_only_real_ones(capsys):
     for command in named:                                   # the documented commands parse
         for flag in re.findall(r"(--\w+)", command.replace("[--flag value ...]", "")):
             assert flag in flags, (flag, command)
-
-
-def test_cli_needs_no_display_and_leaves_the_backend_alone(tmp_path):
-    code = ("import sys; sys.path.insert(0, %r); import vq_compare, matplotlib; "
-            "assert vq_compare.main(['--D', '8', '--rank', '3', '--m', '2', '--K', '4', "
-            "'--n_train', '300', '--n_eval', '100', '--steps', '3', '--batch', '32', "
-            "'--n_pop', '1000', '--quiet', '--outdir', %r]) == 0; "
-            "print(matplotlib.rcParams['backend'])") % (HERE, str(tmp_path / "out"))
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**env, "MPLBACKEND": "TkAgg"}, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip().lower() == "tkagg"             # the user's setting, untouched
-    assert (tmp_path / "out" / "comparison.png").stat().st_size > 1000
 
 
 def test_import_has_no_side_effects(tmp_path):
@@ -1190,6 +1246,24 @@ def test_tiny_sweep_end_to_end_and_jobs_do_not_change_results(tmp_path):
             and ln["method"] == "manual_ste"]
     assert float(r["mean"]) == pytest.approx(np.mean(vals), rel=1e-12)
     assert float(r["ci_lo"]) < float(r["mean"]) < float(r["ci_hi"])
+    # differences in one unit, % of the baseline's error: the CSV, the console and the plot
+    base = next(x for x in k_rows if x["method"] == "pca_lloyd" and x["value"] == "4")
+    pct = 100 * (float(r["mean"]) - float(base["mean"])) / float(base["mean"])
+    assert float(r["diff_pct"]) == pytest.approx(pct, rel=1e-9)
+    assert float(r["diff_pct_lo"]) < float(r["diff_pct"]) < float(r["diff_pct_hi"])
+    rows = sweeps.aggregate(lines)
+    assert f"{float(r['diff_pct']):+9.3f}% [{float(r['diff_pct_lo']):+.3f}, " in sweeps.format_table(rows)
+    ax = sweeps.plot_sweep(rows, "K").axes[1]                # two seeds: points with bars
+    drawn = next(c.lines[0] for c in ax.containers if c.get_label() == "Manual STE")
+    assert drawn.get_ydata()[0] == pytest.approx(float(r["diff_pct"]), rel=1e-12)
+    # the steps sweep on the population (the curves' fixed sample, PCA + Lloyd's on it too):
+    # from the k-means start a trained run starts at the baseline itself
+    steps = [x for x in rows if x["sweep"] == "steps"]
+    assert steps and all(x["metric"] == sweeps.CURVE_METRIC for x in steps)
+    first = [x for x in steps if x["value"] == 0]
+    assert first and all(x["diff_pct"] == 0 for x in first)
+    curve = next(ln for ln in lines if ln["sweep"] == "steps" and ln["method"] == "manual_ste")
+    assert curve["curve"][0][1] == curve["curve_baseline"] and curve["curve"][-1][1] != curve["curve_baseline"]
     ver = next(ln for ln in lines if ln["method"] == "fd_vs_manual")
     assert max(ver["gW_rel_err"]) < 1e-6 and max(ver["recon_rel_diff"]) < 1e-6
     for sweep in ("K", "beta", "steps", "verify"):
@@ -1284,14 +1358,13 @@ def test_collapse_preset_is_the_shifted_codebook_only_study(tmp_path):
 def test_shards_run_as_separate_processes_merge_into_the_one_machine_sweep(tmp_path):
     args = ["--sweep", "K", "beta", *for_sweeps("K", "beta")]
     shards = [subprocess.Popen([sys.executable, os.path.join(HERE, "sweeps.py"), *args, "--outdir",
-                                str(tmp_path / "sh"), "--shard", f"{i}/3"], stderr=subprocess.PIPE, text=True)
-              for i in range(3)]
+                                str(tmp_path / "sh"), "--shard", f"{i}/2"], stderr=subprocess.PIPE, text=True)
+              for i in range(2)]
     assert all(p.wait(timeout=300) == 0 for p in shards), [p.stderr.read() for p in shards]
     files = sorted(os.listdir(tmp_path / "sh"))
-    assert files == ["results.shard-0-of-3.jsonl", "results.shard-1-of-3.jsonl", "results.shard-2-of-3.jsonl",
-                     "sweep_config.json"]
+    assert files == ["results.shard-0-of-2.jsonl", "results.shard-1-of-2.jsonl", "sweep_config.json"]
     keys = [{(ln["sweep"], ln["value"], ln["seed"]) for ln in map(json.loads, (tmp_path / "sh" / f).read_text().splitlines())}
-            for f in files[:3]]
+            for f in files[:2]]
     assert sum(map(len, keys)) == len(set().union(*keys))                 # disjoint slices
     assert sweep_here(*args, "--outdir", str(tmp_path / "sh"), "--merge")[0] == 0
     assert sweep_here(*args, "--outdir", str(tmp_path / "one"))[0] == 0
@@ -1303,7 +1376,7 @@ def test_shards_run_as_separate_processes_merge_into_the_one_machine_sweep(tmp_p
     assert [(r["sweep"], r["value"], r["method"]) for r in ra] == [(r["sweep"], r["value"], r["method"]) for r in rb]
     assert_close_json([{k: float(v) if v else v for k, v in r.items() if k not in ("sweep", "param", "method", "metric")} for r in ra],
                       [{k: float(v) if v else v for k, v in r.items() if k not in ("sweep", "param", "method", "metric")} for r in rb], 1e-12)
-    (tmp_path / "sh" / "results.shard-2-of-3.jsonl").unlink()             # a shard lost: refused
+    (tmp_path / "sh" / "results.shard-1-of-2.jsonl").unlink()             # a shard lost: refused
     os.remove(tmp_path / "sh" / "results.jsonl")
     code, err = sweep_here(*args, "--outdir", str(tmp_path / "sh"), "--merge")
     assert code == 2 and "runs missing" in err and len(err.strip().splitlines()) == 1
@@ -1563,6 +1636,27 @@ def test_the_training_curve_is_the_paired_difference_it_claims():
     d = err(res.W, res.E) - err(p.W0, p.E0)
     assert row["pop_diff_to_start"] == pytest.approx(d.mean(), rel=1e-9, abs=1e-12)
     assert row["pop_diff_to_start_se"] == pytest.approx(d.std(ddof=1) / math.sqrt(n), rel=1e-9)
+    assert row["curve_recon_mse"] == pytest.approx(err(res.W, res.E).mean(), rel=1e-9)   # the error itself
+
+
+def test_procrustes_lloyd_is_on_the_training_curves_round_by_round():
+    p = small_problem(start="random_codes", methods=["manual_ste", "procrustes_lloyd"])
+    s = vq.compare(p, check=False)
+    res = s["results"]["procrustes_lloyd"]
+    rounds, hist = res["logs"]["eval"], res["logs"]["train_recon_mse"]
+    assert [e["step"] for e in rounds] == list(range(len(hist))) and len(hist) > 2
+    # each round's point is the model after that round: training error falls, and the last
+    # round is the model scored in the table
+    assert rounds[-1]["recon_mse"] == pytest.approx(res["recon_mse"], rel=1e-12)
+    assert rounds[0]["pop_diff_to_start"] == 0 and rounds[-1]["pop_diff_to_start"] < 0
+    fig = vq.plot_training_curves(s)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "Procrustes-Lloyd" in labels and "Manual STE" in labels
+    tops = [a for a in fig.axes if "round" in a.get_xlabel()]
+    assert len(tops) == 4                                  # its own axis on the four curve panels
+    top = tops[0].get_lines()[0]
+    assert list(top.get_xdata()) == list(range(len(hist)))
+    assert top.get_ydata()[-1] == pytest.approx(rounds[-1]["pop_diff_to_start"])
 
 
 @pytest.mark.parametrize("name", ["affine_ste", "simvq", "ema_ste"])
@@ -1626,7 +1720,7 @@ def test_verify_trains_both_runs_with_the_one_loop(monkeypatch):
 def test_a_script_without_a_main_guard_runs_writes_nothing_and_leaves_no_process(tmp_path):
     (tmp_path / "script.py").write_text(
         "import multiprocessing, sys\nsys.path.insert(0, %r)\nimport vq_compare\n"
-        "out = vq_compare.run_comparison(steps=20, n_train=4000, n_pop=20000, quiet=True)\n"
+        "out = vq_compare.run_comparison(steps=5, n_train=2000, n_eval=500, n_pop=5000, quiet=True)\n"
         "assert multiprocessing.active_children() == []\nprint(sorted(out['results']))\n" % HERE)
     p = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -2089,37 +2183,46 @@ def test_fang2025_preset_runs_their_quantizers_and_tables_them_against_their_dat
 
 # ------------------------------------------------- Issue 21: interrupted runs
 
-def _interrupt(cmd, tmp_path, after):
-    """Start ``cmd``, send Ctrl-C to its whole process group (as a terminal does) after
-    ``after`` seconds, return (exit status, stderr)."""
+def _start(cmd, cwd):
+    """``cmd`` in its own process group, as a terminal's foreground job."""
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _ctrl_c(p):
+    """Ctrl-C to the whole process group (as a terminal sends it): (exit status, stderr)."""
     import signal
-    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    time.sleep(after)
     os.killpg(p.pid, signal.SIGINT)
     _, err = p.communicate(timeout=120)
     return p.returncode, err
 
 
-def test_ctrl_c_is_one_line_exit_130_and_leaves_no_empty_folder(tmp_path):
-    # the k-means restarts run on worker processes here: they get the signal too
-    code, err = _interrupt([sys.executable, os.path.join(HERE, "vq_compare.py"), "--outdir", "out",
-                            "--n_train", "20000", "--workers", "2"], tmp_path, 1.2)
-    assert code == 130 and err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
-    assert not (tmp_path / "out").exists()
-    sweep = [sys.executable, os.path.join(HERE, "sweeps.py"), "--sweep", "K", "--K_values", "8", "16",
-             "--seeds", "3", "--steps", "400", "--n_pop", "2000", "--outdir", "sw", "--jobs", "2"]
-    code, err = _interrupt(sweep, tmp_path, 2.5)
-    assert code == 130 and err.strip().count("\n") <= 3 and "Traceback" not in err, err   # progress lines aside
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("sweeps.py: interrupted: ")
-    if "finish with" in last:                                # some runs done: the command that finishes it
-        assert last.endswith("--resume") and (tmp_path / "sw" / "results.jsonl").exists()
-    else:
-        assert not (tmp_path / "sw").exists()
+def test_ctrl_c_is_one_line_exit_130_and_resume_finishes_the_sweep_as_if_uninterrupted(tmp_path):
+    # the k-means restarts of the comparison run on worker processes: they get the signal too
+    one = _start([sys.executable, os.path.join(HERE, "vq_compare.py"), "--outdir", "out",
+                  "--n_train", "20000", "--workers", "2"], tmp_path)
+    args = ["--sweep", "K", "--K_values", "4", "8", "--seeds", "8", "--D", "8", "--rank", "3", "--m", "2",
+            "--n_train", "300", "--n_eval", "100", "--steps", "30", "--batch", "64", "--n_pop", "2000",
+            "--n_init", "2", "--methods", "manual_ste", "rotation", "--quiet"]
+    sweep = _start([sys.executable, os.path.join(HERE, "sweeps.py"), *args, "--outdir", "sw", "--jobs", "1"],
+                   tmp_path)
+    saved, t0 = tmp_path / "sw" / "results.jsonl", time.perf_counter()
+    while not (saved.exists() and saved.read_text().count("\n") >= 3) and time.perf_counter() - t0 < 60:
+        time.sleep(0.01)                                     # interrupted between cells, some saved
+    code, err = _ctrl_c(sweep)
+    assert code == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("sweeps.py: interrupted: ") and err.strip().endswith("--resume"), err
+    time.sleep(max(0.0, 0.9 - (time.perf_counter() - t0)))  # the comparison: inside k-means
+    code, err1 = _ctrl_c(one)
+    assert code == 130 and err1.count("\n") == 1 and "interrupted" in err1 and "Traceback" not in err1, err1
+    assert not (tmp_path / "out").exists()                  # nothing saved: no folder left behind
+    # the command it printed finishes the sweep; the lines equal an uninterrupted sweep's
+    assert sweep_here(*args, "--outdir", str(tmp_path / "sw"), "--resume")[0] == 0
+    assert sweep_here(*args, "--outdir", str(tmp_path / "whole"))[0] == 0
+    assert saved.read_text() == (tmp_path / "whole" / "results.jsonl").read_text()
 
 
-def test_a_run_into_a_used_folder_replaces_its_outputs_as_a_set(tmp_path):
+def test_a_run_into_a_used_folder_replaces_its_outputs_as_a_set(tmp_path, blank_plots):
     out = str(tmp_path / "o")
     base = ["--D", "8", "--rank", "3", "--m", "2", "--K", "4", "--n_train", "300", "--n_eval", "100",
             "--steps", "5", "--batch", "64", "--n_pop", "1000", "--outdir", out, "--workers", "1"]

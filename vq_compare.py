@@ -60,9 +60,28 @@ def _f(default, help, needs=None):
     return dataclasses.field(default=default, metadata={"help": help, "needs": needs})
 
 
+def _field_doc(cls):
+    """The docstring's Attributes section, from the fields' own declarations (so that
+    ``help(Config)`` lists every setting with its type, default and meaning, and can
+    never disagree with the command line's --help, which reads the same text)."""
+    import textwrap
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        lines.append(f"{f.name} : {kind}, default {default!r}")
+        lines += textwrap.wrap(f.metadata["help"], 88, initial_indent="    ", subsequent_indent="    ")
+    cls.__doc__ = cls.__doc__.rstrip() + "\n\n    Attributes\n    ----------\n" + textwrap.indent("\n".join(lines), "    ")
+    return cls
+
+
+@_field_doc
 @dataclasses.dataclass
 class Config:
-    """Every setting of a comparison; the CLI flags are these field names."""
+    """Every setting of a comparison; the CLI flags are these field names (``--D 64``),
+    ``make_config`` / ``run_comparison`` take them as keywords. Sizes are counts of
+    samples or dimensions; ``D``, ``rank``, ``m`` and ``K`` fix the shapes: data (n, D),
+    encoder W (m, D), codebook E (K, m), the true covariance of rank ``rank``."""
     D: int = _f(64, "ambient (data) dimension")
     rank: int = _f(6, "rank of the data covariance")
     m: int = _f(4, "latent dimension (rows of the encoder W)")
@@ -142,6 +161,7 @@ class Config:
                          "command line's default; 1: all in this process); results do not depend on it")
     method_params: dict = dataclasses.field(default_factory=dict, metadata={"help": (
         "the methods' own hyperparameters, flags --<method>_<name> (see the registry)")})
+
 
 
 # One random stream per purpose, derived from the seed, so that adding a method or a
@@ -1397,7 +1417,9 @@ N_CURVE = 20_000    # fresh samples on which the training curves are scored (pai
 def curve_point(problem, W, E, V=None, assign=None):
     """What the report scores, along training: the paired difference of the model's error
     to the start's on a fixed sample of ``min(N_CURVE, n_pop)`` fresh samples (its own
-    stream), with its standard error; empty with ``n_pop=0``."""
+    stream), with its standard error, and the model's own mean error there
+    (``curve_recon_mse``: the population error, estimated on that sample, in the same
+    units as every other error); empty with ``n_pop=0``."""
     n = min(N_CURVE, problem.cfg.n_pop)
     if n == 0:
         return {}
@@ -1406,8 +1428,10 @@ def curve_point(problem, W, E, V=None, assign=None):
         s_sq = np.einsum("nr,nr->n", S, S)
         problem.curve = (S, s_sq, sample_errors((problem.W0, problem.E0), S, s_sq, problem.U))
     S, s_sq, start = problem.curve
-    d = sample_errors((W, E, V, assign), S, s_sq, problem.U) - start
-    return {"pop_diff_to_start": float(d.mean()), "pop_diff_to_start_se": float(d.std(ddof=1) / math.sqrt(n))}
+    errors = sample_errors((W, E, V, assign), S, s_sq, problem.U)
+    d = errors - start
+    return {"pop_diff_to_start": float(d.mean()), "pop_diff_to_start_se": float(d.std(ddof=1) / math.sqrt(n)),
+            "curve_recon_mse": float(errors.mean())}
 
 
 def fresh_metrics(problem, rng, W, E, V=None, assign=None):
@@ -2128,7 +2152,7 @@ def fit_pca_lloyd(problem, hp):
     """PCA encoder + k-means codebook: the reference, and the start of every trained
     method with ``--start kmeans``."""
     return Result(W=problem.W_pca.copy(), E=problem.E_kmeans.copy(), seconds=problem.start_seconds)
-def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10, train_encoder=True):
+def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10, train_encoder=True, on_round=None):
     """Exact alternating minimisation of the training reconstruction error.
 
     Each round: W <- polar factor of ``Q^T X`` (orthogonal Procrustes, assignments and
@@ -2141,7 +2165,7 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10, train_encoder=True):
     ``Z = X W^T`` are ``S W^T / counts``. The reassignment searches only the points whose
     bound says they might change code (as :func:`lloyd` does), with the labels of a full
     search (tested). Returns W (m, D), E (K, m) and the training error before round 1
-    and after each round.
+    and after each round; ``on_round(r, W, E)``, if given, sees the model after round r.
     """
     K = E.shape[0]
     x_sq = np.einsum("nd,nd->n", X, X, dtype=np.float64)
@@ -2178,18 +2202,26 @@ def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10, train_encoder=True):
         np.add.at(S, new[moved], X[moved])
         labels, counts = new, np.bincount(new, minlength=K)
         history.append(float(reconstruction_errors(x_sq, Z, E, W, (labels, dist))[0].mean()))
+        if on_round is not None:
+            on_round(len(history) - 1, W, E)
         if history[-2] - history[-1] <= tol * history[-2]:
             break
     return W, E, history
 
 
 def fit_procrustes_lloyd(problem, hp):
-    """Alternating Lloyd / orthogonal-Procrustes steps from the trained methods' start."""
+    """Alternating Lloyd / orthogonal-Procrustes steps from the trained methods' start;
+    its logs score the model after every round as the training loop scores a step
+    (``"step"`` counts rounds), so the training curves show where it goes and ends."""
     c = problem.cfg
+    rounds = []
+
+    def score(r, W, E):
+        rounds.append({"step": r, **eval_metrics(problem, W, E), **curve_point(problem, W, E)})
+    score(0, problem.W0, problem.E0)
     W, E, hist = procrustes_lloyd(problem.X_train, problem.W0, problem.E0, c.pl_rounds, c.pl_tol,
-                                  c.train_encoder)
-    logs = {"train_recon_mse": hist, "eval": [{"step": len(hist) - 1, **eval_metrics(problem, W, E)}]}
-    return Result(W=W, E=E, logs=logs)
+                                  c.train_encoder, on_round=score)
+    return Result(W=W, E=E, logs={"train_recon_mse": hist, "eval": rounds})
 
 
 # The one registry: a method is one entry. Reports, plots, summary.json and the sweeps
@@ -3280,10 +3312,14 @@ def plot_comparison(summary):
 def plot_training_curves(summary):
     """Along training, every trained method: what the report scores (the paired
     difference to the start on a fixed fresh sample, with its noise), code usage, the
-    encoder's angle to the true subspace, re-seeded codes and the batch loss."""
+    encoder's angle to the true subspace, re-seeded codes and the batch loss. Methods
+    that train by rounds instead of steps (Procrustes-Lloyd) are drawn against the
+    rounds, on an axis of their own at the top of the first four panels."""
     res, c = summary["results"], summary["config"]
     names = [n for n, r in res.items() if r.get("logs") and "batch_loss" in r["logs"]]
-    fig, axes = _figure(14, 7.5, 2, 3)
+    by_rounds = [n for n, r in res.items() if r.get("logs") and "batch_loss" not in r["logs"]
+                 and len(r["logs"].get("eval", ())) > 1]
+    fig, axes = _figure(14, 8.2 if by_rounds else 7.5, 2, 3)
     panels = [("pop_diff_to_start", "error minus the start's, fresh samples (lower is better)"),
               ("codes_used", "share of codes used (eval set)"), ("perplexity", "code perplexity (eval set)"),
               ("subspace_angle_deg", "largest angle to the true top-m subspace (degrees)")]
@@ -3292,7 +3328,9 @@ def plot_training_curves(summary):
         panels[1:3] = [("codes_used", f"share of codes used ({c['eval_samples']:,} fresh samples)"),
                        ("perplexity", f"code perplexity ({c['eval_samples']:,} fresh samples)")]
     for ax, (key, title) in zip(axes.ravel(), panels):
-        for name in names:
+        top = ax.twiny() if by_rounds and not (fresh and key in ("codes_used", "perplexity")) else None
+        for name in names + (by_rounds if top else []):
+            where = top if name in by_rounds else ax
             rows = res[name]["logs"]["fresh" if fresh and key in ("codes_used", "perplexity") else "eval"]
             pts = [(e["step"], e[key] if "codes_used" in e or key != "codes_used" else 1 - e["dead_frac"])
                    for e in rows] if key in ("codes_used", "perplexity") else [(e["step"], e.get(key)) for e in rows]
@@ -3300,10 +3338,16 @@ def plot_training_curves(summary):
             if not pts:
                 continue
             x, v = map(np.array, zip(*pts))
-            ax.plot(x, v, lw=1.4, ms=4, markevery=max(1, len(x) // 8), **style(name))
+            where.plot(x, v, lw=1.4, ms=4, markevery=max(1, len(x) // 8), **style(name))
             if key == "pop_diff_to_start":
                 se = np.array([e["pop_diff_to_start_se"] for e in rows if e.get(key) is not None])
-                ax.fill_between(x, v - 2 * se, v + 2 * se, color=color(name), alpha=0.15, lw=0)
+                where.fill_between(x, v - 2 * se, v + 2 * se, color=color(name), alpha=0.15, lw=0)
+        if top:
+            top.set_xlabel(f"{' and '.join(method_label(n) for n in by_rounds)}: round", fontsize=8,
+                           color=color(by_rounds[0]), labelpad=2)
+            top.tick_params(axis="x", labelsize=7, colors=color(by_rounds[0]))
+            top.set_xlim(-0.5, max(2, *(res[n]["logs"]["eval"][-1]["step"] for n in by_rounds)) + 0.5)
+            top.xaxis.get_major_locator().set_params(integer=True)
         if key == "codes_used":
             ax.set_ylim(0, 1.05)
         if key == "perplexity":
@@ -3312,11 +3356,11 @@ def plot_training_curves(summary):
             ax.axhline(0, color="k", lw=0.8)
             level = summary["bounds"].get("curve_baseline", {}).get("pop_diff_to_start")
             if level is not None and c["start"] != "kmeans":   # from k-means, the start is the baseline
-                ax.axhline(level, color=color("pca_lloyd"), ls="--", lw=1.2, label="PCA + Lloyd (the baseline)")
-                ax.legend(fontsize=8, loc="upper right")
+                line = ax.axhline(level, color=color("pca_lloyd"), ls="--", lw=1.2, label="PCA + Lloyd (the baseline)")
+                ax.legend(handles=[line], fontsize=8, loc="upper right")
             n_curve = min(N_CURVE, c["n_pop"])
             title = f"error minus the start's on {n_curve:,} fresh samples\n(paired, band ± 2 se; lower is better)"
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=9, y=1, pad=26 if top else 6)   # y given: no automatic placement (slow with twin axes)
     ax = axes[1, 1]
     for name in names:
         counts = res[name]["logs"].get("reseeded") or []
@@ -3339,12 +3383,18 @@ def plot_training_curves(summary):
     for ax in axes.ravel():
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0, 1].get_legend_handles_labels()
+    legend = {}                                             # every method once, rounds included
+    for a in fig.axes:
+        for h, label in zip(*a.get_legend_handles_labels()):
+            if not label.startswith("PCA + Lloyd (the"):
+                legend.setdefault(label, h)
+    labels, handles = list(legend), list(legend.values())
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=max(1, len(labels)),
                fontsize=8, frameon=False)                  # above the panels: hides no curve
     fig.suptitle(f"Training from the {c['start']} start, the same batches for every method: D={c['D']} "
                  f"rank={c['rank']} m={c['m']} K={c['K']}, seed {c['seed']}", fontsize=10)
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.86, hspace=0.42, wspace=0.22)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.79 if by_rounds else 0.86,
+                        hspace=0.62 if by_rounds else 0.42, wspace=0.22)
     return fig
 
 
