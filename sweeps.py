@@ -111,6 +111,9 @@ AXES = {"K": ("K",), "beta": ("beta",), "start": ("start",), "shift": ("shift",)
         "tricks": ("start", "K", "train_encoder"), "steps": (), "verify": ()}
 VALUES_OF = {"K_values": ("K", "tricks"), "beta_values": ("beta",), "start_values": ("start", "tricks"),
              "shift_values": ("shift",), "lr_values": ("lr",), "steps_max": ("steps",), "steps_every": ("steps",)}
+# What --data decides (its sizes) and makes meaningless (the synthetic data's shape): a
+# preset's values for them are left out when --data is given
+DATA_OWN = (*vq.DATA_SIZES, "lmax", "lmin", "family")
 # --quick with a preset: QUICK's problem sizes, and these
 SIZES = ("D", "rank", "m", "n_train", "n_eval", "batch", "n_pop", "n_init", "steps")
 QUICK_PRESETS = {"tricks": dict(K_values=[16, 64], seeds=3, tune_seeds=1, tune_samples=20_000),
@@ -287,7 +290,7 @@ def run_tasks(tasks, pool, done):
     starts = []
     for group in groups.values():
         cfg = _task_config(group[0])
-        X_train, _, U, _ = vq.problem_data(cfg)
+        X_train, _, U, *_ = vq.problem_data(cfg)
         starts.append(vq.start_point(cfg, X_train, U, pool))
     cells, runs = [], {}
     here = not all({vq.parse_spec(m)[0] for m in task["settings"]["methods"]} <= SHIPPED for task in tasks)
@@ -326,7 +329,8 @@ def run_task(task):
         line = {**base, "method": task.get("labels", {}).get(name, name), "status": r["status"],
                 **{k: r.get(k) for k in SCORE_KEYS},
                 "pca_floor": b["pca_floor"], "shannon_bound": b["shannon_bound"],
-                "rank_m_bound": b["rank_m_bound"], "unconstrained_kmeans": b["unconstrained_kmeans"]}
+                "rank_m_bound": b["rank_m_bound"], "unconstrained_kmeans": b["unconstrained_kmeans"],
+                "floor": b["floor"], "floor_name": b["floor_name"]}
         if sweep == "steps" and r.get("logs") and "batch_loss" in r["logs"]:
             # the population error along training (the curves' fixed fresh sample), and
             # PCA + Lloyd's on the same sample: paired; the eval set's with --n_pop 0
@@ -507,7 +511,7 @@ def tune(args, pool, tasks, log=print):
             cfg = config(tuning)
             keys[label, seed] = _problem_key(cfg)
             if keys[label, seed] not in starts:
-                X_train, _, U, _ = vq.problem_data(cfg)
+                X_train, _, U, *_ = vq.problem_data(cfg)
                 starts[keys[label, seed]] = vq.start_point(cfg, X_train, U, pool)
     starts = {key: (lambda W0, E0, sec, ref: (W0, E0, sec, ref()))(*finish()) for key, finish in starts.items()}
     known = {}                                   # validation errors per (cell, spec, seed)
@@ -795,9 +799,10 @@ def aggregate(lines):
                 row["eval_recon_mse"] = float(np.mean([c["recon_mse"] for c in ok]))
                 used, _, lo, hi = mean_ci([1 - c["dead_frac"] for c in ok])   # on the eval set
                 row["codes_used"], row["codes_used_ci_lo"], row["codes_used_ci_hi"] = used, lo, hi
-                for f in ("pca_floor", "shannon_bound", "rank_m_bound", "unconstrained_kmeans"):
+                for f in ("pca_floor", "shannon_bound", "rank_m_bound", "unconstrained_kmeans", "floor"):
                     vals = [c[f] for c in ok if c.get(f) is not None]
                     row[f] = float(np.mean(vals)) if vals else None
+                row["floor_name"] = ok[0].get("floor_name", "rank-m Shannon bound")
                 row["collapsed"] = sum(1 for c in ok if c["dead_frac"] > COLLAPSED)
                 for ref, cols in PAIRED.items():
                     base = {c["seed"]: c[key] for c in cell if c["method"] == ref and c["status"] == "ok"}
@@ -912,7 +917,8 @@ def title(text, width=150):
 
 
 def plot_sweep(rows, sweep, note=""):
-    """Left: mean over seeds with its 95% interval per method, with the rank-m bound and
+    """Left: mean over seeds with its 95% interval per method, with the floor (the
+    rank-m bound for Gaussian data, see vq_compare.bounds) and
     the k-means reference. Right: the paired difference to pca_lloyd (%), with its 95%
     interval. ``note``: the fixed settings, for the title."""
     rs = [r for r in rows if r["sweep"] == sweep and r.get("mean") is not None]
@@ -965,7 +971,9 @@ def plot_sweep(rows, sweep, note=""):
         if method != "pca_lloyd":
             d, dlo, dhi = (np.array([r.get(k, np.nan) for r in mr], dtype=float) for k in PAIRED["pca_lloyd"])
             band(ax1, x, d, dlo, dhi, style)
-    for key, label, ls in (("rank_m_bound", "rank-m Shannon bound", "--"),
+    floor = next((r["floor_name"] for r in rs if r.get("floor_name")), "rank-m Shannon bound")
+    for key, label, ls in (("floor" if any(r.get("floor") is not None for r in rs) else "rank_m_bound",
+                            f"{floor} (a floor)", "--"),
                            ("unconstrained_kmeans", "unconstrained k-means", "-.")):
         pts = sorted({(position[r["value"]], r[key]) for r in rs if r.get(key) is not None})
         if pts and categorical:
@@ -1173,8 +1181,9 @@ def plot_tuning(chosen, rate):
 
 
 def plot_tricks(lines, note=""):
-    """Every seed of every tricks cell as a point: % above the rank-m bound (log), one
-    panel per K and training; a diverged seed as a cross at the top, the mean as a bar.
+    """Every seed of every tricks cell as a point: % above the floor (log; the rank-m
+    bound for Gaussian data), one panel per K and training; a diverged seed as a cross
+    at the top, the mean as a bar.
     Bimodal outcomes (some seeds collapse, some do not) show as two clouds."""
     cell_lines = [ln for ln in lines if ln["sweep"] == "tricks"]
     if not cell_lines:
@@ -1194,7 +1203,7 @@ def plot_tricks(lines, note=""):
             for mi, method in enumerate(methods):
                 x = si + 0.8 * (mi / max(len(methods) - 1, 1) - 0.5)
                 pts = [ln for ln in cell if ln["method"] == method]
-                ok = [100 * (ln[key] / ln["rank_m_bound"] - 1) for ln in pts if ln["status"] == "ok"]
+                ok = [100 * (ln[key] / ln.get("floor", ln["rank_m_bound"]) - 1) for ln in pts if ln["status"] == "ok"]
                 st = vq.style(method)
                 ax.plot(np.full(len(ok), x), ok, ls="none", marker=st["marker"], color=st["color"], ms=3,
                         mfc=st["mfc"], alpha=0.8, label=st["label"][:48] if ti == ki == si == 0 else None)
@@ -1209,7 +1218,7 @@ def plot_tricks(lines, note=""):
         plain_log_ticks(ax)
         ax.set_xticks(range(len(starts)), starts, fontsize=8)
         ax.set_title(f"K={K}, {'encoder and codes' if training == 'full' else 'codes only'} trained", fontsize=9)
-        ax.set_ylabel(f"% above the rank-m bound\n({'population' if key == 'pop_recon_mse' else 'eval'} error; log)",
+        ax.set_ylabel(f"% above the {cell_lines[0].get('floor_name', 'rank-m Shannon bound')}\n({'population' if key == 'pop_recon_mse' else 'eval'} error; log)",
                       fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     fig.legend(loc="center left", bbox_to_anchor=(1 - 2.5 / width, 0.5), fontsize=6, frameon=False)
@@ -1308,8 +1317,8 @@ def parse_args(argv=None):
                       **QUICK_PRESETS.get(args.preset, {})}
     for preset in presets:
         for k, v in preset.items():
-            if k not in explicit:
-                setattr(args, k, v)
+            if k not in explicit and not (getattr(args, "data", None) and k in DATA_OWN):
+                setattr(args, k, v)                         # with --data, its own sizes stay
     if args.preset == "fang2025" and "methods" not in explicit:
         args.methods = [s for q in FANG_QUANTIZERS.values() for s in q(args.K)]
     methods = vq.split_methods(args.methods) or list(vq.default_methods())
@@ -1454,7 +1463,8 @@ def _run(args):
     rows = aggregate(lines)
     write_csv(os.path.join(args.outdir, SUMMARY), rows)
     for sweep in dict.fromkeys(r["sweep"] for r in rows if r["sweep"] != "tricks"):
-        vq.save_figure(plot_sweep(rows, sweep, describe(args.settings, sweep)),
+        note = describe(args.settings, sweep) + ("; every method at its tuned rates" if args.tune else "")
+        vq.save_figure(plot_sweep(rows, sweep, note),
                        os.path.join(args.outdir, f"sweep_{sweep}.png"))
     if any(ln.get("fresh") for ln in lines) and any(fang_quantizer(ln["method"]) for ln in lines):
         theirs = read_fang()

@@ -345,7 +345,8 @@ def test_untied_models_are_scored_as_defined():
     U, lam = vq.lowrank_factor(D, rank, seed=2)
     W = vq.stiefel_project(rng.normal(size=(m, D)))
     V, E = W + 0.2 * rng.normal(size=W.shape), rng.normal(size=(K, m))
-    pop = vq.population_errors({"untied": (W, E, V)}, U, lam, 5000, np.random.default_rng(5))
+    g = np.random.default_rng(5)
+    pop = vq.population_errors({"untied": (W, E, V)}, U, lambda a, c: g.standard_normal((c, rank)) * np.sqrt(lam), 5000)
     X = (np.random.default_rng(5).standard_normal((5000, rank)) * np.sqrt(lam)) @ U.T
     direct = np.sum((X - E[vq.assign(X @ W.T, E)] @ V) ** 2, axis=1)
     assert pop.mean[0] == pytest.approx(direct.mean(), rel=1e-12)
@@ -912,8 +913,9 @@ def test_population_errors_match_a_direct_computation():
     W = vq.stiefel_project(rng.normal(size=(m, D)))
     E = rng.normal(size=(K, m))
     C = rng.normal(size=(K, rank))
-    pop = vq.population_errors({"vq": (W, E), "uncon": C}, U, lam, 5000,
-                               np.random.default_rng(5), chunk=777)
+    g = np.random.default_rng(5)
+    pop = vq.population_errors({"vq": (W, E), "uncon": C}, U, lambda a, c: g.standard_normal((c, rank)) * np.sqrt(lam),
+                               5000, chunk=777)
     S = np.random.default_rng(5).standard_normal((5000, rank)) * np.sqrt(lam)
     X = S @ U.T
     err_vq = np.sum((X - E[vq.assign(X @ W.T, E)] @ W) ** 2, axis=1)
@@ -2275,3 +2277,135 @@ def test_sweep_settings_that_contradict_the_sweep_are_refused(tmp_path, capsys, 
     if "--workers" in args:     # once: the tricks sweep sets the start per cell, so a shift for
         #                         its shifted cells is no contradiction
         assert sweeps.parse_args(["--preset", "tricks", "--shift", "2", "--outdir", str(tmp_path / "t")])
+
+
+# ------------------------------------------- Issue 22: your own data, and other families
+
+DATA_RUN = dict(K=8, m=3, steps=10, batch=64, n_init=2, log_every=5, quiet=True, workers=1,
+                methods=["pca_lloyd", "manual_ste", "procrustes_lloyd"])
+
+
+def _data_file(tmp_path, n=3000, D=8, seed=0):
+    rng = np.random.default_rng(seed)
+    X = (rng.standard_normal((n, D)) * np.linspace(2.0, 0.3, D) + 0.5).astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+    return str(tmp_path / "x.npy"), X
+
+
+def test_a_data_file_is_mapped_split_by_seed_and_scored_on_its_test_rows(tmp_path):
+    path, X = _data_file(tmp_path)
+    s = vq.run_comparison(data=path, outdir=str(tmp_path / "out"), **DATA_RUN)
+    c = s["config"]
+    assert (c["D"], c["rank"], c["n_train"], c["n_eval"]) == (8, 8, 1800, 600)    # the data's, 60/20/20
+    # the split, drawn again from its stream: disjoint, and the test rows are the population
+    perm = vq.derived_rng(0, "split").permutation(len(X))
+    test = np.sort(perm[2400:])
+    r = s["results"]["pca_lloyd"]
+    Xt = X[test].astype(np.float64)
+    direct = np.sum((Xt - r["E"][vq.assign(Xt @ r["W"].T, r["E"])] @ r["W"]) ** 2, axis=1)
+    assert r["pop_recon_mse"] == pytest.approx(direct.mean(), rel=1e-9) and s["bounds"]["n_pop"] == 600
+    # the PCA floor of the test rows' own second moment, below every model
+    lam = np.linalg.eigvalsh(Xt.T @ Xt / len(Xt))[::-1]
+    assert s["bounds"]["pca_floor"] == pytest.approx(lam[3:].sum(), rel=1e-9)
+    assert all(x["pop_recon_mse"] >= s["bounds"]["pca_floor"] for x in s["results"].values())
+    assert not s["bounds"]["gaussian_floors"] and s["bounds"]["floor_name"] == "PCA floor"
+    # the same array in memory, and the same array in an .npz (mapped): the same numbers
+    np.savez(tmp_path / "x.npz", other=X[:5], x=X)
+    assert isinstance(vq.open_data(str(tmp_path / "x.npz") + ":x"), np.memmap)
+    for data in (X.copy(), str(tmp_path / "x.npz") + ":x"):
+        t = vq.run_comparison(data=data, **DATA_RUN)
+        assert [x.get("pop_recon_mse") for x in t["results"].values()] == \
+               [x.get("pop_recon_mse") for x in s["results"].values()]
+        assert t["data"]["sha256"] == s["data"]["sha256"]
+    # summary.json names the data (path, shape, checksum) and does not hold it
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["config"]["data"] == path and saved["data"]["shape"] == [3000, 8]
+    assert (tmp_path / "out" / "summary.json").stat().st_size < 100 * X.size
+    other = vq.run_comparison(data=path, seed=1, **DATA_RUN)   # another seed, another split
+    assert other["results"]["pca_lloyd"]["pop_recon_mse"] != r["pop_recon_mse"]
+
+
+def _bad_npz(tmp_path):
+    np.savez(tmp_path / "two.npz", a=np.zeros((10, 2)), b=np.zeros((10, 2)))
+    return str(tmp_path / "two.npz")
+
+
+def _nan_rows(tmp_path):
+    X = np.ones((500, 4))
+    X[17, 2], X[300, 0] = np.nan, np.inf
+    np.save(tmp_path / "nan.npy", X)
+    return str(tmp_path / "nan.npy")
+
+
+@pytest.mark.parametrize("make, extra, words", [
+    (lambda t: str(t / "missing.npy"), [], "missing.npy: no such file"),
+    (lambda t: (np.save(t / "c.npy", np.zeros((4, 3, 2))), str(t / "c.npy"))[1], [], "(4, 3, 2): must be 2-D"),
+    (lambda t: (np.save(t / "i.npy", np.ones((50, 3), dtype=np.int64)), str(t / "i.npy"))[1], [],
+     "dtype int64: must be floating point"),
+    (_nan_rows, [], "2 rows with NaN or infinite values, the first at row 17"),
+    (lambda t: (np.save(t / "s.npy", np.ones((20, 3))), str(t / "s.npy"))[1], ["--K", "16"], "20 rows: too few"),
+    (lambda t: (np.save(t / "d.npy", np.ones((200, 3))), str(t / "d.npy"))[1], ["--D", "64"],
+     "--D 64: but --data"),
+    (lambda t: (np.save(t / "f.npy", np.ones((200, 3))), str(t / "f.npy"))[1], ["--family", "laplace"],
+     "--family laplace: only matters with --data"),
+    (lambda t: (np.save(t / "b.npy", np.ones((200, 3))), str(t / "b.npy"))[1], ["--fresh_batches", "1"],
+     "--fresh_batches 1: only matters with --data"),
+    (_bad_npz, [], "holds 2 arrays (a, b): name one"),
+    (lambda t: (open(t / "junk.npy", "w").write("not an array"), str(t / "junk.npy"))[1], [],
+     "not a .npy array file"),
+])
+def test_bad_data_is_one_line_exit_2_before_any_work(tmp_path, capsys, make, extra, words):
+    spec = make(tmp_path)
+    t0 = time.perf_counter()
+    assert vq.main(["--data", spec, "--K", "4", "--m", "2", *extra, "--outdir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "--" in err, err
+    assert not (tmp_path / "out").exists() and time.perf_counter() - t0 < 2
+
+
+def test_a_compressed_npz_too_large_for_memory_is_refused(tmp_path, monkeypatch):
+    np.savez_compressed(tmp_path / "z.npz", x=np.ones((1000, 4)))
+    assert vq.open_data(str(tmp_path / "z.npz")).shape == (1000, 4)      # loaded: it fits
+    monkeypatch.setattr(vq, "available_memory", lambda: 1000)
+    with pytest.raises(vq.ConfigError, match="compressed, so it cannot be mapped"):
+        vq.open_data(str(tmp_path / "z.npz"))
+
+
+def test_families_have_the_covariance_they_declare_and_their_own_floors():
+    lam, rng = np.array([3.0, 2.0, 1.5, 1.0]), np.random.default_rng(3)
+    n = 200_000
+    for family in vq.FAMILIES:
+        S = vq.family_draw(family, rng, n, lam, 2)
+        cov = S.T @ S / n
+        assert np.allclose(cov, np.diag(lam), atol=6 * lam.max() * np.sqrt(2 / n) * 3)   # within sampling error
+        kurt = (S ** 4).mean(axis=0) / lam ** 2              # 3 Gaussian, 6 Laplace, below 3 bimodal
+        if family == "laplace":
+            assert np.all(np.abs(kurt - 6) < 0.5)
+        elif family == "mixture":                            # clusters from the m-th coordinate on
+            c = vq.mixture_coordinates(4, 2)
+            assert np.all(kurt[c] < 2) and np.all(np.abs(kurt[:c.start] - 3) < 0.2)
+    # the Laplace source is easier than the Gaussian of its covariance: its Shannon lower
+    # bound lies below the Gaussian's distortion-rate value
+    assert vq.laplace_lower_bound(lam, 16) < vq.shannon_bound(lam, 16)
+    s = vq.run_comparison(**{**TINY, "family": "laplace", "methods": ["manual_ste", "procrustes_lloyd"]})
+    b = s["bounds"]
+    assert b["source"] == "laplace" and b["floor"] == max(b["pca_floor"], b["laplace_lower_bound"])
+    assert all(r["pop_recon_mse"] >= b["floor"] for r in s["results"].values())
+    text = vq.format_report(s)
+    assert "What a Gaussian of the same second moment would allow" in text
+    assert "Shannon lower bound of the Laplace source" in text.split("References")[0]
+
+
+def test_sweeps_and_shards_run_on_a_data_file(tmp_path):
+    path, _ = _data_file(tmp_path)
+    args = ["--sweep", "start", "--start_values", "kmeans", "random", "--data", path, "--seeds", "2",
+            "--steps", "8", "--K", "8", "--m", "3", "--n_init", "2", "--methods", "manual_ste", "--quiet"]
+    for i in range(2):                                      # two shards, here in turn, then merged
+        assert sweep_here(*args, "--outdir", str(tmp_path / "sh"), "--shard", f"{i}/2")[0] == 0
+    assert sweep_here(*args, "--outdir", str(tmp_path / "sh"), "--merge")[0] == 0
+    lines = [json.loads(x) for x in (tmp_path / "sh" / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 * 2 * 2 and all(ln["status"] == "ok" and ln["pop_recon_mse"] > ln["floor"] for ln in lines)
+    assert {ln["floor_name"] for ln in lines} == {"PCA floor"}
+    quick = sweeps.parse_args(["--quick", "--data", path, "--outdir", str(tmp_path / "q")]).settings
+    assert not {"D", "rank", "n_train", "n_eval", "batch"} & set(quick)     # the data's own sizes
+    assert vq.build_config(quick, dependencies=False).D == 8

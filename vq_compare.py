@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import difflib
 import functools
@@ -91,7 +92,8 @@ class Config:
     steps: int = _f(200, "gradient steps of each gradient method (0: the start point only)")
     batch: int = _f(1024, "batch size (sampled with replacement from the training set)")
     fresh_batches: int = _f(0, "1: every batch drawn anew from the true distribution (a stream of its "
-                               "own), no sample seen twice; 0: batches sampled from the training set")
+                               "own), no sample seen twice; 0: batches sampled from the training set",
+                               needs=("data", ("",)))
     alpha: float = _f(1.0, "codebook-loss weight")
     beta: float = _f(0.25, "commitment-loss weight")
     lrW: float = _f(0.08, "encoder learning rate (on the Stiefel manifold, see --optimizer)")
@@ -109,8 +111,15 @@ class Config:
                                "weights and knobs (the registry's recipes)")
     seed: int = _f(0, "seed of the data, k-means, batches and population sample")
     outdir: str = _f("", "output folder ('' writes nothing; the command line's default is results_out)")
-    lmax: float = _f(4.0, "largest covariance eigenvalue")
-    lmin: float = _f(0.25, "smallest non-zero covariance eigenvalue")
+    lmax: float = _f(4.0, "largest covariance eigenvalue", needs=("data", ("",)))
+    lmin: float = _f(0.25, "smallest non-zero covariance eigenvalue", needs=("data", ("",)))
+    family: str = _f("gaussian", "the synthetic data's distribution, of the same covariance: gaussian; "
+                                 "mixture (Gaussian clusters in the directions PCA ranks last); laplace "
+                                 "(heavy tails)", needs=("data", ("",)))
+    data: str = _f("", "your own data instead: an .npy file of shape (N, D), or FILE.npz:NAME; mapped, "
+                       "not loaded, and split by --seed into --n_train training, --n_eval eval and (at "
+                       "most --n_pop) test rows, on which the population error is measured; D and the "
+                       "rank are the data's")
     methods: tuple = _f((), "methods to run and report (empty: every registered method not marked opt-in)")
     quiet: bool = _f(False, "print nothing")
     ema_decay: float = _f(0.99, "ema_ste: decay of the codebook moving averages", needs=("methods", "ema_ste"))
@@ -149,7 +158,8 @@ class Config:
                        needs=("methods", "procrustes_lloyd"))
     log_every: int = _f(0, "evaluate eval-set metrics every this many steps (0: auto, about 20 points)")
     eval_every: int = _f(0, "at step 1 and every this many steps, the quantizer's metrics on --eval_samples "
-                            "fresh samples of the true distribution (error, codes used, perplexity, W2); 0: off")
+                            "fresh samples of the true distribution (error, codes used, perplexity, W2); 0: off",
+                            needs=("data", ("",)))
     eval_samples: int = _f(200_000, "--eval_every: fresh samples per evaluation (the same for every method)",
                            needs=("eval_every", None))
     dtype: str = _f("float64", "float64 (exact checks) or float32 (speed)")
@@ -168,7 +178,7 @@ class Config:
 # restart never changes the numbers of another.
 _STREAMS = {"kmeans": 1, "batches": 2, "population": 3, "unconstrained": 4,
             "reseed": 5, "gradcheck": 6, "start": 7, "curves": 8, "noise": 9, "validation": 10,
-            "fresh": 11, "monitor": 12, "init": 13}
+            "fresh": 11, "monitor": 12, "init": 13, "split": 14}
 
 
 def derived_rng(seed, purpose):
@@ -259,6 +269,209 @@ def _mvn_draw(rng, factor, n, progress=quiet):
         progress(f"drawing {n:,} samples", a + c, n)
     out += 0.0                                              # as NumPy's mean + ...: no -0.0
     return out
+
+
+# Families beyond the Gaussian, drawn in the true eigenbasis (x = s U^T, s of variances
+# lam): the same second moment, other shapes. The Gaussian is the hardest source of a
+# given covariance, so its bounds are floors only for it; PCA's floor holds for every one.
+FAMILIES = ("gaussian", "mixture", "laplace")
+MIXTURE_CENTRES = 0.9   # share of a cluster coordinate's variance between the cluster centres
+
+
+def mixture_coordinates(rank, m):
+    """The coordinates that carry the mixture's clusters: from the m-th on (the last
+    one PCA keeps and every one it drops), so that the cluster structure lies partly
+    outside the top-m principal subspace."""
+    return slice(max(m - 1, 0), rank)
+
+
+def family_draw(family, rng, n, lam, m):
+    """``n`` samples (n, rank) of ``family`` in the eigenbasis coordinates, coordinate i
+    of mean 0 and variance ``lam[i]``, independent across coordinates:
+
+    - ``gaussian``: N(0, lam_i);
+    - ``laplace``: Laplace of scale sqrt(lam_i / 2) (heavier tails, the same variance);
+    - ``mixture``: Gaussian in the coordinates before :func:`mixture_coordinates`; in
+      those, each is +-a_i with equal odds plus N(0, w_i^2), a_i^2 = 0.9 lam_i,
+      w_i^2 = 0.1 lam_i: a mixture of 2^c well-separated Gaussian clusters (c of them
+      coordinates) that PCA, which sees only variances, ranks below the Gaussian ones.
+
+    >>> S = family_draw("mixture", np.random.default_rng(0), 100_000, np.array([2.0, 1.0, 1.0]), 2)
+    >>> np.round(S.var(axis=0), 1)
+    array([2., 1., 1.])
+    """
+    if family == "laplace":
+        return rng.laplace(0.0, np.sqrt(lam / 2), (n, len(lam)))
+    S = rng.standard_normal((n, len(lam))) * np.sqrt(lam)
+    if family == "mixture":
+        c = mixture_coordinates(len(lam), m)
+        signs = 2.0 * rng.integers(0, 2, (n, len(lam[c]))) - 1
+        S[:, c] = signs * np.sqrt(MIXTURE_CENTRES * lam[c]) + S[:, c] * np.sqrt(1 - MIXTURE_CENTRES)
+    return S
+
+
+def laplace_lower_bound(lam, K):
+    """Shannon's lower bound on the mean squared error (summed over coordinates) of any
+    quantizer with K codes of independent Laplace coordinates of variances ``lam``:
+    ``D >= r / (2 pi e) exp(2 (h - ln K) / r)``, h = sum_i (1 + ln(2 b_i)) nats, b_i =
+    sqrt(lam_i / 2). (With Gaussian entropies in place of h it is :func:`shannon_bound`
+    where no coordinate is dropped.)"""
+    r = len(lam)
+    h = float(np.sum(1 + np.log(2 * np.sqrt(np.asarray(lam) / 2))))
+    return r / (2 * math.pi * math.e) * math.exp(2 * (h - math.log(K)) / r)
+
+
+# --------------------------------------------------- Your own data (--data)
+
+_SCAN_ROWS = 1 << 16     # rows per chunk when a mapped array is read through
+
+
+class DataFile(NamedTuple):
+    """A user's array, mapped: ``rows`` (N, D) as stored (never loaded whole), the
+    sorted indices of the training, eval and test rows of its seeded split, and what
+    summary.json says of it (path, shape, dtype, SHA-256 of its values)."""
+    rows: np.ndarray
+    train: np.ndarray
+    eval: np.ndarray
+    test: np.ndarray
+    about: dict
+
+
+def _bad_data(path, reason):
+    return ConfigError("data", path, reason)
+
+
+def _npz_member(path, name):
+    """An array stored in an .npz, memory-mapped when stored uncompressed (np.savez),
+    loaded when compressed and small enough; ``name`` None: the only array."""
+    import zipfile
+    try:
+        zf = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise _bad_data(path, f"not a readable .npz ({e})") from None
+    with zf:
+        names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+        if name is None and len(names) != 1:
+            raise _bad_data(path, f"holds {len(names)} arrays ({', '.join(names)}): name one as "
+                                  f"{path}:NAME") from None
+        name = names[0] if name is None else name
+        if name not in names:
+            raise _bad_data(f"{path}:{name}", f"no array {name!r} in it (it holds {', '.join(names)})")
+        info = zf.getinfo(name + ".npy")
+        with zf.open(info) as fh:                          # the .npy header, read through the zip
+            version = np.lib.format.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                raise _bad_data(f"{path}:{name}", f".npy format {version}: save it with numpy.savez")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(fh)
+            header = fh.tell()
+        if info.compress_type == zipfile.ZIP_STORED:       # bytes as they lie in the file: mapped
+            with open(path, "rb") as raw:
+                raw.seek(info.header_offset + 26)
+                skip = int.from_bytes(raw.read(2), "little") + int.from_bytes(raw.read(2), "little")
+            offset = info.header_offset + 30 + skip + header
+            return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                             order="F" if fortran else "C")
+        need, have = math.prod(shape) * dtype.itemsize, available_memory()
+        if have is not None and need > have // 2:
+            raise _bad_data(f"{path}:{name}", f"compressed, so it cannot be mapped, and at {_bytes(need)} too "
+                                              f"large to load ({_bytes(have)} available): save it with "
+                                              "numpy.save or numpy.savez (uncompressed)")
+        with zf.open(info) as fh:
+            return np.lib.format.read_array(fh)
+
+
+def data_label(data):
+    """How reports and summary.json name ``data``: its path, or an array's shape."""
+    return f"<array {data.shape[0]} x {data.shape[1]}>" if isinstance(data, np.ndarray) else data
+
+
+def open_data(spec):
+    """The array of ``--data`` (an .npy file, or FILE.npz[:NAME]) memory-mapped and
+    checked: 2-D, floating point, every value finite (a NumPy array given to the
+    library is checked the same way). Raises :class:`ConfigError` in one line naming
+    what is wrong (for non-finite values: how many rows, the first)."""
+    if isinstance(spec, np.ndarray):
+        return _checked(spec, f"<array of shape {spec.shape}>")
+    path, name = spec, None
+    if ".npz:" in spec:
+        path, name = spec.rsplit(":", 1)
+    if not os.path.isfile(path):
+        raise _bad_data(spec, "no such file")
+    if path.endswith(".npz"):
+        X = _npz_member(path, name)
+    else:
+        try:
+            X = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise _bad_data(spec, f"not a .npy array file ({str(e).splitlines()[0]})") from None
+        if not isinstance(X, np.ndarray):
+            raise _bad_data(spec, "holds several arrays: an .npz? name one as FILE.npz:NAME")
+    return _checked(X, spec)
+
+
+def _checked(X, spec):
+    if X.ndim != 2:
+        raise _bad_data(spec, f"shape {X.shape}: must be 2-D (N rows, D columns)")
+    if X.dtype.kind != "f":
+        raise _bad_data(spec, f"dtype {X.dtype}: must be floating point")
+    bad, first = 0, None
+    for a in range(0, X.shape[0], _SCAN_ROWS):
+        rows = ~np.isfinite(X[a:a + _SCAN_ROWS]).all(axis=1)
+        if rows.any():
+            first = a + int(np.argmax(rows)) if first is None else first
+            bad += int(rows.sum())
+    if bad:
+        raise _bad_data(spec, f"{bad:,} row{'s' if bad > 1 else ''} with NaN or infinite values, "
+                              f"the first at row {first}")
+    return X
+
+
+def data_sizes(N, settings):
+    """(n_train, n_eval, n_test) of a split of N rows: the given sizes, else 60% and 20% of
+    the rows (at most the defaults); the test rows are the rest, at most ``n_pop``."""
+    base = Config()
+    n_train = settings.get("n_train") or min(base.n_train, 3 * N // 5)
+    n_eval = settings.get("n_eval") or min(base.n_eval, N // 5)
+    n_pop = settings.get("n_pop", base.n_pop)
+    return n_train, n_eval, min(N - n_train - n_eval, n_pop)
+
+
+def split_data(X, cfg, spec):
+    """The seeded split of the rows of ``X`` (its own stream): a random permutation,
+    its first n_train rows for training, the next n_eval for eval, the next (at most
+    n_pop) for test; each set sorted, so mapped rows are read in file order. The
+    SHA-256 is of the values, row by row, so an array in memory and the same array in a
+    file have the same."""
+    import hashlib
+    perm = derived_rng(cfg.seed, "split").permutation(X.shape[0])
+    a, b = cfg.n_train, cfg.n_train + cfg.n_eval
+    sha = hashlib.sha256()
+    for i in range(0, X.shape[0], _SCAN_ROWS):
+        sha.update(np.ascontiguousarray(X[i:i + _SCAN_ROWS]).tobytes())
+    about = {"path": data_label(spec), "shape": list(X.shape), "dtype": str(X.dtype), "sha256": sha.hexdigest()}
+    return DataFile(X, np.sort(perm[:a]), np.sort(perm[a:b]), np.sort(perm[b:b + cfg.n_pop]), about)
+
+
+def gather(X, idx, dtype):
+    """Rows ``idx`` of a (mapped) array, as a new ``dtype`` array, chunk by chunk."""
+    out = np.empty((len(idx), X.shape[1]), dtype=dtype)
+    for a in range(0, len(idx), _SCAN_ROWS):
+        out[a:a + _SCAN_ROWS] = X[idx[a:a + _SCAN_ROWS]]
+    return out
+
+
+def second_moment_basis(X, idx):
+    """Eigenvectors U (D, D) and eigenvalues (descending) of the second moment
+    ``mean x x^T`` of rows ``idx``: the data's own spectrum. With no bias in the model,
+    the second moment (not the covariance) is what a rank-m reconstruction loses."""
+    D = X.shape[1]
+    M = np.zeros((D, D))
+    for a in range(0, len(idx), _SCAN_ROWS):
+        R = gather(X, idx[a:a + _SCAN_ROWS], np.float64)
+        M += R.T @ R
+    lam, U = np.linalg.eigh(M / max(len(idx), 1))
+    return U[:, ::-1].copy(), np.maximum(lam[::-1], 0.0)
 
 
 # --------------------------------------------------- Stiefel geometry and PCA
@@ -1309,20 +1522,21 @@ def sample_errors(model, S, s_sq, U):
     return nearest(S, np.asarray(model, dtype=np.float64))[1]
 
 
-def population_errors(models, U, lam, n_pop, rng, chunk=1 << 16, progress=quiet):
-    """Reconstruction error of each model on ``n_pop`` fresh samples of N(0, U diag(lam) U^T).
+def population_errors(models, U, draw, n_pop, chunk=1 << 16, progress=quiet):
+    """Reconstruction error of each model on ``n_pop`` samples, ``draw(a, c)`` giving
+    samples a..a+c (see :meth:`Problem.samples`; for Gaussian data fresh samples of
+    N(0, U diag(lam) U^T)).
 
     Works in the rank-``rank`` coordinates ``s`` (x = s U^T), chunk by chunk, so neither
     time nor memory grows with D: for a VQ model ``z = s (W U)^T`` and ``||x||^2 = ||s||^2``.
     Every model sees the same samples, so differences between models are paired.
-    ``models``: name -> a model of :func:`sample_errors`; ``U`` (D, rank), ``lam`` (rank,).
+    ``models``: name -> a model of :func:`sample_errors`; ``U`` (D, rank).
     """
     names = list(models)
-    sd = np.sqrt(lam)
     total, cross = np.zeros(len(names)), np.zeros((len(names), len(names)))
     for a in range(0, n_pop, chunk):
         progress("population error", a, n_pop)
-        S = rng.standard_normal((min(chunk, n_pop - a), len(lam))) * sd    # (c, rank)
+        S = draw(a, min(chunk, n_pop - a))                  # (c, rank)
         s_sq = np.einsum("cr,cr->c", S, S)
         errs = np.stack([sample_errors(models[name], S, s_sq, U) for name in names], axis=1)  # (c, models)
         total += errs.sum(axis=0)
@@ -1352,6 +1566,19 @@ class Problem:
     eval_sq: np.ndarray = None   # (n_eval,) ||x||^2 of the eval samples
     progress: Callable = quiet   # progress(phase, done, total), see Progress
     curve: tuple = None          # (S, ||s||^2, the start's errors) of curve_point's sample
+    data: DataFile = None        # --data: the mapped rows and their split; None: synthetic
+
+    def samples(self, rng, n, stream="population"):
+        """(draw, n): ``draw(a, c)`` gives samples a..a+c (c, r) in U's coordinates of
+        ``n`` samples of the true distribution, from ``rng`` (synthetic data); with
+        ``--data``, the test rows (``"validation"``: the eval rows, which tuning may
+        use), as many as there are, at most ``n``."""
+        if self.data is None:
+            return (lambda a, c: family_draw(self.cfg.family, rng, c, self.lam, self.cfg.m)), n
+        if stream == "validation":
+            return (lambda a, c: self.X_eval[a:a + c].astype(np.float64) @ self.U), min(n, len(self.X_eval))
+        test = self.data.test
+        return (lambda a, c: gather(self.data.rows, test[a:a + c], np.float64) @ self.U), min(n, len(test))
 
     def __post_init__(self):
         if self.W0 is None:
@@ -1417,20 +1644,21 @@ N_CURVE = 20_000    # fresh samples on which the training curves are scored (pai
 def curve_point(problem, W, E, V=None, assign=None):
     """What the report scores, along training: the paired difference of the model's error
     to the start's on a fixed sample of ``min(N_CURVE, n_pop)`` fresh samples (its own
-    stream), with its standard error, and the model's own mean error there
+    stream; with ``--data`` the first test rows), with its standard error, and the model's own mean error there
     (``curve_recon_mse``: the population error, estimated on that sample, in the same
     units as every other error); empty with ``n_pop=0``."""
     n = min(N_CURVE, problem.cfg.n_pop)
     if n == 0:
         return {}
     if problem.curve is None:
-        S = derived_rng(problem.cfg.seed, "curves").standard_normal((n, len(problem.lam))) * np.sqrt(problem.lam)
+        draw, n = problem.samples(derived_rng(problem.cfg.seed, "curves"), n, "curves")
+        S = draw(0, n)
         s_sq = np.einsum("nr,nr->n", S, S)
         problem.curve = (S, s_sq, sample_errors((problem.W0, problem.E0), S, s_sq, problem.U))
     S, s_sq, start = problem.curve
     errors = sample_errors((W, E, V, assign), S, s_sq, problem.U)
     d = errors - start
-    return {"pop_diff_to_start": float(d.mean()), "pop_diff_to_start_se": float(d.std(ddof=1) / math.sqrt(n)),
+    return {"pop_diff_to_start": float(d.mean()), "pop_diff_to_start_se": float(d.std(ddof=1) / math.sqrt(len(d))),
             "curve_recon_mse": float(errors.mean())}
 
 
@@ -1443,7 +1671,7 @@ def fresh_metrics(problem, rng, W, E, V=None, assign=None):
     fits of the latents and the codes, exact (``w2``) and as Fang et al.'s simulation
     computes it (``w2_eigh``, :func:`wasserstein_eigh`)."""
     c = problem.cfg
-    S = rng.standard_normal((c.eval_samples, len(problem.lam))) * np.sqrt(problem.lam)   # (n, rank)
+    S = family_draw(c.family, rng, c.eval_samples, problem.lam, c.m)   # (n, rank)
     s_sq = np.einsum("nr,nr->n", S, S)
     Z = latents(S, W @ problem.U)                           # (n, m)
     Y = None if V is None else latents(S, V @ problem.U)
@@ -2390,7 +2618,11 @@ def batches(problem):
     rng = derived_rng(cfg.seed, "fresh")
     scale = problem.U * np.sqrt(problem.lam)                # (D, rank): x = scale @ g, g ~ N(0, I)
     for t in range(1, cfg.steps + 1):
-        yield t, (rng.standard_normal((cfg.batch, scale.shape[1])) @ scale.T).astype(X.dtype, copy=False)
+        if cfg.family == "gaussian":
+            Xb = rng.standard_normal((cfg.batch, scale.shape[1])) @ scale.T
+        else:
+            Xb = family_draw(cfg.family, rng, cfg.batch, problem.lam, cfg.m) @ problem.U.T
+        yield t, Xb.astype(X.dtype, copy=False)
 
 
 def finite(step):
@@ -2659,6 +2891,8 @@ def validate_settings(cfg):
         if kind == "int" and isinstance(v, (float, np.floating)) and float(v).is_integer():
             v = int(v)                                      # 1e6 or 2.0: a whole number
             setattr(cfg, f.name, v)
+        if f.name == "data" and isinstance(v, np.ndarray):
+            continue                                        # the library may pass an array
         if kind in kinds and (isinstance(v, bool) or not isinstance(v, kinds[kind][1])):
             raise ConfigError(f.name, repr(v), f"must be {kinds[kind][0]}, got {type(v).__name__}")
     for flag in ("D", "rank", "m", "K", "n_train", "n_eval", "batch", "kmeans_iter", "eval_samples"):
@@ -2678,7 +2912,8 @@ def validate_settings(cfg):
     need(cfg.lmin <= cfg.lmax, "lmin", f"must be <= lmax={cfg.lmax}")
     for flag in ("ema_decay", "dead_decay", "tail_average", "momentum", "replace_below", "practical"):
         need(0 <= getattr(cfg, flag) < 1, flag, "must be in [0, 1)")
-    for flag, choices in (("start", START_REGIMES), ("train_encoder", (0, 1)), ("fresh_batches", (0, 1)),
+    for flag, choices in (("start", START_REGIMES), ("family", FAMILIES), ("train_encoder", (0, 1)),
+                          ("fresh_batches", (0, 1)),
                           ("decoder", ("tied", "untied")),
                           ("lr_schedule", LR_SCHEDULES), ("dtype", ("float64", "float32")),
                           ("optimizer", OPTIMIZERS), ("recipe", ("shared", "authors"))):
@@ -2706,6 +2941,7 @@ def contradiction(cfg, varying=()):
         if value == default or other in varying:
             continue
         have = getattr(cfg, other)
+        have = "<array>" if isinstance(have, np.ndarray) else have
         if other == "methods":
             if want not in run:
                 raise ConfigError(name, value, f"only matters when {want} runs, and --methods does not name it")
@@ -2808,6 +3044,8 @@ def build_config(settings, dependencies=True):
     params.update({k: v for k, v in given.items() if v is not None})
     if settings.get("outdir") is None:
         settings.pop("outdir", None)
+    if has_data(settings.get("data")):
+        settings.update(data_settings(settings))
     cfg = Config(**settings, method_params=params)
     methods = (cfg.methods,) if isinstance(cfg.methods, str) else tuple(cfg.methods)
     cfg.methods = methods or default_methods()
@@ -2816,6 +3054,35 @@ def build_config(settings, dependencies=True):
     cfg.n_init = cfg.n_init or auto_restarts(cfg.n_train, cfg.K)
     cfg.log_every = cfg.log_every or max(1, cfg.steps // 20)
     return cfg
+
+
+DATA_SIZES = ("D", "rank", "n_train", "n_eval", "batch")   # with --data: the data's, unless given
+
+
+def has_data(data):
+    """Whether ``data`` (a path or an array) names data of the user's."""
+    return isinstance(data, np.ndarray) or bool(data)
+
+
+def data_settings(settings):
+    """With ``--data``: D and the rank are the data's, the split's sizes fit its rows
+    (and the batch the training rows); each given value that contradicts the file is
+    refused, in one line."""
+    spec = settings["data"]
+    if not isinstance(spec, (str, np.ndarray)):
+        raise ConfigError("data", repr(spec), f"must be a path or a NumPy array, got {type(spec).__name__}")
+    N, D = open_data(spec).shape
+    for flag in ("D", "rank"):
+        if settings.get(flag) is not None and settings[flag] != D:
+            raise ConfigError(flag, settings[flag], f"but --data {data_label(spec)} has D = {D} columns (the rank is D: "
+                                                    "leave both out with --data)")
+    n_train, n_eval, n_test = data_sizes(N, settings)
+    K = settings.get("K", Config().K)
+    if N - n_train - n_eval < 2 or n_train < K:
+        raise ConfigError("data", data_label(spec), f"{N:,} rows: too few for --n_train {n_train} (at least --K {K}), "
+                                        f"--n_eval {n_eval} and at least 2 test rows")
+    return {"D": D, "rank": D, "n_train": n_train, "n_eval": n_eval,
+            "batch": settings.get("batch") or min(Config().batch, n_train)}
 
 
 def auto_restarts(n, K, budget=1 << 22):
@@ -2833,22 +3100,35 @@ def make_problem(cfg, start=None, pool=None, progress=quiet):
     the :meth:`Problem.start` of a problem with the same data settings, to reuse;
     ``pool``: an executor for the k-means restarts (default: one opened and closed here),
     open until the reference is used (:meth:`Problem.unconstrained`)."""
-    X_train, X_eval, U, lam = problem_data(cfg, progress)
+    X_train, X_eval, U, lam, data = problem_data(cfg, progress)
     if start is None and pool is not None:                  # the reference may run on while the methods train
         start = start_point(cfg, X_train, U, pool, progress)()
     elif start is None:
         with process_pool(cfg.workers) as ex:
             W0, E0, seconds, reference = start_point(cfg, X_train, U, ex, progress)()
             start = W0, E0, seconds, reference()
-    return Problem(cfg, X_train, X_eval, U, lam, *start, progress=progress)
+    return Problem(cfg, X_train, X_eval, U, lam, *start, progress=progress, data=data)
 
 
 def problem_data(cfg, progress=quiet):
-    """The training and eval data in ``cfg.dtype`` and the true eigenbasis and eigenvalues."""
-    X_train, X_eval, _ = make_lowrank_data(cfg.D, cfg.rank, cfg.n_train, cfg.n_eval,
-                                           cfg.seed, cfg.lmax, cfg.lmin, progress)
-    U, lam = lowrank_factor(cfg.D, cfg.rank, cfg.seed, cfg.lmax, cfg.lmin)
-    return X_train.astype(cfg.dtype, copy=False), X_eval.astype(cfg.dtype, copy=False), U, lam
+    """The training and eval data in ``cfg.dtype``, the eigenbasis U (D, r) and
+    eigenvalues (r,) of the true second moment, and the user's mapped data (a
+    :class:`DataFile`, or None for synthetic data). With ``--data``, the "true" spectrum
+    is the test rows' own (the held-out rows the population error is measured on)."""
+    if has_data(cfg.data):
+        data = split_data(open_data(cfg.data), cfg, cfg.data)
+        progress("reading the data's test rows for their spectrum")
+        U, lam = second_moment_basis(data.rows, data.test)
+        return gather(data.rows, data.train, cfg.dtype), gather(data.rows, data.eval, cfg.dtype), U, lam, data
+    if cfg.family == "gaussian":
+        X_train, X_eval, _ = make_lowrank_data(cfg.D, cfg.rank, cfg.n_train, cfg.n_eval,
+                                               cfg.seed, cfg.lmax, cfg.lmin, progress)
+        U, lam = lowrank_factor(cfg.D, cfg.rank, cfg.seed, cfg.lmax, cfg.lmin)
+    else:                              # the same basis and spectrum, another distribution in it
+        rng = np.random.default_rng(cfg.seed)
+        U, lam = lowrank_factor(cfg.D, cfg.rank, cfg.seed, cfg.lmax, cfg.lmin, rng)
+        X_train, X_eval = (family_draw(cfg.family, rng, n, lam, cfg.m) @ U.T for n in (cfg.n_train, cfg.n_eval))
+    return X_train.astype(cfg.dtype, copy=False), X_eval.astype(cfg.dtype, copy=False), U, lam, None
 
 
 def start_point(cfg, X_train, U, pool, progress=quiet):
@@ -2949,7 +3229,10 @@ def compare(problem, check=True, stream="population"):
     results = {n: r.as_dict() for n, r in records.items()}
     # the baseline's level on the training curves' sample, paired with the start's
     baseline = curve_point(problem, problem.W_pca, problem.E_kmeans)
-    return {"config": {**dataclasses.asdict(cfg), "methods": list(cfg.methods)}, "methods": registry,
+    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}   # an array of data: named, not copied
+    return {"config": {**copy.deepcopy({**settings, "data": ""}), "data": data_label(cfg.data),
+                       "methods": list(cfg.methods)}, "methods": registry,
+            "data": problem.data.about if problem.data is not None else None,
             "results": results, "bounds": {**floors, **pop, "curve_baseline": baseline},
             "gradient_check": check_gradients(problem, cfg.methods) if check else {},
             "fd_vs_manual": agreement(results)}
@@ -2977,15 +3260,27 @@ def bounds(problem, records):
     C, ref_seconds = problem.unconstrained()
     S_eval = problem.X_eval.astype(np.float64, copy=False) @ problem.U  # (n_eval, rank)
     uncon_eval = float(np.mean(nearest(S_eval, C)[1] + problem.eval_sq - np.einsum("nr,nr->n", S_eval, S_eval)))
+    source = "data" if has_data(cfg.data) else cfg.family
+    gaussian = source == "gaussian"    # the Shannon bounds are floors only for Gaussian data
     for r in records.values():         # the bound at each model's measured index entropy
-        if r.ok:
+        if r.ok and gaussian:
             r.scores["entropy_bound"] = rank_m_bound(problem.lam, cfg.m, bits=r.scores["usage_entropy"] / math.log(2))
-    return {"pca_floor": pca_floor(problem.lam, cfg.m), "shannon_bound": shannon_bound(problem.lam, cfg.K),
-            "rank_m_bound": rank_m_bound(problem.lam, cfg.m, cfg.K),
-            "zador_approximation": zador_approximation(problem.lam, cfg.m, cfg.K),
-            "unconstrained_kmeans": None, "unconstrained_kmeans_se": None,
-            "unconstrained_kmeans_eval": uncon_eval, "n_pop": cfg.n_pop,
-            "unconstrained_kmeans_seconds": ref_seconds}
+    out = {"source": source, "gaussian_floors": gaussian,
+           "pca_floor": pca_floor(problem.lam, cfg.m), "shannon_bound": shannon_bound(problem.lam, cfg.K),
+           "rank_m_bound": rank_m_bound(problem.lam, cfg.m, cfg.K),
+           "zador_approximation": zador_approximation(problem.lam, cfg.m, cfg.K),
+           "laplace_lower_bound": laplace_lower_bound(problem.lam, cfg.K) if source == "laplace" else None,
+           "unconstrained_kmeans": None, "unconstrained_kmeans_se": None,
+           "unconstrained_kmeans_eval": uncon_eval, "n_pop": cfg.n_pop,
+           "unconstrained_kmeans_seconds": ref_seconds}
+    # the tightest floor that holds for this source: what the comparison plot measures from
+    candidates = {"PCA floor": out["pca_floor"]}
+    if gaussian:
+        candidates[f"rank-{cfg.m} Shannon bound"] = out["rank_m_bound"]
+    if out["laplace_lower_bound"] is not None:
+        candidates["Shannon lower bound (Laplace)"] = out["laplace_lower_bound"]
+    out["floor_name"], out["floor"] = max(candidates.items(), key=lambda kv: kv[1])
+    return out
 
 
 def population_scores(problem, records, stream="population"):
@@ -2997,12 +3292,14 @@ def population_scores(problem, records, stream="population"):
     out = {}
     models = {n: (r.W, r.E, r.V, r.assign) for n, r in records.items() if r.ok}
     if cfg.n_pop > 0:
-        pop = population_errors({**models, "unconstrained_kmeans": problem.unconstrained()[0]}, problem.U, problem.lam,
-                                cfg.n_pop, derived_rng(cfg.seed, stream), progress=problem.progress)
+        pop = population_errors({**models, "unconstrained_kmeans": problem.unconstrained()[0]}, problem.U,
+                                *problem.samples(derived_rng(cfg.seed, stream), cfg.n_pop, stream),
+                                progress=problem.progress)
         mean = dict(zip(pop.names, pop.mean))
         for i, name in enumerate(pop.names):
             if name in records:
                 records[name].scores.update(pop_recon_mse=float(pop.mean[i]), pop_recon_se=float(pop.se[i]))
+        out["n_pop"] = pop.n                             # with --data: the test rows there are
         j = pop.names.index("unconstrained_kmeans")
         out["unconstrained_kmeans"], out["unconstrained_kmeans_se"] = float(pop.mean[j]), float(pop.se[j])
         # paired differences of every pair of models (a - b and its standard error)
@@ -3060,7 +3357,9 @@ def format_report(summary):
     rule = "-" * len(head)
     recipe = (f"recipe shared ({c['optimizer']}, lrE {c['lrE']:g}, lrW {c['lrW']:g})" if c.get("recipe") != "authors"
               else "recipe authors (each method's optimizer and weights: summary.json 'methods')")
-    lines = _wrap(f"vq_compare: D={c['D']} rank={c['rank']} m={c['m']} K={c['K']}, {c['steps']} steps, "
+    data = (f"data {c['data']} ({summary['data']['shape'][0]:,} rows), " if c.get("data") else
+            f"{c['family']} data, " if c.get("family", "gaussian") != "gaussian" else "")
+    lines = _wrap(f"vq_compare: {data}D={c['D']} rank={c['rank']} m={c['m']} K={c['K']}, {c['steps']} steps, "
                   f"seed {c['seed']}, start {c['start']}, {recipe}; reconstruction error, lower is better")
     lines += [rule, head, rule]
     for name, r in res.items():
@@ -3084,21 +3383,36 @@ def format_report(summary):
         if r["status"] == "ok" and r.get("note"):
             lines += _wrap(f"{method_label(name)}: {r['note']}")
     lines += _wrap(f"eval: mean ||x - x_hat||^2 on the {c['n_eval']} eval samples; population: on "
-                   f"{b['n_pop']:,} fresh samples of the true distribution, ± its standard error; "
+                   + (f"the {b['n_pop']:,} held-out test rows" if c.get("data") else
+                      f"{b['n_pop']:,} fresh samples of the true distribution") + ", ± its standard error; "
                    "vs PCA + Lloyd: paired difference on those samples, ± 2 paired standard errors "
                    "(about 95%); used: share of the codes used on the eval set; perp: perplexity "
                    "of the code usage; time s: seconds of compute")
-    lines += _wrap(f"Floors (no method can beat them): PCA floor {b['pca_floor']:.5f}; Shannon "
-                   f"bound {b['shannon_bound']:.5f}; rank-{c['m']} Shannon bound {b['rank_m_bound']:.5f}"
-                   + "".join(f"; at {method_label(n)}'s index entropy {r['entropy_bound']:.4f}"
-                             for n, r in res.items() if "entropy_bound" in r and n == "pca_lloyd"))
     z = b["zador_approximation"]
+    zador = ("Zador high-resolution approximation "
+             + (f"{z:.5f}" if z is not None else f"none (no lattice tabulated for m={c['m']})"))
+    gaussian = b.get("gaussian_floors", True)
+    if gaussian:
+        lines += _wrap(f"Floors (no method can beat them): PCA floor {b['pca_floor']:.5f}; Shannon "
+                       f"bound {b['shannon_bound']:.5f}; rank-{c['m']} Shannon bound {b['rank_m_bound']:.5f}"
+                       + "".join(f"; at {method_label(n)}'s index entropy {r['entropy_bound']:.4f}"
+                                 for n, r in res.items() if "entropy_bound" in r and n == "pca_lloyd"))
+    else:
+        lines += _wrap("Floors (no method can beat them): PCA floor "
+                       + (f"{b['pca_floor']:.5f} (of the test rows' own second moment)" if c.get("data") else
+                          f"{b['pca_floor']:.5f}")
+                       + (f"; Shannon lower bound of the Laplace source {b['laplace_lower_bound']:.5f}"
+                          if b.get("laplace_lower_bound") is not None else ""))
     uncon = (f"{b['unconstrained_kmeans']:.5f} ± {b['unconstrained_kmeans_se']:.4f} population, "
              if b["unconstrained_kmeans"] is not None else "")
     lines += _wrap(f"References (methods may beat them): k-means in data space (no rank-m "
-                   f"restriction) {uncon}{b['unconstrained_kmeans_eval']:.5f} eval; Zador "
-                   "high-resolution approximation "
-                   + (f"{z:.5f}" if z is not None else f"none (no lattice tabulated for m={c['m']})"))
+                   f"restriction) {uncon}{b['unconstrained_kmeans_eval']:.5f} eval"
+                   + (f"; {zador}" if gaussian else ""))
+    if not gaussian:
+        lines += _wrap(f"What a Gaussian of the same second moment would allow (not floors here: for a given "
+                       f"covariance the Gaussian is the hardest source, so this data's own bounds lie below): "
+                       f"Shannon bound {b['shannon_bound']:.5f}; rank-{c['m']} Shannon bound "
+                       f"{b['rank_m_bound']:.5f}; {zador}")
     g = summary["gradient_check"]
     check = ("Gradient check, hand-derived vs finite differences of each method's own loss (largest "
              "difference / largest entry): " + ", ".join(
@@ -3264,13 +3578,15 @@ def plot_comparison(summary):
     names = [n for n, r in res.items() if r["status"] == "ok" and "pop_recon_mse" in r]
     fig, ax = _figure(12, 2.2 + 0.45 * max(len(names), 3), 1, 2)
     ax0, ax1 = ax[0]
-    fig.suptitle(f"Population error on {b['n_pop']:,} fresh samples: D={c['D']} rank={c['rank']} m={c['m']} "
+    where = (f"the {b['n_pop']:,} test rows of {c['data']}" if c.get("data") else
+             f"{b['n_pop']:,} fresh samples" + (f" ({c['family']})" if c.get("family", "gaussian") != "gaussian" else ""))
+    fig.suptitle(f"Population error on {where}: D={c['D']} rank={c['rank']} m={c['m']} "
                  f"K={c['K']}, {c['steps']} steps, seed {c['seed']}, start {c['start']}", fontsize=10)
     if not names:
         ax0.text(0.5, 0.5, "no population sample (--n_pop 0)", ha="center", transform=ax0.transAxes)
         return fig
     y = np.arange(len(names))[::-1]
-    bound = b["rank_m_bound"]
+    bound, floor_name = b.get("floor", b["rank_m_bound"]), b.get("floor_name", f"rank-{c['m']} Shannon bound")
     gap = np.array([100 * (res[n]["pop_recon_mse"] / bound - 1) for n in names])
     ax0.barh(y, gap, color=[color(n) for n in names], height=0.6)
     for yi, g in zip(y, gap):
@@ -3278,16 +3594,16 @@ def plot_comparison(summary):
     if b["unconstrained_kmeans"] is not None:
         ax0.axvline(100 * (b["unconstrained_kmeans"] / bound - 1), color="k", ls="-.", lw=1,
                     label="k-means in data space (reference)")
-    if b["zador_approximation"] is not None:
+    if b["zador_approximation"] is not None and b.get("gaussian_floors", True):
         ax0.axvline(100 * (b["zador_approximation"] / bound - 1), color="k", ls=":", lw=1,
                     label="Zador approximation")
     ax0.set_yticks(y, [method_label(n) for n in names])
-    ax0.set_xlabel(f"% above the rank-{c['m']} Shannon bound {bound:.4f}\n(0: the best possible; lower is better)")
+    ax0.set_xlabel(f"% above the {floor_name} {bound:.4f}\n(a floor: no method goes below 0; lower is better)")
     ax0.set_xlim(0, 1.45 * max(float(gap.max()), *(l.get_xdata()[0] for l in ax0.get_lines())))
     fig.legend(*ax0.get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.4, 0.0), ncol=2,
                fontsize=8, frameon=False)                   # below the axis labels
     ax0.grid(axis="x", alpha=0.3)
-    ax0.set_title("How far from the best possible?", fontsize=10)
+    ax0.set_title("How far above a floor no method can beat?", fontsize=10)
     if "pca_lloyd" in names:
         ref = res["pca_lloyd"]["pop_recon_mse"]
         pct = np.array([100 * res[n].get("pop_diff_to_baseline", 0.0) / ref for n in names])
@@ -3468,11 +3784,16 @@ def build_parser():
 def main(argv=None):
     """CLI entry point: ``python vq_compare.py [--flag value ...]``; returns the exit status
     (2 for a bad flag or setting, one line on stderr, before any work)."""
+    parser = build_parser()
     try:
-        settings = vars(build_parser().parse_args(argv))
+        settings = vars(parser.parse_args(argv))
     except SystemExit as e:                                 # --help, or a flag argparse refused
         return e.code
     settings["methods"] = split_methods(settings["methods"])
+    if settings["data"]:                                    # the data's sizes, unless given
+        given = {a.dest for a in parser._actions
+                 if any(o in (sys.argv[1:] if argv is None else argv) for o in a.option_strings)}
+        settings = {k: v for k, v in settings.items() if k in given or k not in DATA_SIZES}
     fresh = bool(settings.get("outdir")) and not os.path.exists(settings["outdir"])
     try:
         cfg = make_config(**settings)                       # every setting checked before any work

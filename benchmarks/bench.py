@@ -1,7 +1,7 @@
 """Benchmarks of vq_compare: prints figures, asserts nothing (these machines are shared).
 
     python benchmarks/bench.py            # everything (a few minutes)
-    python benchmarks/bench.py --only kmeans nearest step scaling memory default busy sweeps realistic
+    python benchmarks/bench.py --only kmeans nearest step scaling memory data default busy sweeps realistic
 
 Each timing is min / median / max over repeats measured in this one run, so ratios
 between rows compare like with like. scikit-learn and PyTorch are compared against only
@@ -182,6 +182,35 @@ def bench_memory(repeats):
     print(f"peak RSS {peak:.0f} MiB ({out}); the data alone are {1_000_000 * 8 * 8 / 2**20:.0f} MiB")
 
 
+def bench_data(repeats, n=1_000_000, D=64):
+    print(f"\n## --data: a {n:,} x {D} float32 .npy file (the default methods), mapped, against the same "
+          "array loaded into memory (whole process and its workers, peak RSS)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "x.npy")
+        rng = np.random.default_rng(0)                      # written in blocks: this process stays small
+        X = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, D))
+        scale = np.linspace(2.0, 0.2, D).astype(np.float32)
+        for a in range(0, n, 1 << 16):
+            X[a:a + (1 << 16)] = rng.standard_normal((min(1 << 16, n - a), D), dtype=np.float32) * scale
+        X.flush()
+        del X
+        size = os.path.getsize(path) / 2**20
+        run = ("import json, time, numpy as np, vq_compare as vq\n"
+               "t = time.perf_counter()\n"
+               "s = vq.run_comparison(data={data}, quiet=True)\n"
+               "print(time.perf_counter() - t)\n"
+               "print(json.dumps({{k: r.get('pop_recon_mse') for k, r in s['results'].items()}}))\n")
+        mapped, mapped_tree, out_m = _peak_rss_mib(run.format(data=repr(path)))
+        loaded, loaded_tree, out_l = _peak_rss_mib(run.format(data=f"np.load({path!r})"))
+    t_m, res_m = out_m.splitlines()
+    t_l, res_l = out_l.splitlines()
+    print(f"file {size:.0f} MiB; mapped: {float(t_m):.1f} s, peak {mapped:.0f} MiB this process, "
+          f"{mapped_tree:.0f} MiB with its workers; loaded: {float(t_l):.1f} s, peak {loaded:.0f} MiB, "
+          f"{loaded_tree:.0f} MiB with workers")
+    same = json.loads(res_m) == json.loads(res_l)
+    print(f"population errors of the mapped run {'equal' if same else 'DIFFER FROM'} the in-memory run's: {res_m}")
+
+
 def _torch_step(D, m, K, B, steps):
     import torch
     torch.manual_seed(0)
@@ -356,7 +385,7 @@ REALISTIC = ["--D", "512", "--rank", "24", "--m", "16", "--K", "512", "--n_train
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", nargs="+", default=["kmeans", "nearest", "memory", "step", "scaling", "default",
+    p.add_argument("--only", nargs="+", default=["kmeans", "nearest", "memory", "data", "step", "scaling", "default",
                                                  "busy", "sweeps", "realistic"])
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
@@ -367,6 +396,8 @@ def main():
         bench_nearest(a.repeats)
     if "memory" in a.only:
         bench_memory(a.repeats)
+    if "data" in a.only:
+        bench_data(a.repeats)
     if "step" in a.only:
         bench_step(a.repeats)
     if "scaling" in a.only:
