@@ -5,6 +5,7 @@ Every check compares two independent computations, an invariant, or a case worke
 out by hand; tolerances are stated next to each assert.
 """
 import csv
+import dataclasses
 import doctest
 import itertools
 import json
@@ -290,6 +291,14 @@ def test_sweeps_help_explains_every_flag_sweep_and_preset(capsys, tmp_path):
     assert out.getvalue() == "" and (tmp_path / "summary.csv").exists()
 
 
+def test_help_of_config_and_problem_names_every_field():
+    for cls in (vq.Config, vq.Problem):
+        doc = cls.__doc__.split("Attributes\n    ----------\n", 1)[1]
+        documented = {n.strip() for line in re.findall(r"^    (\w[\w, ]*) :", doc, flags=re.M)
+                      for n in line.split(",")}
+        assert documented == {f.name for f in dataclasses.fields(cls)}, cls
+
+
 def test_what_the_readme_says_of_the_defaults_is_what_the_code_does():
     with open(os.path.join(HERE, "README.md")) as fh:
         readme = " ".join(fh.read().split())                 # one line: claims wrap
@@ -313,6 +322,11 @@ def test_what_the_readme_says_of_the_defaults_is_what_the_code_does():
         "--sweep beta --beta_values " + " ".join(f"{b:g}" for b in sweeps.GRIDS["beta"][1]): True,
         "(opt-in methods run when named in `--methods`": all(
             not m.in_default for k, m in vq.METHODS.items() if k not in vq.default_methods()),
+        f"`--n_train` training rows (default 60% of N, at most {base.n_train:,})":
+            vq.data_sizes(1000, {})[0] == 600 and vq.data_sizes(10 ** 6, {})[0] == base.n_train,
+        f"`--n_eval` eval rows (20%, at most {base.n_eval:,})":
+            vq.data_sizes(1000, {})[1] == 200 and vq.data_sizes(10 ** 6, {})[1] == base.n_eval,
+        "90% of its variance between the two centres": vq.MIXTURE_CENTRES == 0.9,
     }
     for sentence, holds in claims.items():
         assert sentence in readme and holds, sentence

@@ -7,20 +7,23 @@ Stiefel manifold), a codebook ``E`` of shape (K, m) and the transposed decoder::
     k = argmin_j ||z - e_j||^2,  Q = E[k]
     X_hat = Q @ W                      # (n, D)
 
-trained on synthetic low-rank Gaussian data by every method of the registry ``METHODS``:
+trained on synthetic low-rank data (Gaussian, a Gaussian mixture or Laplace:
+``--family``) or on the user's own array (``--data``) by every method of the registry
+``METHODS``:
 the k-means reference, the straight-through estimator with finite-difference (our
 autograd stand-in) and hand-derived gradients, the rotation trick, an EMA codebook,
 exact alternating minimisation, and the literature's tricks (NSVQ, DiVeQ, affine codebook
 with synchronized commitment, SimVQ, Wasserstein matching, FSQ), each with its paper and
 its authors' code named where it is declared. Every report carries the floors no method
 can beat, references, and each model's error on a large fresh sample of the true
-distribution with its standard error.
+distribution (or the data's held-out test rows) with its standard error.
 
 ``python vq_compare.py`` runs the default comparison and writes ``results_out/``
 (``--help`` lists the flags). Imported, or pasted whole into a notebook cell, the file
 defines everything and runs nothing: then call ``run_comparison(...)``.
 
-The file reads in the order the data flow: configuration and random streams; data;
+The file reads in the order the data flow: configuration and random streams; data
+(synthetic families, and your own, mapped);
 Stiefel geometry and PCA; the quantizer; losses and hand-derived gradients; finite
 differences; metrics, floors and the population error; the problem and its start point;
 the optimizer; the methods (each declares its parameters, loss and gradients) and their
@@ -386,13 +389,14 @@ def data_label(data):
     return f"<array {data.shape[0]} x {data.shape[1]}>" if isinstance(data, np.ndarray) else data
 
 
-def open_data(spec):
+def open_data(spec, check=True):
     """The array of ``--data`` (an .npy file, or FILE.npz[:NAME]) memory-mapped and
     checked: 2-D, floating point, every value finite (a NumPy array given to the
-    library is checked the same way). Raises :class:`ConfigError` in one line naming
-    what is wrong (for non-finite values: how many rows, the first)."""
+    library is checked the same way; ``check=False``: not read through again, once the
+    settings have been checked). Raises :class:`ConfigError` in one line naming what is
+    wrong (for non-finite values: how many rows, the first)."""
     if isinstance(spec, np.ndarray):
-        return _checked(spec, f"<array of shape {spec.shape}>")
+        return _checked(spec, f"<array of shape {spec.shape}>", check)
     path, name = spec, None
     if ".npz:" in spec:
         path, name = spec.rsplit(":", 1)
@@ -407,16 +411,16 @@ def open_data(spec):
             raise _bad_data(spec, f"not a .npy array file ({str(e).splitlines()[0]})") from None
         if not isinstance(X, np.ndarray):
             raise _bad_data(spec, "holds several arrays: an .npz? name one as FILE.npz:NAME")
-    return _checked(X, spec)
+    return _checked(X, spec, check)
 
 
-def _checked(X, spec):
+def _checked(X, spec, scan=True):
     if X.ndim != 2:
         raise _bad_data(spec, f"shape {X.shape}: must be 2-D (N rows, D columns)")
     if X.dtype.kind != "f":
         raise _bad_data(spec, f"dtype {X.dtype}: must be floating point")
     bad, first = 0, None
-    for a in range(0, X.shape[0], _SCAN_ROWS):
+    for a in range(0, X.shape[0] if scan else 0, _SCAN_ROWS):
         rows = ~np.isfinite(X[a:a + _SCAN_ROWS]).all(axis=1)
         if rows.any():
             first = a + int(np.argmax(rows)) if first is None else first
@@ -461,13 +465,14 @@ def gather(X, idx, dtype):
     return out
 
 
-def second_moment_basis(X, idx):
+def second_moment_basis(X, idx, progress=quiet):
     """Eigenvectors U (D, D) and eigenvalues (descending) of the second moment
     ``mean x x^T`` of rows ``idx``: the data's own spectrum. With no bias in the model,
     the second moment (not the covariance) is what a rank-m reconstruction loses."""
     D = X.shape[1]
     M = np.zeros((D, D))
     for a in range(0, len(idx), _SCAN_ROWS):
+        progress("the held-out rows' spectrum", a, len(idx))
         R = gather(X, idx[a:a + _SCAN_ROWS], np.float64)
         M += R.T @ R
     lam, U = np.linalg.eigh(M / max(len(idx), 1))
@@ -1550,23 +1555,63 @@ def population_errors(models, U, draw, n_pop, chunk=1 << 16, progress=quiet):
 
 @dataclasses.dataclass
 class Problem:
-    """What every method sees: the settings, the data and the shared start point."""
+    """What every method sees: the settings, the data, the true distribution's basis and
+    spectrum, and the shared start point. Built by :func:`make_problem`; every method of
+    a comparison reads the same one, so their differences are the methods' alone.
+
+    Attributes
+    ----------
+    cfg : Config
+        the settings.
+    X_train : ndarray (n_train, D)
+        the training samples (the batches are drawn from them, and PCA and k-means fit
+        them), in ``cfg.dtype``.
+    X_eval : ndarray (n_eval, D)
+        held-out samples: the eval metrics, tuning's validation with ``--data``.
+    U : ndarray (D, rank)
+        orthonormal eigenbasis of the true second moment (synthetic data: the
+        covariance's; ``--data``: the test rows' own, D x D); populations are drawn and
+        scored in its coordinates ``s = x U``.
+    lam : ndarray (rank,)
+        its eigenvalues, descending: the floors and bounds are functions of them.
+    W_pca : ndarray (m, D)
+        the PCA encoder (top-m eigenvectors of the training second moment).
+    E_kmeans : ndarray (K, m)
+        k-means on the PCA latents: with ``W_pca``, pca_lloyd's model (the baseline).
+    start_seconds : float
+        seconds spent building (W_pca, E_kmeans).
+    reference : tuple or callable
+        (C (K, rank), seconds): k-means in data space (see :meth:`unconstrained`); a
+        function that waits for it while its restarts run.
+    W0, E0 : ndarray (m, D), (K, m)
+        the start of every trained method (``--start``, see :func:`start_regime`).
+    V0 : ndarray (m, D) or None
+        the untied decoder's start (W0); None for the tied decoder.
+    eval_sq : ndarray (n_eval,)
+        ``||x||^2`` of the eval samples.
+    progress : callable
+        ``progress(phase, done, total)`` for long phases (see :class:`Progress`).
+    curve : tuple or None
+        (S, ||s||^2, the start's errors) of :func:`curve_point`'s fixed sample, once drawn.
+    data : DataFile or None
+        ``--data``: the mapped rows and their split; None for synthetic data.
+    """
     cfg: Config
-    X_train: np.ndarray      # (n_train, D)
-    X_eval: np.ndarray       # (n_eval, D)
-    U: np.ndarray            # (D, rank) true eigenbasis
-    lam: np.ndarray          # (rank,) true eigenvalues
-    W_pca: np.ndarray        # (m, D) PCA encoder
-    E_kmeans: np.ndarray     # (K, m) k-means codebook on the PCA latents: pca_lloyd's model
-    start_seconds: float     # time to build (W_pca, E_kmeans)
-    reference: object        # (C (K, rank), seconds): see unconstrained(); a function while it runs
-    W0: np.ndarray = None    # (m, D) start of every trained method (--start), see start_regime
-    E0: np.ndarray = None    # (K, m)
-    V0: np.ndarray = None    # (m, D) the untied decoder's start (W0), None for the tied one
-    eval_sq: np.ndarray = None   # (n_eval,) ||x||^2 of the eval samples
-    progress: Callable = quiet   # progress(phase, done, total), see Progress
-    curve: tuple = None          # (S, ||s||^2, the start's errors) of curve_point's sample
-    data: DataFile = None        # --data: the mapped rows and their split; None: synthetic
+    X_train: np.ndarray
+    X_eval: np.ndarray
+    U: np.ndarray
+    lam: np.ndarray
+    W_pca: np.ndarray
+    E_kmeans: np.ndarray
+    start_seconds: float
+    reference: object
+    W0: np.ndarray = None
+    E0: np.ndarray = None
+    V0: np.ndarray = None
+    eval_sq: np.ndarray = None
+    progress: Callable = quiet
+    curve: tuple = None
+    data: DataFile = None
 
     def samples(self, rng, n, stream="population"):
         """(draw, n): ``draw(a, c)`` gives samples a..a+c (c, r) in U's coordinates of
@@ -3116,9 +3161,8 @@ def problem_data(cfg, progress=quiet):
     :class:`DataFile`, or None for synthetic data). With ``--data``, the "true" spectrum
     is the test rows' own (the held-out rows the population error is measured on)."""
     if has_data(cfg.data):
-        data = split_data(open_data(cfg.data), cfg, cfg.data)
-        progress("reading the data's test rows for their spectrum")
-        U, lam = second_moment_basis(data.rows, data.test)
+        data = split_data(open_data(cfg.data, check=False), cfg, cfg.data)   # checked with the settings
+        U, lam = second_moment_basis(data.rows, data.test if len(data.test) else data.eval, progress)
         return gather(data.rows, data.train, cfg.dtype), gather(data.rows, data.eval, cfg.dtype), U, lam, data
     if cfg.family == "gaussian":
         X_train, X_eval, _ = make_lowrank_data(cfg.D, cfg.rank, cfg.n_train, cfg.n_eval,
