@@ -761,6 +761,16 @@ def blank_plots(monkeypatch):
     monkeypatch.setattr(vq, "plot_training_curves", blank)
 
 
+@pytest.fixture
+def blank_sweep_plots(monkeypatch):
+    """The same for sweeps.py's figures, in this process (a sweep run as a subprocess
+    draws its real ones)."""
+    def blank(*args, **kwargs):
+        return vq._figure(1, 1)[0]
+    for name in ("plot_sweep", "plot_tricks", "plot_fang", "plot_tuning"):
+        monkeypatch.setattr(sweeps, name, blank)
+
+
 def small_problem(**settings):
     """A problem of TINY's data with the given settings (start point computed here)."""
     return vq.make_problem(vq.make_config(**{**TINY, **settings}))
@@ -1241,9 +1251,12 @@ def test_confidence_interval_of_a_known_sample():
     assert math.isnan(sweeps.mean_ci([1.0])[2])
 
 
-def test_tiny_sweep_end_to_end_and_jobs_do_not_change_results(tmp_path):
+def test_tiny_sweep_end_to_end_and_jobs_do_not_change_results(tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
+    real_plot = sweeps.plot_sweep
+    monkeypatch.setattr(sweeps, "plot_sweep", lambda *a, **k: vq._figure(1, 1)[0])   # b draws the real ones
     code, err = sweep_here("--sweep", "K", "beta", "steps", "verify", "--outdir", str(a), *SWEEP_ARGS)
+    monkeypatch.setattr(sweeps, "plot_sweep", real_plot)
     pb = run_sweeps("--sweep", "K", "beta", "steps", "verify", "--outdir", str(b), "--jobs", "2", *SWEEP_ARGS)
     assert code == 0 and pb.returncode == 0, err + pb.stderr
     ra, rb = (a / "results.jsonl").read_text(), (b / "results.jsonl").read_text()
@@ -1283,7 +1296,7 @@ def test_tiny_sweep_end_to_end_and_jobs_do_not_change_results(tmp_path):
     ver = next(ln for ln in lines if ln["method"] == "fd_vs_manual")
     assert max(ver["gW_rel_err"]) < 1e-6 and max(ver["recon_rel_diff"]) < 1e-6
     for sweep in ("K", "beta", "steps", "verify"):
-        assert (a / f"sweep_{sweep}.png").stat().st_size > 1000
+        assert (b / f"sweep_{sweep}.png").stat().st_size > 1000
 
 
 def test_resume_after_interruption_gives_the_same_lines(tmp_path):
@@ -1371,7 +1384,7 @@ def test_collapse_preset_is_the_shifted_codebook_only_study(tmp_path):
     assert np.array_equal(out["results"]["manual_ste"]["W"], p.W0)            # the encoder fixed
 
 
-def test_shards_run_as_separate_processes_merge_into_the_one_machine_sweep(tmp_path):
+def test_shards_run_as_separate_processes_merge_into_the_one_machine_sweep(tmp_path, blank_sweep_plots):
     args = ["--sweep", "K", "beta", *for_sweeps("K", "beta")]
     shards = [subprocess.Popen([sys.executable, os.path.join(HERE, "sweeps.py"), *args, "--outdir",
                                 str(tmp_path / "sh"), "--shard", f"{i}/2"], stderr=subprocess.PIPE, text=True)
