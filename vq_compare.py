@@ -2992,6 +2992,9 @@ def contradiction(cfg, varying=()):
                 raise ConfigError(name, value, f"only matters when {want} runs, and --methods does not name it")
         elif want is None and not have:
             raise ConfigError(name, value, f"only matters with --{other} on, and --{other} is {have!r}")
+        elif want == ("",) and have != "":
+            raise ConfigError(name, value, f"only matters without --{other} (it shapes or draws synthetic "
+                                           f"data), and --{other} is {have}")
         elif want is not None and have not in want:
             raise ConfigError(name, value, f"only matters with --{other} {' or '.join(map(str, want))}, "
                                            f"and --{other} is {have}")

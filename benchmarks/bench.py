@@ -143,7 +143,12 @@ def _tree_rss_kib(root):
     return total
 
 
-def _peak_rss_mib(code):
+def _status_kib(pid, key):
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(ln.split()[1]) for ln in fh if ln.startswith(key + ":"))
+
+
+def _peak_rss_mib(code, anon=None):
     """Peak resident memory (MiB) of a fresh Python process running ``code``, as that
     process reports it itself (VmHWM); the peak of its resident memory plus its worker
     processes', sampled every 20 ms; and what else it printed."""
@@ -158,7 +163,9 @@ def _peak_rss_mib(code):
         while p.poll() is None:
             try:
                 tree = max(tree, _tree_rss_kib(p.pid))
-            except OSError:
+                if anon is not None:                       # memory of its own, not pages of a file
+                    anon[0] = max(anon[0], _status_kib(p.pid, "RssAnon") / 1024)
+            except (OSError, StopIteration):
                 pass                                       # finished meanwhile
             time.sleep(0.02)
         out.seek(0), err.seek(0)
@@ -200,13 +207,15 @@ def bench_data(repeats, n=1_000_000, D=64):
                "s = vq.run_comparison(data={data}, quiet=True)\n"
                "print(time.perf_counter() - t)\n"
                "print(json.dumps({{k: r.get('pop_recon_mse') for k, r in s['results'].items()}}))\n")
-        mapped, mapped_tree, out_m = _peak_rss_mib(run.format(data=repr(path)))
-        loaded, loaded_tree, out_l = _peak_rss_mib(run.format(data=f"np.load({path!r})"))
+        anon_m, anon_l = [0.0], [0.0]
+        mapped, mapped_tree, out_m = _peak_rss_mib(run.format(data=repr(path)), anon_m)
+        loaded, loaded_tree, out_l = _peak_rss_mib(run.format(data=f"np.load({path!r})"), anon_l)
     t_m, res_m = out_m.splitlines()
     t_l, res_l = out_l.splitlines()
-    print(f"file {size:.0f} MiB; mapped: {float(t_m):.1f} s, peak {mapped:.0f} MiB this process, "
-          f"{mapped_tree:.0f} MiB with its workers; loaded: {float(t_l):.1f} s, peak {loaded:.0f} MiB, "
-          f"{loaded_tree:.0f} MiB with workers")
+    print(f"file {size:.0f} MiB; mapped: {float(t_m):.1f} s, peak RSS {mapped:.0f} MiB ({mapped_tree:.0f} MiB "
+          f"with workers), of which its own memory (RssAnon, sampled) {anon_m[0]:.0f} MiB, the rest pages of "
+          f"the file, which the kernel may drop; loaded: {float(t_l):.1f} s, peak RSS {loaded:.0f} MiB "
+          f"({loaded_tree:.0f} MiB with workers), its own memory {anon_l[0]:.0f} MiB")
     same = json.loads(res_m) == json.loads(res_l)
     print(f"population errors of the mapped run {'equal' if same else 'DIFFER FROM'} the in-memory run's: {res_m}")
 
