@@ -2251,6 +2251,21 @@ def test_ctrl_c_is_one_line_exit_130_and_resume_finishes_the_sweep_as_if_uninter
     assert saved.read_text() == (tmp_path / "whole" / "results.jsonl").read_text()
 
 
+def test_ctrl_c_while_the_outputs_are_written_says_the_set_is_incomplete(tmp_path, capsys, monkeypatch,
+                                                                         blank_plots):
+    def interrupted(fig, path):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vq, "save_figure", interrupted)      # after summary.json and the logs
+    out = tmp_path / "o"
+    assert vq.main(["--D", "8", "--rank", "3", "--m", "2", "--K", "4", "--n_train", "300", "--n_eval", "100",
+                    "--steps", "3", "--batch", "32", "--n_pop", "1000", "--quiet", "--outdir", str(out),
+                    "--workers", "1"]) == 130
+    err = capsys.readouterr().err
+    written = len(os.listdir(out))
+    assert err.count("\n") == 1 and f"{written} of them written" in err and "incomplete" in err, err
+    assert written >= 1
+
+
 def test_a_run_into_a_used_folder_replaces_its_outputs_as_a_set(tmp_path, blank_plots):
     out = str(tmp_path / "o")
     base = ["--D", "8", "--rank", "3", "--m", "2", "--K", "4", "--n_train", "300", "--n_eval", "100",
@@ -2418,6 +2433,7 @@ def test_families_have_the_covariance_they_declare_and_their_own_floors():
     b = s["bounds"]
     assert b["source"] == "laplace" and b["floor"] == max(b["pca_floor"], b["laplace_lower_bound"])
     assert all(r["pop_recon_mse"] >= b["floor"] for r in s["results"].values())
+    assert b["unconstrained_kmeans"] >= b["laplace_lower_bound"]    # no rank limit: only Shannon's bound
     text = vq.format_report(s)
     assert "What a Gaussian of the same second moment would allow" in text
     assert "Shannon lower bound of the Laplace source" in text.split("References")[0]

@@ -3847,13 +3847,18 @@ def main(argv=None):
     except ConfigError as e:
         sys.stderr.write(f"vq_compare.py: error: {e}\n")
         return 2
+    started = time.time()
     try:
         run(cfg)
     except KeyboardInterrupt:
+        written = [f for f in (os.listdir(cfg.outdir) if os.path.isdir(cfg.outdir) else [])
+                   if os.path.getmtime(os.path.join(cfg.outdir, f)) >= started - 1]
         if fresh and os.path.isdir(cfg.outdir) and not os.listdir(cfg.outdir):
             os.rmdir(cfg.outdir)                            # no empty folder left behind
-        sys.stderr.write("vq_compare.py: interrupted: nothing saved (the outputs are written together "
-                         "at the end)\n")
+        sys.stderr.write("vq_compare.py: interrupted: " + (
+            f"while writing the outputs: {len(written)} of them written in {cfg.outdir}, the set is "
+            "incomplete (run again)\n" if written else
+            "nothing saved (the outputs are written together at the end)\n"))
         return 130
     return 0
 
