@@ -632,7 +632,10 @@ def fingerprint(args):
             **{f"{name}_values": getattr(args, f"{name}_values") for name in GRIDS},
             "steps_max": args.steps_max, "steps_every": args.steps_every,
             **({"tune": [args.tune_seeds, args.tune_samples, args.tune_limit, args.tune_knobs]} if args.tune else {}),
-            "settings": {**effective_defaults(), **args.settings}}   # a default given or not: the same
+            "settings": {**effective_defaults(), **args.settings},   # a default given or not: the same
+            # --data: the values, not only the path (a file replaced under the same name)
+            **({"data_sha256": vq.checksum(vq.open_data(args.settings["data"], check=False))}
+               if args.settings.get("data") else {})}
 
 
 def effective_defaults():

@@ -2449,6 +2449,11 @@ def test_sweeps_and_shards_run_on_a_data_file(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "sh" / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 2 * 2 * 2 and all(ln["status"] == "ok" and ln["pop_recon_mse"] > ln["floor"] for ln in lines)
     assert {ln["floor_name"] for ln in lines} == {"PCA floor"}
+    X = np.load(path)                                        # the file replaced under its name
+    X[0, 0] += 1
+    np.save(path, X)
+    code, err = sweep_here(*args, "--outdir", str(tmp_path / "sh"), "--resume")
+    assert code == 2 and "data_sha256" in err and err.count("\n") == 1, err
     quick = sweeps.parse_args(["--quick", "--data", path, "--outdir", str(tmp_path / "q")]).settings
     assert not {"D", "rank", "n_train", "n_eval", "batch"} & set(quick)     # the data's own sizes
     assert vq.build_config(quick, dependencies=False).D == 8

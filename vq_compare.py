@@ -441,19 +441,23 @@ def data_sizes(N, settings):
     return n_train, n_eval, min(N - n_train - n_eval, n_pop)
 
 
-def split_data(X, cfg, spec):
-    """The seeded split of the rows of ``X`` (its own stream): a random permutation,
-    its first n_train rows for training, the next n_eval for eval, the next (at most
-    n_pop) for test; each set sorted, so mapped rows are read in file order. The
-    SHA-256 is of the values, row by row, so an array in memory and the same array in a
-    file have the same."""
+def checksum(X):
+    """SHA-256 of the values of ``X``, row by row: an array in memory and the same array
+    in a file have the same."""
     import hashlib
-    perm = derived_rng(cfg.seed, "split").permutation(X.shape[0])
-    a, b = cfg.n_train, cfg.n_train + cfg.n_eval
     sha = hashlib.sha256()
     for i in range(0, X.shape[0], _SCAN_ROWS):
         sha.update(np.ascontiguousarray(X[i:i + _SCAN_ROWS]).tobytes())
-    about = {"path": data_label(spec), "shape": list(X.shape), "dtype": str(X.dtype), "sha256": sha.hexdigest()}
+    return sha.hexdigest()
+
+
+def split_data(X, cfg, spec):
+    """The seeded split of the rows of ``X`` (its own stream): a random permutation,
+    its first n_train rows for training, the next n_eval for eval, the next (at most
+    n_pop) for test; each set sorted, so mapped rows are read in file order."""
+    perm = derived_rng(cfg.seed, "split").permutation(X.shape[0])
+    a, b = cfg.n_train, cfg.n_train + cfg.n_eval
+    about = {"path": data_label(spec), "shape": list(X.shape), "dtype": str(X.dtype), "sha256": checksum(X)}
     return DataFile(X, np.sort(perm[:a]), np.sort(perm[a:b]), np.sort(perm[b:b + cfg.n_pop]), about)
 
 
