@@ -876,7 +876,8 @@ def format_table(rows):
         out += vq._wrap(f"{sweep} sweep ({rs[0]['metric']}; mean [95% CI] over seeds; used: share of codes "
                         "used on the eval set; seeds: scored / diverged / collapsed (more than half the codes "
                         "unused); diff: paired difference to pca_lloyd, % of its error [95% CI]"
-                        + ("; vs STE: paired difference to manual_ste at its own tuned rates, % of its error"
+                        + ("; vs STE: paired difference to manual_ste, % of its error (under --tune each "
+                           "at its own tuned rates)"
                            if ste else "") + ")")
         w, wm = max(6, *(len(str(r["value"])) for r in rs)), max(18, *(len(r["method"]) + 1 for r in rs))
 
