@@ -2334,7 +2334,7 @@ def _data_file(tmp_path, n=3000, D=8, seed=0):
     return str(tmp_path / "x.npy"), X
 
 
-def test_a_data_file_is_mapped_split_by_seed_and_scored_on_its_test_rows(tmp_path):
+def test_a_data_file_is_mapped_split_by_seed_and_scored_on_its_test_rows(tmp_path, blank_plots):
     path, X = _data_file(tmp_path)
     s = vq.run_comparison(data=path, outdir=str(tmp_path / "out"), **DATA_RUN)
     c = s["config"]
@@ -2457,3 +2457,20 @@ def test_sweeps_and_shards_run_on_a_data_file(tmp_path):
     quick = sweeps.parse_args(["--quick", "--data", path, "--outdir", str(tmp_path / "q")]).settings
     assert not {"D", "rank", "n_train", "n_eval", "batch"} & set(quick)     # the data's own sizes
     assert vq.build_config(quick, dependencies=False).D == 8
+
+
+def test_a_part_of_the_test_rows_is_drawn_not_taken_in_file_order(tmp_path):
+    path, X = _data_file(tmp_path)
+    X = X[np.argsort(X[:, 0])]                               # a file sorted by its first column
+    np.save(path, X)
+    p = vq.make_problem(vq.make_config(data=path, **{k: v for k, v in DATA_RUN.items() if k != "methods"}))
+    test = p.data.test
+    draw, n = p.samples(np.random.default_rng(1), 50, "curves")
+    S = draw(0, n)
+    full = X[test].astype(np.float64) @ p.U
+    gap = ((S[:, None, :] - full[None]) ** 2).sum(-1).min(axis=1)       # each drawn row is a test row
+    assert n == 50 and gap.max() < 1e-20 * max(1.0, float((full ** 2).sum(1).max()))
+    first = X[test[:50]].astype(np.float64) @ p.U
+    assert abs(S[:, 0].mean() - first[:, 0].mean()) > 0 and not np.allclose(S, first)
+    draw, n = p.samples(np.random.default_rng(1), 10 ** 6, "population")
+    assert n == len(test) and np.allclose(draw(0, n), X[test].astype(np.float64) @ p.U)   # all, in order

@@ -1621,12 +1621,15 @@ class Problem:
         """(draw, n): ``draw(a, c)`` gives samples a..a+c (c, r) in U's coordinates of
         ``n`` samples of the true distribution, from ``rng`` (synthetic data); with
         ``--data``, the test rows (``"validation"``: the eval rows, which tuning may
-        use), as many as there are, at most ``n``."""
+        use), as many as there are, at most ``n``: fewer than all, drawn from ``rng``
+        (rows in a file may be in any order)."""
         if self.data is None:
             return (lambda a, c: family_draw(self.cfg.family, rng, c, self.lam, self.cfg.m)), n
         if stream == "validation":
             return (lambda a, c: self.X_eval[a:a + c].astype(np.float64) @ self.U), min(n, len(self.X_eval))
         test = self.data.test
+        if n < len(test):              # a part of them (the curves' sample): drawn, not the file's first
+            test = np.sort(rng.choice(test, size=n, replace=False))
         return (lambda a, c: gather(self.data.rows, test[a:a + c], np.float64) @ self.U), min(n, len(test))
 
     def __post_init__(self):
