@@ -3399,6 +3399,14 @@ def _wrap(text, width=100, indent="  "):
     return textwrap.wrap(text, width, subsequent_indent=indent)
 
 
+def source_words(summary):
+    """What the data are, for titles: '' for the default Gaussian family."""
+    c = summary["config"]
+    if c.get("data"):
+        return f"data {c['data']} ({summary['data']['shape'][0]:,} rows), "
+    return f"{c['family']} data, " if c.get("family", "gaussian") != "gaussian" else ""
+
+
 def format_report(summary):
     """The console report, at most 100 columns: a row per method, a legend for every
     column, the floors (no method can beat them) apart from the references (methods
@@ -3411,9 +3419,7 @@ def format_report(summary):
     rule = "-" * len(head)
     recipe = (f"recipe shared ({c['optimizer']}, lrE {c['lrE']:g}, lrW {c['lrW']:g})" if c.get("recipe") != "authors"
               else "recipe authors (each method's optimizer and weights: summary.json 'methods')")
-    data = (f"data {c['data']} ({summary['data']['shape'][0]:,} rows), " if c.get("data") else
-            f"{c['family']} data, " if c.get("family", "gaussian") != "gaussian" else "")
-    lines = _wrap(f"vq_compare: {data}D={c['D']} rank={c['rank']} m={c['m']} K={c['K']}, {c['steps']} steps, "
+    lines = _wrap(f"vq_compare: {source_words(summary)}D={c['D']} rank={c['rank']} m={c['m']} K={c['K']}, {c['steps']} steps, "
                   f"seed {c['seed']}, start {c['start']}, {recipe}; reconstruction error, lower is better")
     lines += [rule, head, rule]
     for name, r in res.items():
@@ -3692,7 +3698,8 @@ def plot_training_curves(summary):
     fig, axes = _figure(14, 8.2 if by_rounds else 7.5, 2, 3)
     panels = [("pop_diff_to_start", "error minus the start's, fresh samples (lower is better)"),
               ("codes_used", "share of codes used (eval set)"), ("perplexity", "code perplexity (eval set)"),
-              ("subspace_angle_deg", "largest angle to the true top-m subspace (degrees)")]
+              ("subspace_angle_deg", "largest angle to the " + ("test rows' " if c.get("data") else "true ")
+               + "top-m subspace (degrees)")]
     fresh = c.get("eval_every", 0) > 0                      # usage on --eval_samples fresh samples instead
     if fresh:
         panels[1:3] = [("codes_used", f"share of codes used ({c['eval_samples']:,} fresh samples)"),
@@ -3728,8 +3735,9 @@ def plot_training_curves(summary):
             if level is not None and c["start"] != "kmeans":   # from k-means, the start is the baseline
                 line = ax.axhline(level, color=color("pca_lloyd"), ls="--", lw=1.2, label="PCA + Lloyd (the baseline)")
                 ax.legend(handles=[line], fontsize=8, loc="upper right")
-            n_curve = min(N_CURVE, c["n_pop"])
-            title = f"error minus the start's on {n_curve:,} fresh samples\n(paired, band ± 2 se; lower is better)"
+            n_curve = min(N_CURVE, summary["bounds"].get("n_pop", c["n_pop"]))
+            where = "test rows" if c.get("data") else "fresh samples"
+            title = f"error minus the start's on {n_curve:,} {where}\n(paired, band ± 2 se; lower is better)"
         ax.set_title(title, fontsize=9, y=1, pad=26 if top else 6)   # y given: no automatic placement (slow with twin axes)
     ax = axes[1, 1]
     for name in names:
@@ -3761,7 +3769,8 @@ def plot_training_curves(summary):
     labels, handles = list(legend), list(legend.values())
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=max(1, len(labels)),
                fontsize=8, frameon=False)                  # above the panels: hides no curve
-    fig.suptitle(f"Training from the {c['start']} start, the same batches for every method: D={c['D']} "
+    fig.suptitle(f"Training from the {c['start']} start, the same batches for every method: "
+                 f"{source_words(summary)}D={c['D']} "
                  f"rank={c['rank']} m={c['m']} K={c['K']}, seed {c['seed']}", fontsize=10)
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.79 if by_rounds else 0.86,
                         hspace=0.62 if by_rounds else 0.42, wspace=0.22)
