@@ -771,6 +771,8 @@ def percent_difference(values, refs):
     d, _, lo, hi = mean_ci([v - r for v, r in zip(values, refs)])
     scale = 100 / float(np.mean(refs))
     return d * scale, lo * scale, hi * scale
+
+
 COLLAPSED = 0.5            # a seed whose model leaves more than this share of its codes unused has collapsed
 
 
@@ -902,8 +904,7 @@ def format_table(rows):
 METRIC_LABELS = {"pop_recon_mse": "population reconstruction error\n(lower is better)",
                  "recon_mse": "eval-set reconstruction error\n(lower is better)",
                  "recon_mse (eval)": "eval-set reconstruction error\n(lower is better)",
-                 CURVE_METRIC: "population reconstruction error,\n%s fresh samples (lower is better)"
-                               % f"{vq.N_CURVE:,}"}
+                 CURVE_METRIC: "population reconstruction error on the\ncurves' fixed sample (lower is better)"}
 
 
 def describe(settings, sweep=None):
@@ -977,7 +978,7 @@ def plot_sweep(rows, sweep, note=""):
             band(ax1, x, d, dlo, dhi, style)
     floor = next((r["floor_name"] for r in rs if r.get("floor_name")), "rank-m Shannon bound")
     for key, label, ls in (("floor" if any(r.get("floor") is not None for r in rs) else "rank_m_bound",
-                            f"{floor} (a floor)", "--"),
+                            floor if "floor" in floor else f"{floor} (a floor)", "--"),
                            ("unconstrained_kmeans", "unconstrained k-means", "-.")):
         pts = sorted({(position[r["value"]], r[key]) for r in rs if r.get(key) is not None})
         if pts and categorical:

@@ -75,7 +75,8 @@ def _field_doc(cls):
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         lines.append(f"{f.name} : {kind}, default {default!r}")
         lines += textwrap.wrap(f.metadata["help"], 88, initial_indent="    ", subsequent_indent="    ")
-    cls.__doc__ = cls.__doc__.rstrip() + "\n\n    Attributes\n    ----------\n" + textwrap.indent("\n".join(lines), "    ")
+    section = textwrap.indent("\n".join(lines), "    ")
+    cls.__doc__ = cls.__doc__.rstrip() + "\n\n    Attributes\n    ----------\n" + section
     return cls
 
 
@@ -1696,9 +1697,9 @@ N_CURVE = 20_000    # fresh samples on which the training curves are scored (pai
 def curve_point(problem, W, E, V=None, assign=None):
     """What the report scores, along training: the paired difference of the model's error
     to the start's on a fixed sample of ``min(N_CURVE, n_pop)`` fresh samples (its own
-    stream; with ``--data`` the first test rows), with its standard error, and the model's own mean error there
-    (``curve_recon_mse``: the population error, estimated on that sample, in the same
-    units as every other error); empty with ``n_pop=0``."""
+    stream; with ``--data``, test rows drawn on it), with its standard error, and the
+    model's own mean error there (``curve_recon_mse``: the population error, estimated
+    on that sample, in the same units as every other error); empty with ``n_pop=0``."""
     n = min(N_CURVE, problem.cfg.n_pop)
     if n == 0:
         return {}
@@ -2432,6 +2433,8 @@ def fit_pca_lloyd(problem, hp):
     """PCA encoder + k-means codebook: the reference, and the start of every trained
     method with ``--start kmeans``."""
     return Result(W=problem.W_pca.copy(), E=problem.E_kmeans.copy(), seconds=problem.start_seconds)
+
+
 def procrustes_lloyd(X, W, E, max_rounds=500, tol=1e-10, train_encoder=True, on_round=None):
     """Exact alternating minimisation of the training reconstruction error.
 
@@ -3129,8 +3132,8 @@ def data_settings(settings):
     N, D = open_data(spec).shape
     for flag in ("D", "rank"):
         if settings.get(flag) is not None and settings[flag] != D:
-            raise ConfigError(flag, settings[flag], f"but --data {data_label(spec)} has D = {D} columns (the rank is D: "
-                                                    "leave both out with --data)")
+            raise ConfigError(flag, settings[flag], f"but --data {data_label(spec)} has D = {D} columns "
+                                                    "(the rank is D: leave both out with --data)")
     n_train, n_eval, n_test = data_sizes(N, settings)
     K = settings.get("K", Config().K)
     if N - n_train - n_eval < 2 or n_train < K:
@@ -3419,8 +3422,9 @@ def format_report(summary):
     rule = "-" * len(head)
     recipe = (f"recipe shared ({c['optimizer']}, lrE {c['lrE']:g}, lrW {c['lrW']:g})" if c.get("recipe") != "authors"
               else "recipe authors (each method's optimizer and weights: summary.json 'methods')")
-    lines = _wrap(f"vq_compare: {source_words(summary)}D={c['D']} rank={c['rank']} m={c['m']} K={c['K']}, {c['steps']} steps, "
-                  f"seed {c['seed']}, start {c['start']}, {recipe}; reconstruction error, lower is better")
+    lines = _wrap(f"vq_compare: {source_words(summary)}D={c['D']} rank={c['rank']} m={c['m']} K={c['K']}, "
+                  f"{c['steps']} steps, seed {c['seed']}, start {c['start']}, {recipe}; reconstruction error, "
+                  "lower is better")
     lines += [rule, head, rule]
     for name, r in res.items():
         label_ = method_label(name)[:26]
@@ -3639,7 +3643,8 @@ def plot_comparison(summary):
     fig, ax = _figure(12, 2.2 + 0.45 * max(len(names), 3), 1, 2)
     ax0, ax1 = ax[0]
     where = (f"the {b['n_pop']:,} test rows of {c['data']}" if c.get("data") else
-             f"{b['n_pop']:,} fresh samples" + (f" ({c['family']})" if c.get("family", "gaussian") != "gaussian" else ""))
+             f"{b['n_pop']:,} fresh samples" + (f" ({c['family']})" if c.get("family", "gaussian") != "gaussian"
+                                                else ""))
     fig.suptitle(f"Population error on {where}: D={c['D']} rank={c['rank']} m={c['m']} "
                  f"K={c['K']}, {c['steps']} steps, seed {c['seed']}, start {c['start']}", fontsize=10)
     if not names:
@@ -3738,7 +3743,8 @@ def plot_training_curves(summary):
             n_curve = min(N_CURVE, summary["bounds"].get("n_pop", c["n_pop"]))
             where = "test rows" if c.get("data") else "fresh samples"
             title = f"error minus the start's on {n_curve:,} {where}\n(paired, band ± 2 se; lower is better)"
-        ax.set_title(title, fontsize=9, y=1, pad=26 if top else 6)   # y given: no automatic placement (slow with twin axes)
+        # y given: no automatic placement of the title, which is slow with twin axes
+        ax.set_title(title, fontsize=9, y=1, pad=26 if top else 6)
     ax = axes[1, 1]
     for name in names:
         counts = res[name]["logs"].get("reseeded") or []
