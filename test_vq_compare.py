@@ -2340,8 +2340,8 @@ def test_a_data_file_is_mapped_split_by_seed_and_scored_on_its_test_rows(tmp_pat
     c = s["config"]
     assert (c["D"], c["rank"], c["n_train"], c["n_eval"]) == (8, 8, 1800, 600)    # the data's, 60/20/20
     # the split, drawn again from its stream: disjoint, and the test rows are the population
-    perm = vq.derived_rng(0, "split").permutation(len(X))
-    test = np.sort(perm[2400:])
+    pick = vq.derived_rng(0, "split").choice(len(X), size=len(X), replace=False)
+    test = np.sort(pick[2400:])
     r = s["results"]["pca_lloyd"]
     Xt = X[test].astype(np.float64)
     direct = np.sum((Xt - r["E"][vq.assign(Xt @ r["W"].T, r["E"])] @ r["W"]) ** 2, axis=1)
@@ -2465,6 +2465,8 @@ def test_a_part_of_the_test_rows_is_drawn_not_taken_in_file_order(tmp_path):
     np.save(path, X)
     p = vq.make_problem(vq.make_config(data=path, **{k: v for k, v in DATA_RUN.items() if k != "methods"}))
     test = p.data.test
+    parts = (p.data.train, p.data.eval, test)
+    assert [len(x) for x in parts] == [1800, 600, 600] and len(np.unique(np.concatenate(parts))) == 3000
     draw, n = p.samples(np.random.default_rng(1), 50, "curves")
     S = draw(0, n)
     full = X[test].astype(np.float64) @ p.U

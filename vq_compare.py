@@ -453,13 +453,16 @@ def checksum(X):
 
 
 def split_data(X, cfg, spec):
-    """The seeded split of the rows of ``X`` (its own stream): a random permutation,
-    its first n_train rows for training, the next n_eval for eval, the next (at most
-    n_pop) for test; each set sorted, so mapped rows are read in file order."""
-    perm = derived_rng(cfg.seed, "split").permutation(X.shape[0])
+    """The seeded split of the rows of ``X`` (its own stream): distinct rows drawn at
+    random, the first n_train for training, the next n_eval for eval, the rest (at most
+    n_pop) for test; each set sorted, so mapped rows are read in file order. Only the
+    rows drawn are held (not a permutation of all N: a file may have billions)."""
+    N = X.shape[0]
+    n_test = min(N - cfg.n_train - cfg.n_eval, cfg.n_pop)
+    pick = derived_rng(cfg.seed, "split").choice(N, size=cfg.n_train + cfg.n_eval + n_test, replace=False)
     a, b = cfg.n_train, cfg.n_train + cfg.n_eval
     about = {"path": data_label(spec), "shape": list(X.shape), "dtype": str(X.dtype), "sha256": checksum(X)}
-    return DataFile(X, np.sort(perm[:a]), np.sort(perm[a:b]), np.sort(perm[b:b + cfg.n_pop]), about)
+    return DataFile(X, np.sort(pick[:a]), np.sort(pick[a:b]), np.sort(pick[b:]), about)
 
 
 def gather(X, idx, dtype):
