@@ -13,6 +13,7 @@ import math
 import zlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -2218,6 +2219,15 @@ def _start(cmd, cwd):
                             start_new_session=True)
 
 
+def _children(pid):
+    """Process ids of the children of ``pid`` (Linux's /proc)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fh:
+            out += fh.read().split()
+    return out
+
+
 def _ctrl_c(p):
     """Ctrl-C to the whole process group (as a terminal sends it): (exit status, stderr)."""
     import signal
@@ -2227,7 +2237,8 @@ def _ctrl_c(p):
 
 
 def test_ctrl_c_is_one_line_exit_130_and_resume_finishes_the_sweep_as_if_uninterrupted(tmp_path):
-    # the k-means restarts of the comparison run on worker processes: they get the signal too
+    # the k-means restarts of the comparison run on worker processes: they get the signal too,
+    # here while they start (before they could set anything up)
     one = _start([sys.executable, os.path.join(HERE, "vq_compare.py"), "--outdir", "out",
                   "--n_train", "20000", "--workers", "2"], tmp_path)
     args = ["--sweep", "K", "--K_values", "4", "8", "--seeds", "8", "--D", "8", "--rank", "3", "--m", "2",
@@ -2235,20 +2246,40 @@ def test_ctrl_c_is_one_line_exit_130_and_resume_finishes_the_sweep_as_if_uninter
             "--n_init", "2", "--methods", "manual_ste", "rotation", "--quiet"]
     sweep = _start([sys.executable, os.path.join(HERE, "sweeps.py"), *args, "--outdir", "sw", "--jobs", "1"],
                    tmp_path)
+    while not _children(one.pid) and one.poll() is None:     # the comparison: its workers starting
+        time.sleep(0.002)
+    code, err1 = _ctrl_c(one)
+    assert code == 130 and err1.count("\n") == 1 and "interrupted" in err1 and "Traceback" not in err1, err1
+    assert not (tmp_path / "out").exists()                  # nothing saved: no folder left behind
     saved, t0 = tmp_path / "sw" / "results.jsonl", time.perf_counter()
     while not (saved.exists() and saved.read_text().count("\n") >= 3) and time.perf_counter() - t0 < 60:
         time.sleep(0.01)                                     # interrupted between cells, some saved
     code, err = _ctrl_c(sweep)
     assert code == 130 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("sweeps.py: interrupted: ") and err.strip().endswith("--resume"), err
-    time.sleep(max(0.0, 0.9 - (time.perf_counter() - t0)))  # the comparison: inside k-means
-    code, err1 = _ctrl_c(one)
-    assert code == 130 and err1.count("\n") == 1 and "interrupted" in err1 and "Traceback" not in err1, err1
-    assert not (tmp_path / "out").exists()                  # nothing saved: no folder left behind
     # the command it printed finishes the sweep; the lines equal an uninterrupted sweep's
     assert sweep_here(*args, "--outdir", str(tmp_path / "sw"), "--resume")[0] == 0
     assert sweep_here(*args, "--outdir", str(tmp_path / "whole"))[0] == 0
     assert saved.read_text() == (tmp_path / "whole" / "results.jsonl").read_text()
+
+
+def test_a_worker_cannot_be_interrupted_while_it_starts():
+    # a worker imports this file before its initializer ignores Ctrl-C; until then Ctrl-C
+    # must be blocked in it (else a terminal's Ctrl-C prints its traceback)
+    def guarded(pid):
+        with open(f"/proc/{pid}/status") as fh:
+            masks = {k: int(v, 16) for k, v in (ln.split(":") for ln in fh) if k in ("SigBlk", "SigIgn")}
+        return bool((masks["SigBlk"] | masks["SigIgn"]) & (1 << (signal.SIGINT - 1)))
+    seen = {}
+    with vq.process_pool(2) as pool:
+        futures = []
+        for _ in range(2):
+            futures.append(pool.submit(int, "1"))
+            for pid in _children(os.getpid()):               # read at once: the worker is still starting
+                seen.setdefault(pid, guarded(int(pid)))
+        assert [f.result() for f in futures] == [1, 1]
+    assert seen and all(seen.values()), seen
+    assert not (signal.pthread_sigmask(signal.SIG_BLOCK, []) & {signal.SIGINT})   # held back, then let go
 
 
 def test_ctrl_c_while_the_outputs_are_written_says_the_set_is_incomplete(tmp_path, capsys, monkeypatch,

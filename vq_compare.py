@@ -1003,8 +1003,7 @@ def process_pool(workers):
     if workers <= 1 or not _spawnable(kmeans_restart):
         yield _InProcess()
         return
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=_leave_interrupts_to_the_caller)
+    pool = _Pool(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_leave_interrupts_to_the_caller)
     try:
         yield pool
     except BaseException:           # Ctrl-C, an error: queued tasks dropped, running ones end
@@ -1013,10 +1012,28 @@ def process_pool(workers):
     pool.shutdown(wait=True)
 
 
+class _Pool(concurrent.futures.ProcessPoolExecutor):
+    """A process pool whose workers never die of Ctrl-C. Workers are started by
+    ``submit``; while one starts, this thread holds Ctrl-C back (blocked, not lost: it
+    arrives when ``submit`` returns), and the worker, which inherits the blocked signal,
+    cannot be interrupted while it imports, before its initializer ignores it."""
+    def submit(self, fn, /, *args, **kwargs):
+        if not hasattr(signal, "pthread_sigmask"):           # no POSIX signal masks (Windows)
+            return super().submit(fn, *args, **kwargs)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return super().submit(fn, *args, **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _leave_interrupts_to_the_caller():
     """A worker ignores Ctrl-C (the terminal sends it to every process of the job): the
-    caller stops, reports in one line and shuts the pool down."""
+    caller stops, reports in one line and shuts the pool down. A Ctrl-C held back while
+    the worker started is dropped with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 # -------------------- Losses, the frozen surrogate and hand-derived gradients
