@@ -1616,6 +1616,7 @@ def test_the_readme_recipe_adds_a_method_everywhere(tmp_path, monkeypatch):
     colors = [v.color(n) for n in v.METHODS]
     assert len(set(colors)) == len(colors)                           # each its own colour
     monkeypatch.setattr(sweeps, "vq", v)                             # sweeps.py on the edited file
+    monkeypatch.setattr(sweeps, "plot_sweep", lambda *a, **k: v._figure(1, 1)[0])   # its lines, not its plot
     code, err = sweep_here("--sweep", "K", "--K_values", "4", "--seeds", "1", *for_sweeps("K", args=tiny), "--outdir",
                            str(tmp_path / "sw"), "--quiet")
     assert code == 0, err
