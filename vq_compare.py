@@ -177,7 +177,6 @@ class Config:
         "the methods' own hyperparameters, flags --<method>_<name> (see the registry)")})
 
 
-
 # One random stream per purpose, derived from the seed, so that adding a method or a
 # restart never changes the numbers of another.
 _STREAMS = {"kmeans": 1, "batches": 2, "population": 3, "unconstrained": 4,
